@@ -1,0 +1,87 @@
+"""The backend interface: what the scheduler needs from whatever runs the tasks.
+
+Owns the ``Backend`` contract and the bundling rule shared by every backend.  The
+scheduler's job bookkeeping (jobs.py) talks only to this interface, so the
+protocol, the client and the jobs never know whether tasks run in local worker
+processes (localworkers.py) or on EC2 workers fed through SQS.
+
+Contract, as the contract tests check it for every backend:
+  - ``submit(bundle)`` queues a bundle; it never blocks on a worker.
+  - ``receive(timeout)`` returns the result batches that arrived, an empty list on
+    timeout; it never blocks longer than ``timeout``.  It is called from one thread.
+  - Every task of every submitted bundle gets results carrying the bundle's number,
+    possibly spread over several batches (and, for remote backends, possibly more
+    than once: the caller keeps the first).  A task whose worker died is re-run or
+    reported failed, never lost.
+  - ``close(wait=True)`` lets workers finish what they hold; ``wait=False`` stops them now.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from types import TracebackType
+
+from tasks import Bundle, ResultBatch
+
+# A bundle holds about this much work, by the job's average task time so far: long
+# enough that the per-bundle cost (~0.1 ms of encoding and IPC) stays near 1%, short
+# enough that a job submitted behind a big one waits at most about this long.
+TARGET_BUNDLE_SECONDS = 0.02
+
+# Upper bound on tasks per bundle, for tasks that take no time at all (``sleep 0``).
+MAX_BUNDLE_TASKS = 4096
+
+# Upper bound on command bytes per bundle (a single longer command still goes alone),
+# so that bundles stay small on the pipe to a worker and inside one SQS message.
+MAX_BUNDLE_COMMAND_BYTES = 128 * 1024
+
+
+def bundle_size(avg_task_us: float | None, undispatched: int, workers: int) -> int:
+    """How many tasks of a job to put in its next bundle.
+
+    One task while nothing is known of the job's task times (they may be long); then
+    TARGET_BUNDLE_SECONDS worth; never more than an even share of what is left, so
+    the last tasks spread over every worker instead of queueing behind one.
+    """
+    if avg_task_us is None:
+        return 1
+    by_time = int(TARGET_BUNDLE_SECONDS * 1e6 / max(avg_task_us, 1.0))
+    even_share = -(-undispatched // max(workers, 1))
+    return max(1, min(by_time, even_share, MAX_BUNDLE_TASKS))
+
+
+class Backend(ABC):
+    """Runs bundles of tasks on workers and reports their results."""
+
+    name: str = "backend"
+
+    @abstractmethod
+    def workers(self) -> int:
+        """How many tasks can run at once (for bundle sizing)."""
+
+    def capacity(self) -> int:
+        """How many bundles to keep submitted and unfinished so that no worker waits."""
+        return 2 * self.workers()
+
+    @abstractmethod
+    def submit(self, bundle: Bundle) -> None:
+        """Queue a bundle for a worker."""
+
+    @abstractmethod
+    def receive(self, timeout: float) -> list[ResultBatch]:
+        """Result batches that arrived within ``timeout`` seconds (empty list if none)."""
+
+    @abstractmethod
+    def backlog(self) -> int:
+        """Bundles submitted that no worker has taken yet."""
+
+    @abstractmethod
+    def close(self, wait: bool = True) -> None:
+        """Stop the workers: after the bundles they hold if ``wait``, else at once."""
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close(wait=exc_type is None)

@@ -1,0 +1,183 @@
+"""Jobs in a scheduler: their tasks, their results so far, and who runs next.
+
+Owns the bookkeeping between the protocol and a backend: which tasks of which job
+are still to be bundled, which bundles are out, which tasks have their result
+(each task gets exactly one: later duplicates are dropped), and the fair share of
+the backend between jobs (round robin, one bundle at a time, so a small job is not
+stuck behind a million-task one).  Knows neither sockets nor which backend it feeds.
+
+Runs in one thread (the scheduler's event loop); results reach it from the
+backend's receiving thread through ``handle_results``.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+
+from backend import MAX_BUNDLE_COMMAND_BYTES, Backend, bundle_size
+from tasks import Bundle, ResultBatch, failed_batch
+
+log = logging.getLogger("cloudkon.jobs")
+
+
+class Job:
+    """One submission: its tasks (task id = position) and the results received."""
+
+    def __init__(self, job_id: str, timeout: float | None) -> None:
+        self.id = job_id
+        self.timeout = timeout
+        self.commands: list[str] = []
+        self.closed = False  # every task has been submitted
+        self.next_task = 0  # first task not yet in a bundle
+        self.done = bytearray()  # 1 for each task with a result
+        self.done_count = 0
+        self.failed_count = 0
+        self.results: list[ResultBatch] = []
+        self.elapsed_total_us = 0
+        self.created_at = time.monotonic()
+        self.finished_at: float | None = None
+
+    @property
+    def total(self) -> int:
+        return len(self.commands)
+
+    @property
+    def undispatched(self) -> int:
+        return len(self.commands) - self.next_task
+
+    @property
+    def finished(self) -> bool:
+        return self.closed and self.done_count == len(self.commands)
+
+    def avg_task_us(self) -> float | None:
+        return self.elapsed_total_us / self.done_count if self.done_count else None
+
+    def take_bundle(self, number: int, size: int) -> Bundle:
+        """The next ``size`` undispatched tasks (fewer if they are long) as bundle ``number``."""
+        start = self.next_task
+        end = min(start + size, len(self.commands))
+        commands = self.commands[start:end]
+        if end - start > 1 and sum(map(len, commands)) > MAX_BUNDLE_COMMAND_BYTES:
+            end = start + 1
+            budget = len(commands[0])
+            while end < start + size and budget + len(self.commands[end]) <= MAX_BUNDLE_COMMAND_BYTES:
+                budget += len(self.commands[end])
+                end += 1
+            commands = self.commands[start:end]
+        self.next_task = end
+        return Bundle(self.id, number, list(range(start, end)), commands, self.timeout)
+
+    def keep_new(self, batch: ResultBatch) -> ResultBatch:
+        """Record the results in ``batch`` that are new, and return just those."""
+        done, total = self.done, len(self.commands)
+        fresh = [p for p, i in enumerate(batch.ids) if 0 <= i < total and not done[i]]
+        if len(fresh) != len(batch.ids):
+            batch = batch.select(fresh)
+        for i in batch.ids:
+            done[i] = 1
+        self.done_count += len(batch)
+        self.failed_count += batch.failed_count()
+        self.elapsed_total_us += sum(batch.elapsed_us)
+        if batch.ids:
+            self.results.append(batch)
+        return batch
+
+
+class Dispatcher:
+    """The jobs of one scheduler, fed to one backend fairly."""
+
+    def __init__(self, backend: Backend,
+                 on_results: Callable[[Job, ResultBatch], None],
+                 on_finished: Callable[[Job], None]) -> None:
+        self.backend = backend
+        self.jobs: dict[str, Job] = {}
+        self._on_results = on_results
+        self._on_finished = on_finished
+        self._ready: deque[Job] = deque()  # jobs with undispatched tasks, in turn order
+        self._in_flight: dict[int, tuple[Bundle, int]] = {}  # bundle -> (bundle, results still due)
+        self._next_bundle = 0
+
+    @property
+    def idle(self) -> bool:
+        return not self._in_flight
+
+    def open_job(self, timeout: float | None = None) -> Job:
+        job = Job(secrets.token_hex(8), timeout)
+        self.jobs[job.id] = job
+        return job
+
+    def add_tasks(self, job: Job, commands: list[str]) -> None:
+        if not commands:
+            return
+        if job.undispatched == 0:
+            self._ready.append(job)
+        job.commands.extend(commands)
+        job.done.extend(bytes(len(commands)))
+        self.pump()
+
+    def close_job(self, job: Job) -> None:
+        job.closed = True
+        if job.finished:
+            self._finish(job)
+
+    def forget(self, job: Job) -> None:
+        self.jobs.pop(job.id, None)
+
+    def pump(self) -> None:
+        """Submit bundles, one job's at a time in turn, until the backend holds enough."""
+        capacity, workers = self.backend.capacity(), self.backend.workers()
+        while self._ready and len(self._in_flight) < capacity:
+            job = self._ready.popleft()
+            size = bundle_size(job.avg_task_us(), job.undispatched, workers)
+            bundle = job.take_bundle(self._next_bundle, size)
+            self._next_bundle += 1
+            self._in_flight[bundle.bundle] = (bundle, len(bundle.ids))
+            self.backend.submit(bundle)
+            if job.undispatched:
+                self._ready.append(job)
+
+    def handle_results(self, batches: Iterable[ResultBatch]) -> None:
+        for batch in batches:
+            job = self.jobs.get(batch.job)
+            fresh = job.keep_new(batch) if job is not None else batch
+            if batch.bundle in self._in_flight:
+                bundle, due = self._in_flight[batch.bundle]
+                if due - len(fresh) > 0:
+                    self._in_flight[batch.bundle] = (bundle, due - len(fresh))
+                else:
+                    del self._in_flight[batch.bundle]
+            if job is None or not fresh.ids:
+                continue
+            self._on_results(job, fresh)
+            if job.finished:
+                self._finish(job)
+        self.pump()
+
+    def fail_undispatched(self, reason: str) -> None:
+        """Report every task not yet given to the backend as failed (shutting down)."""
+        while self._ready:
+            job = self._ready.popleft()
+            ids = list(range(job.next_task, job.total))
+            job.next_task = job.total
+            self.handle_results([failed_batch(job.id, None, ids, reason)])
+
+    def fail_in_flight(self, reason: str) -> None:
+        """Report every task the backend holds as failed (stopping without waiting)."""
+        batches = []
+        for bundle, _ in list(self._in_flight.values()):
+            job = self.jobs.get(bundle.job)
+            missing = [i for i in bundle.ids if job is not None and not job.done[i]]
+            batches.append(failed_batch(bundle.job, bundle.bundle, missing, reason))
+        self._in_flight.clear()
+        self.handle_results(batches)
+
+    def _finish(self, job: Job) -> None:
+        job.finished_at = time.monotonic()
+        elapsed = job.finished_at - job.created_at
+        log.info("job %s finished: %d tasks, %d failed, %.2f s", job.id, job.total,
+                 job.failed_count, elapsed)
+        self._on_finished(job)

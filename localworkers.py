@@ -1,0 +1,262 @@
+"""LocalBackend: bundles run by worker processes on this machine.
+
+Owns the worker processes: starting them, feeding them bundles, reading their
+results, and replacing any that die.  Data flow::
+
+    submit(bundle) --> queue --+                       +--> bundle frames --> worker 0
+      (any thread)    wakeup --+--> receive(timeout) --+--> bundle frames --> worker N-1
+                               |    (one thread)       |
+    <-- result batches --------+<-- results frames <---+  (and process sentinels)
+
+Each worker has its own duplex pipe and holds at most PREFETCH_BUNDLES bundles, so
+the backend always knows which tasks a worker holds.  ``receive`` waits on the
+pipes, the process sentinels and a wakeup pipe together (as concurrent.futures
+does), so a worker killed with SIGKILL is noticed at once rather than hanging the
+job.  A dead worker's tasks are re-queued; the one it was running (known from a
+shared progress slot the worker writes before each task) is retried once, then
+reported failed.  Frames on the pipes are protocol.py's JSON: nothing is pickled
+after start-up.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import queue
+import signal
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+import protocol
+from backend import Backend
+from errors import BackendError
+from tasks import (OUTPUT_CAP_BYTES, Bundle, ResultBatch, failed_batch, kill_running_task,
+                   reduce_timer_slack, run_bundle)
+
+log = logging.getLogger("cloudkon.local")
+
+# Bundles a worker holds at once: the one it runs and the next, so it never waits
+# for the scheduler between bundles.  More would hurt balance at the end of a job.
+PREFETCH_BUNDLES = 2
+
+# Workers in a row that die before taking any work mean start-up itself is broken.
+MAX_STARTUP_DEATHS = 5
+
+_STOP = b""
+_NO_TASK = -1
+
+
+@dataclass
+class _WorkerSlot:
+    """One worker process and what the backend has handed it."""
+
+    process: multiprocessing.Process
+    conn: multiprocessing.connection.Connection
+    progress: object  # RawArray('q', 2): [bundle number, task id] the worker is running
+    held: deque[Bundle] = field(default_factory=deque)
+    reported: int = 0  # results received for held[0]; a worker reports in task order
+    took_work: bool = False
+    dead: bool = False
+
+
+class LocalBackend(Backend):
+    """Runs bundles in ``workers`` local processes."""
+
+    name = "local"
+
+    def __init__(self, workers: int, output_cap: int = OUTPUT_CAP_BYTES) -> None:
+        if workers < 1:
+            raise BackendError("a local backend needs at least one worker")
+        methods = multiprocessing.get_all_start_methods()
+        self._context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+        if "forkserver" in methods:
+            self._context.set_forkserver_preload(["localworkers"])
+        self._output_cap = output_cap
+        self._queue: deque[Bundle] = deque()
+        self._wakeup_read, self._wakeup_write = os.pipe()
+        os.set_blocking(self._wakeup_write, False)
+        self._deaths: dict[tuple[str, int], int] = {}
+        self._startup_deaths = 0
+        self._closed = False
+        self._slots = [self._start_worker() for _ in range(workers)]
+
+    def workers(self) -> int:
+        return len(self._slots)
+
+    def submit(self, bundle: Bundle) -> None:
+        self._queue.append(bundle)
+        self._wake()
+
+    def backlog(self) -> int:
+        return len(self._queue)
+
+    def receive(self, timeout: float) -> list[ResultBatch]:
+        results: list[ResultBatch] = []
+        self._hand_out()
+        by_fd = {slot.conn: slot for slot in self._slots}
+        by_sentinel = {slot.process.sentinel: slot for slot in self._slots}
+        ready = multiprocessing.connection.wait(
+            [self._wakeup_read, *by_fd, *by_sentinel], timeout)
+        for obj in ready:
+            if obj == self._wakeup_read:
+                os.read(self._wakeup_read, 4096)
+            elif obj in by_fd:
+                self._read_results(by_fd[obj], results)
+            else:
+                self._read_results(by_sentinel[obj], results)
+                self._bury(by_sentinel[obj], results)
+        self._hand_out()
+        return results
+
+    def close(self, wait: bool = True) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for slot in self._slots:
+            try:
+                if wait:
+                    slot.conn.send_bytes(_STOP)
+                else:
+                    slot.process.terminate()
+            except OSError:
+                pass
+        for slot in self._slots:
+            slot.process.join(None if wait else 5)
+            if slot.process.is_alive():
+                slot.process.kill()
+                slot.process.join()
+            slot.conn.close()
+        os.close(self._wakeup_read)
+        os.close(self._wakeup_write)
+
+    # --- internals (called from the receiving thread only) ------------------------
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wakeup_write, b"x")
+        except BlockingIOError:
+            pass  # the pipe is full of wakeups already
+
+    def _start_worker(self) -> _WorkerSlot:
+        parent_end, child_end = self._context.Pipe(duplex=True)
+        progress = self._context.RawArray("q", [_NO_TASK, _NO_TASK])
+        process = self._context.Process(
+            target=_worker_main, args=(child_end, progress, self._output_cap),
+            name="cloudkon-worker", daemon=True)
+        process.start()
+        child_end.close()
+        return _WorkerSlot(process, parent_end, progress)
+
+    def _hand_out(self) -> None:
+        """Give queued bundles to the live workers holding the fewest."""
+        while self._queue:
+            slot = min((s for s in self._slots if not s.dead), key=lambda s: len(s.held), default=None)
+            if slot is None or len(slot.held) >= PREFETCH_BUNDLES:
+                return
+            bundle = self._queue.popleft()
+            try:
+                slot.conn.send_bytes(protocol.encode_body(protocol.bundle_message(bundle)))
+            except OSError:
+                self._queue.appendleft(bundle)
+                return  # the worker is dying; its sentinel will fire
+            slot.held.append(bundle)
+            slot.took_work = True
+
+    def _read_results(self, slot: _WorkerSlot, results: list[ResultBatch]) -> None:
+        try:
+            while not slot.dead and slot.conn.poll():
+                batch = protocol.results_from_message(protocol.decode(slot.conn.recv_bytes()))
+                self._record(slot, batch)
+                results.append(batch)
+        except (EOFError, OSError):
+            self._bury(slot, results)
+
+    @staticmethod
+    def _record(slot: _WorkerSlot, batch: ResultBatch) -> None:
+        slot.reported += len(batch)
+        if slot.held and slot.reported >= len(slot.held[0].ids):
+            slot.held.popleft()
+            slot.reported = 0
+
+    def _bury(self, slot: _WorkerSlot, results: list[ResultBatch]) -> None:
+        """Re-queue (or fail) what a dead worker held, and start its replacement."""
+        if slot.dead:
+            return
+        slot.dead = True
+        slot.process.join(5)
+        reason = f"worker process {slot.process.pid} died (exit code {slot.process.exitcode})"
+        slot.conn.close()
+        running_bundle, running_task = slot.progress[0], slot.progress[1]  # type: ignore[index]
+        for position, bundle in enumerate(reversed(slot.held)):
+            first_left = slot.reported if position == len(slot.held) - 1 else 0
+            ids, commands = bundle.ids[first_left:], bundle.commands[first_left:]
+            if bundle.bundle == running_bundle and running_task in ids:
+                index = ids.index(running_task)
+                if self._died_running(bundle.job, running_task):
+                    results.append(failed_batch(
+                        bundle.job, bundle.bundle, [running_task],
+                        f"{reason} while running this task, twice; not retried again"))
+                    del ids[index], commands[index]
+            if ids:
+                self._queue.appendleft(Bundle(bundle.job, bundle.bundle, ids, commands, bundle.timeout))
+        log.warning("%s holding %d bundle(s); re-queued its tasks", reason, len(slot.held))
+        self._startup_deaths = 0 if slot.took_work else self._startup_deaths + 1
+        if self._closed:
+            return
+        if self._startup_deaths >= MAX_STARTUP_DEATHS:
+            raise BackendError(f"{MAX_STARTUP_DEATHS} worker processes in a row died at start-up")
+        self._slots[self._slots.index(slot)] = self._start_worker()
+
+    def _died_running(self, job: str, task_id: int) -> bool:
+        """Count a death against the task; True once it has killed its worker twice."""
+        key = (job, task_id)
+        self._deaths[key] = self._deaths.get(key, 0) + 1
+        if self._deaths[key] >= 2:
+            del self._deaths[key]
+            return True
+        return False
+
+
+def _worker_main(conn: multiprocessing.connection.Connection, progress: object,
+                 output_cap: int) -> None:
+    """A worker process: run bundles from ``conn`` and send back their results.
+
+    A reader thread drains the pipe into a local queue, so the backend's sends never
+    wait for a bundle to finish (and the two sides cannot deadlock on full pipes).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the scheduler's to handle
+    signal.signal(signal.SIGTERM, _stop_now)
+    reduce_timer_slack()
+    inbox: queue.SimpleQueue[Bundle | None] = queue.SimpleQueue()
+    threading.Thread(target=_read_bundles, args=(conn, inbox), daemon=True).start()
+
+    def mark_running(task_id: int) -> None:
+        progress[1] = task_id  # type: ignore[index]
+
+    while (bundle := inbox.get()) is not None:
+        progress[0] = bundle.bundle  # type: ignore[index]
+        for batch in run_bundle(bundle, output_cap, mark_running):
+            conn.send_bytes(protocol.encode_body(protocol.results_message(batch)))
+        progress[1] = _NO_TASK  # type: ignore[index]
+
+
+def _read_bundles(conn: multiprocessing.connection.Connection,
+                  inbox: queue.SimpleQueue[Bundle | None]) -> None:
+    while True:
+        try:
+            data = conn.recv_bytes()
+        except (EOFError, OSError):
+            _stop_now()  # the backend is gone: nobody wants what is running
+        if data == _STOP:
+            inbox.put(None)
+            return
+        inbox.put(protocol.bundle_from_message(protocol.decode(data)))
+
+
+def _stop_now(signum: int | None = None, frame: object = None) -> None:
+    """Exit at once, taking the running command's process group along."""
+    kill_running_task()
+    os._exit(1)

@@ -1,0 +1,188 @@
+"""The wire format: frames, the message schema, and their encoding.
+
+Owns every byte that crosses a socket, a pipe to a worker process or (later) a
+queue.  Nothing else in CloudKon-py calls ``json`` on network data, and nothing is
+ever unpickled.
+
+A frame is a 4-byte big-endian unsigned length followed by that many bytes of UTF-8
+JSON holding one object with a ``type``.  The length is checked against the frame
+limit before any buffer of that size is allocated.  docs/protocol.md documents every
+message type with an example.
+
+This module validates shapes (types of fields, matching column lengths); what a
+message means is the business of the scheduler and the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import struct
+from typing import Any
+
+from errors import FrameTooLarge, IncompleteFrame, MalformedMessage, RemoteError
+from tasks import Bundle, ResultBatch
+
+PROTOCOL_VERSION = 1
+
+# Largest frame accepted or sent.  Bounds the memory one peer can make another
+# allocate; batches of tasks and results are split well below it.
+MAX_FRAME_BYTES = 16 * 1024 * 1024
+
+_HEADER = struct.Struct(">I")
+HEADER_BYTES = _HEADER.size
+
+_RESULT_COLUMNS = ("ids", "exit_codes", "outputs", "elapsed_us", "errors")
+
+# Required fields of each message type and their JSON types.
+_SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "hello": {"version": int},
+    "welcome": {"version": int, "backend": str, "workers": int},
+    "job_open": {},
+    "job_opened": {"job": str},
+    "tasks": {"job": str, "tasks": list},
+    "job_close": {"job": str, "count": int},
+    "job_accepted": {"job": str, "count": int},
+    "results": {"job": str, **{column: list for column in _RESULT_COLUMNS}},
+    "job_done": {"job": str, "total": int, "succeeded": int, "failed": int},
+    "fetch": {"job": str},
+    "ready": {"job": str, "nonce": str},
+    "error": {"code": str, "message": str},
+    "bundle": {"job": str, "bundle": int, "ids": list, "commands": list},
+}
+MESSAGE_TYPES = frozenset(_SCHEMA)
+
+
+def encode(message: dict[str, Any], max_frame: int = MAX_FRAME_BYTES) -> bytes:
+    """One frame holding ``message``.  Raises FrameTooLarge rather than send an oversized frame."""
+    body = encode_body(message, max_frame)
+    return _HEADER.pack(len(body)) + body
+
+
+def encode_body(message: dict[str, Any], max_frame: int = MAX_FRAME_BYTES) -> bytes:
+    """The JSON body of a frame, for carriers that delimit messages themselves (pipes, SQS)."""
+    body = json.dumps(message, separators=(",", ":")).encode("ascii")
+    if len(body) > max_frame:
+        raise FrameTooLarge(len(body), max_frame)
+    return body
+
+
+def frame_length(header: bytes, max_frame: int = MAX_FRAME_BYTES) -> int:
+    """The body length announced by a 4-byte header, checked against the limit."""
+    (length,) = _HEADER.unpack(header)
+    if length > max_frame:
+        raise FrameTooLarge(length, max_frame)
+    return length
+
+
+def decode(body: bytes) -> dict[str, Any]:
+    """The message in a frame body.  Raises MalformedMessage for anything but a valid message."""
+    try:
+        message = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise MalformedMessage(f"frame is not UTF-8 JSON: {exc}", body) from None
+    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+        raise MalformedMessage("a message must be a JSON object with a string 'type'", body)
+    fields = _SCHEMA.get(message["type"])
+    if fields is None:
+        raise MalformedMessage(f"unknown message type {message['type']!r}", body)
+    for name, kind in fields.items():
+        value = message.get(name)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise MalformedMessage(
+                f"{message['type']}: field {name!r} must be {_type_name(kind)}", body)
+    return message
+
+
+def _type_name(kind: type | tuple[type, ...]) -> str:
+    return {int: "an integer", str: "a string", list: "a list"}.get(kind, str(kind))  # type: ignore[arg-type]
+
+
+# --- message constructors and readers -------------------------------------------
+
+def error_message(code: str, message: str) -> dict[str, Any]:
+    return {"type": "error", "code": code, "message": message}
+
+
+def raise_if_error(message: dict[str, Any], expected: str) -> dict[str, Any]:
+    """``message`` if it is of type ``expected``; RemoteError if the peer sent an error."""
+    if message["type"] == "error":
+        raise RemoteError(message["code"], message["message"])
+    if message["type"] != expected:
+        raise MalformedMessage(f"expected {expected!r}, got {message['type']!r}")
+    return message
+
+
+def bundle_message(bundle: Bundle) -> dict[str, Any]:
+    return {"type": "bundle", "job": bundle.job, "bundle": bundle.bundle, "ids": bundle.ids,
+            "commands": bundle.commands, "timeout": bundle.timeout}
+
+
+def bundle_from_message(message: dict[str, Any]) -> Bundle:
+    ids, commands, timeout = message["ids"], message["commands"], message.get("timeout")
+    if len(ids) != len(commands) or not all(isinstance(c, str) for c in commands):
+        raise MalformedMessage("bundle: 'commands' must be strings, one per id")
+    if timeout is not None and not isinstance(timeout, (int, float)):
+        raise MalformedMessage("bundle: 'timeout' must be a number or null")
+    return Bundle(message["job"], message["bundle"], ids, commands, timeout)
+
+
+def results_message(batch: ResultBatch) -> dict[str, Any]:
+    message = {"type": "results", "job": batch.job, "ids": batch.ids,
+               "exit_codes": batch.exit_codes, "outputs": batch.outputs,
+               "elapsed_us": batch.elapsed_us, "errors": batch.errors}
+    if batch.bundle is not None:
+        message["bundle"] = batch.bundle
+    return message
+
+
+def results_from_message(message: dict[str, Any]) -> ResultBatch:
+    columns = [message[name] for name in _RESULT_COLUMNS]
+    if len({len(column) for column in columns}) != 1:
+        raise MalformedMessage("results: columns of different lengths")
+    bundle = message.get("bundle")
+    if bundle is not None and (not isinstance(bundle, int) or isinstance(bundle, bool)):
+        raise MalformedMessage("results: 'bundle' must be an integer")
+    return ResultBatch(message["job"], bundle, *columns)
+
+
+# --- reading and writing frames -------------------------------------------------
+
+def send(sock: socket.socket, message: dict[str, Any]) -> None:
+    sock.sendall(encode(message))
+
+
+def receive(sock: socket.socket, max_frame: int = MAX_FRAME_BYTES) -> dict[str, Any]:
+    """The next message from a blocking socket.  IncompleteFrame if the peer closed mid-frame."""
+    length = frame_length(_receive_exactly(sock, HEADER_BYTES), max_frame)
+    return decode(_receive_exactly(sock, length))
+
+
+def _receive_exactly(sock: socket.socket, size: int) -> bytes:
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    got = 0
+    while got < size:
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            raise IncompleteFrame(bytes(buffer[:got]), size)
+        got += n
+    return bytes(buffer)
+
+
+async def read_message(reader: asyncio.StreamReader,
+                       max_frame: int = MAX_FRAME_BYTES) -> dict[str, Any] | None:
+    """The next message from a stream, or None at a clean end of stream between frames."""
+    try:
+        header = await reader.readexactly(HEADER_BYTES)
+    except asyncio.IncompleteReadError as exc:
+        if not exc.partial:
+            return None
+        raise IncompleteFrame(exc.partial, HEADER_BYTES) from None
+    length = frame_length(header, max_frame)
+    try:
+        body = await reader.readexactly(length)
+    except asyncio.IncompleteReadError as exc:
+        raise IncompleteFrame(exc.partial, length) from None
+    return decode(body)

@@ -1,0 +1,431 @@
+"""The scheduler: its command line, its TCP server, and its shutdown.
+
+Owns the process a user starts: options, the listening socket, client connections
+and what they ask for, signals.  Tasks go to the Dispatcher (jobs.py), which feeds
+the one backend chosen here; results stream back to the connection that submitted
+them, or wait (for ``--result-ttl`` seconds) to be fetched.
+
+Threads: the asyncio event loop runs connections and the Dispatcher; one more thread
+sits in ``backend.receive`` and hands result batches to the loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import protocol
+from backend import Backend
+from errors import BackendError, BadRequest, CloudKonError, ConfigError, ProtocolError
+from jobs import Dispatcher, Job
+from tasks import MAX_COMMAND_BYTES
+
+log = logging.getLogger("cloudkon.scheduler")
+
+DEFAULT_PORT = 9000
+DEFAULT_RESULT_TTL_SECONDS = 3600.0
+DEFAULT_GRACE_SECONDS = 30.0
+# A connection must say hello this soon, so idle sockets cannot pile up.
+HELLO_TIMEOUT_SECONDS = 30.0
+# Tasks in one job: bounds the memory one client can make the scheduler hold.
+MAX_JOB_TASKS = 10_000_000
+# How long the receiving thread waits in backend.receive before checking for shutdown.
+RECEIVE_POLL_SECONDS = 0.2
+EXPIRY_CHECK_SECONDS = 10.0
+
+
+class _Peer:
+    """One client connection and the frames queued for it, written in order.
+
+    A callable in the queue runs once everything before it has been written.
+    """
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.address = writer.get_extra_info("peername")
+        self.open_jobs: dict[str, Job] = {}
+        self._outbox: asyncio.Queue[bytes | Callable[[], None] | None] = asyncio.Queue()
+        self._writing = asyncio.create_task(self._write_loop())
+
+    def send(self, item: bytes | Callable[[], None]) -> None:
+        if not self._writing.done():
+            self._outbox.put_nowait(item)
+
+    async def close(self, timeout: float = 5.0) -> None:
+        self._outbox.put_nowait(None)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._writing), timeout)
+        except asyncio.TimeoutError:
+            self._writing.cancel()
+
+    async def _write_loop(self) -> None:
+        try:
+            while (item := await self._outbox.get()) is not None:
+                if callable(item):
+                    item()
+                    continue
+                self.writer.write(item)
+                await self.writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self.writer.close()
+
+
+class Scheduler:
+    """Serves clients over TCP and runs their jobs on one backend."""
+
+    def __init__(self, backend: Backend, token: str | None = None,
+                 result_ttl: float = DEFAULT_RESULT_TTL_SECONDS,
+                 task_timeout: float | None = None, grace: float = DEFAULT_GRACE_SECONDS) -> None:
+        self.backend = backend
+        self.dispatcher = Dispatcher(backend, self._on_results, self._on_finished)
+        self._token = token
+        self._result_ttl = result_ttl
+        self._task_timeout = task_timeout
+        self._grace = grace
+        self._peers: set[_Peer] = set()
+        self._subscribers: dict[str, _Peer] = {}
+        self._callbacks: dict[str, tuple[str, int, str]] = {}
+        self._fetchers: dict[str, list[asyncio.Future[None]]] = {}
+        self._signals = 0
+        self._stopping = False
+        self._backend_failed = False
+
+    # --- running ------------------------------------------------------------------
+
+    async def serve(self, host: str, port: int, parent_pid: int | None = None) -> int:
+        """Serve until a signal (or the parent's exit) ends it; the exit code."""
+        loop = asyncio.get_running_loop()
+        self._shutdown = asyncio.Event()
+        self._force = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_signal)
+        server = await asyncio.start_server(self._serve_peer, host, port)
+        bound = server.sockets[0].getsockname()
+        print(f"listening on {_format_address(bound[0], bound[1])}", flush=True)
+        log.info("%s backend with %d workers", self.backend.name, self.backend.workers())
+        stop_receiving = threading.Event()
+        receiver = threading.Thread(target=self._receive_loop, args=(loop, stop_receiving),
+                                    name="cloudkon-receive", daemon=True)
+        receiver.start()
+        housekeeping = asyncio.create_task(self._housekeeping(parent_pid))
+        await self._shutdown.wait()
+        server.close()
+        housekeeping.cancel()
+        await self._drain()
+        stop_receiving.set()
+        await loop.run_in_executor(None, receiver.join)
+        await loop.run_in_executor(None, self.backend.close, self.dispatcher.idle)
+        return 1 if self._backend_failed else 0
+
+    def _on_signal(self) -> None:
+        # Runs in the event loop: only set flags, the main coroutine does the work.
+        self._signals += 1
+        if self._signals == 1:
+            log.warning("shutting down: finishing tasks in flight (signal again to stop now)")
+            self._shutdown.set()
+        else:
+            log.warning("stopping now")
+            self._force.set()
+
+    async def _drain(self) -> None:
+        """Stop intake, let in-flight bundles finish (or fail them), flush every client."""
+        self._stopping = True
+        for peer in self._peers:
+            for job in list(peer.open_jobs.values()):
+                peer.send(protocol.encode(protocol.error_message(
+                    "shutting_down", f"scheduler is shutting down; job {job.id} was not accepted")))
+                del peer.open_jobs[job.id]
+                self.dispatcher.close_job(job)
+        self.dispatcher.fail_undispatched("scheduler shut down before this task started")
+        deadline = time.monotonic() + self._grace
+        while not self.dispatcher.idle and not self._force.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if not self.dispatcher.idle:
+            self.dispatcher.fail_in_flight("scheduler stopped before this task finished")
+        await asyncio.gather(*(peer.close() for peer in list(self._peers)))
+
+    def _receive_loop(self, loop: asyncio.AbstractEventLoop, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                batches = self.backend.receive(RECEIVE_POLL_SECONDS)
+            except BackendError as exc:
+                loop.call_soon_threadsafe(self._on_backend_failure, exc)
+                return
+            if batches:
+                loop.call_soon_threadsafe(self.dispatcher.handle_results, batches)
+
+    def _on_backend_failure(self, exc: BackendError) -> None:
+        log.error("backend failed: %s", exc)
+        self._backend_failed = True
+        self._force.set()
+        self._shutdown.set()
+
+    async def _housekeeping(self, parent_pid: int | None) -> None:
+        """Expire unclaimed results; stop if the parent that started us is gone."""
+        last_expiry = time.monotonic()
+        while True:
+            await asyncio.sleep(0.5)
+            if parent_pid is not None and os.getppid() != parent_pid:
+                log.warning("parent process %d is gone: stopping", parent_pid)
+                self._force.set()
+                self._shutdown.set()
+            if time.monotonic() - last_expiry >= EXPIRY_CHECK_SECONDS:
+                last_expiry = time.monotonic()
+                self._expire_results(last_expiry)
+
+    def _expire_results(self, now: float) -> None:
+        for job in list(self.dispatcher.jobs.values()):
+            if job.finished_at is not None and now - job.finished_at > self._result_ttl:
+                log.info("job %s: results expired unclaimed", job.id)
+                self._forget(job)
+
+    # --- connections --------------------------------------------------------------
+
+    async def _serve_peer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = _Peer(writer)
+        self._peers.add(peer)
+        try:
+            hello = await asyncio.wait_for(protocol.read_message(reader), HELLO_TIMEOUT_SECONDS)
+            if hello is None:
+                return
+            self._check_hello(hello)
+            peer.send(protocol.encode({"type": "welcome", "version": protocol.PROTOCOL_VERSION,
+                                       "backend": self.backend.name,
+                                       "workers": self.backend.workers()}))
+            while (message := await protocol.read_message(reader)) is not None:
+                self._handle(peer, message)
+        except ProtocolError as exc:
+            code = exc.code if isinstance(exc, BadRequest) else type(exc).__name__
+            log.warning("%s: %s", _format_address(*peer.address[:2]), exc)
+            peer.send(protocol.encode(protocol.error_message(code, str(exc))))
+        except asyncio.TimeoutError:
+            log.warning("%s: no hello within %g s", _format_address(*peer.address[:2]),
+                        HELLO_TIMEOUT_SECONDS)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            for job in list(peer.open_jobs.values()):  # gone mid-submission: run what it sent
+                self.dispatcher.close_job(job)
+            for job_id in [j for j, p in self._subscribers.items() if p is peer]:
+                del self._subscribers[job_id]
+            self._peers.discard(peer)
+            await peer.close()
+
+    def _check_hello(self, message: dict[str, Any]) -> None:
+        if message["type"] != "hello":
+            raise BadRequest("bad_request", "the first message must be hello")
+        if message["version"] != protocol.PROTOCOL_VERSION:
+            raise BadRequest("unsupported_version",
+                             f"this scheduler speaks protocol version {protocol.PROTOCOL_VERSION}")
+        if self._token is not None:
+            given = message.get("token")
+            if not isinstance(given, str) or not hmac.compare_digest(given.encode(), self._token.encode()):
+                raise BadRequest("unauthorized", "missing or wrong token")
+
+    def _handle(self, peer: _Peer, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "job_open":
+            self._open_job(peer, message)
+        elif kind == "tasks":
+            job = self._open_job_of(peer, message["job"])
+            tasks = message["tasks"]
+            if not all(type(t) is str for t in tasks):
+                raise BadRequest("bad_request", "tasks must be strings")
+            if tasks and max(map(len, tasks)) * 4 > MAX_COMMAND_BYTES and \
+                    max(len(t.encode()) for t in tasks) > MAX_COMMAND_BYTES:
+                raise BadRequest("bad_request", f"a task is longer than {MAX_COMMAND_BYTES} bytes")
+            if job.total + len(tasks) > MAX_JOB_TASKS:
+                raise BadRequest("too_large", f"a job holds at most {MAX_JOB_TASKS} tasks")
+            self.dispatcher.add_tasks(job, tasks)
+        elif kind == "job_close":
+            job = self._open_job_of(peer, message["job"])
+            if message["count"] != job.total:
+                raise BadRequest("count_mismatch", f"job {job.id}: client sent {message['count']} "
+                                 f"tasks, scheduler received {job.total}")
+            del peer.open_jobs[job.id]
+            peer.send(protocol.encode({"type": "job_accepted", "job": job.id, "count": job.total}))
+            self.dispatcher.close_job(job)
+        elif kind == "fetch":
+            job = self.dispatcher.jobs.get(message["job"])
+            if job is None:
+                raise BadRequest("unknown_job", f"no job {message['job']!r} (never, or results delivered or expired)")
+            asyncio.create_task(self._send_when_finished(peer, job))
+        else:
+            raise BadRequest("bad_request", f"a client does not send {kind!r}")
+
+    def _open_job(self, peer: _Peer, message: dict[str, Any]) -> None:
+        if self._stopping:
+            raise BadRequest("shutting_down", "scheduler is shutting down")
+        timeout = message.get("timeout", self._task_timeout)
+        if timeout is not None and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)
+                                    or timeout <= 0):
+            raise BadRequest("bad_request", "timeout must be a positive number of seconds")
+        callback = message.get("callback")
+        if callback is not None and not _valid_callback(callback):
+            raise BadRequest("bad_request", "callback must be {\"port\": 1-65535, \"nonce\": string}")
+        job = self.dispatcher.open_job(timeout)
+        peer.open_jobs[job.id] = job
+        if message.get("stream", True):
+            self._subscribers[job.id] = peer
+        if callback is not None:
+            self._callbacks[job.id] = (peer.address[0], callback["port"], callback["nonce"])
+        peer.send(protocol.encode({"type": "job_opened", "job": job.id}))
+        log.info("job %s opened by %s", job.id, _format_address(*peer.address[:2]))
+
+    @staticmethod
+    def _open_job_of(peer: _Peer, job_id: str) -> Job:
+        job = peer.open_jobs.get(job_id)
+        if job is None:
+            raise BadRequest("unknown_job", f"no open job {job_id!r} on this connection")
+        return job
+
+    # --- results ------------------------------------------------------------------
+
+    def _on_results(self, job: Job, batch: Any) -> None:
+        peer = self._subscribers.get(job.id)
+        if peer is not None:
+            peer.send(protocol.encode(protocol.results_message(batch)))
+
+    def _on_finished(self, job: Job) -> None:
+        peer = self._subscribers.pop(job.id, None)
+        if peer is not None:
+            peer.send(protocol.encode(_done_message(job)))
+            peer.send(lambda: self._forget(job))  # delivered: nothing left to keep
+        for waiter in self._fetchers.pop(job.id, []):
+            if not waiter.done():
+                waiter.set_result(None)
+        callback = self._callbacks.pop(job.id, None)
+        if callback is not None:
+            asyncio.get_running_loop().create_task(self._call_back(job, *callback))
+
+    async def _send_when_finished(self, peer: _Peer, job: Job) -> None:
+        if not job.finished:
+            waiter = asyncio.get_running_loop().create_future()
+            self._fetchers.setdefault(job.id, []).append(waiter)
+            await waiter
+        for batch in job.results:
+            peer.send(protocol.encode(protocol.results_message(batch)))
+        peer.send(protocol.encode(_done_message(job)))
+        peer.send(lambda: self._forget(job))
+
+    async def _call_back(self, job: Job, host: str, port: int, nonce: str) -> None:
+        """Tell a client listening at host:port that its job is ready to fetch."""
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 10)
+            writer.write(protocol.encode({"type": "ready", "job": job.id, "nonce": nonce}))
+            await writer.drain()
+            writer.close()
+        except (OSError, asyncio.TimeoutError) as exc:
+            log.warning("job %s: could not call back %s: %s (results kept %g s for fetch)",
+                        job.id, _format_address(host, port), exc, self._result_ttl)
+
+    def _forget(self, job: Job) -> None:
+        self.dispatcher.forget(job)
+        self._subscribers.pop(job.id, None)
+        self._callbacks.pop(job.id, None)
+
+
+def _done_message(job: Job) -> dict[str, Any]:
+    return {"type": "job_done", "job": job.id, "total": job.total,
+            "succeeded": job.done_count - job.failed_count, "failed": job.failed_count}
+
+
+def _valid_callback(callback: object) -> bool:
+    return (isinstance(callback, dict) and isinstance(callback.get("nonce"), str)
+            and len(callback["nonce"]) <= 256 and type(callback.get("port")) is int
+            and 0 < callback["port"] < 65536)
+
+
+def _format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def is_loopback(host: str) -> bool:
+    """True if every address ``host`` names is a loopback address."""
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except socket.gaierror:
+        return False
+    return all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)
+
+
+# --- command line -------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="scheduler.py", description="Run CloudKon tasks sent by clients on worker processes.",
+        epilog="Prints 'listening on HOST:PORT' on stdout when ready; logs go to stderr. "
+               "SIGINT/SIGTERM: stop taking jobs, finish tasks in flight, exit 0; a second one "
+               "stops at once.")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--local", type=int, metavar="N", default=None,
+                      help="run tasks in N local worker processes (default: the CPU count)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+                        help=f"TCP port (default: {DEFAULT_PORT}; 0 picks a free one)")
+    parser.add_argument("--token", default=os.environ.get("CLOUDKON_TOKEN"),
+                        help="secret every client must present (default: $CLOUDKON_TOKEN); "
+                             "required to listen on a non-loopback address")
+    parser.add_argument("--task-timeout", type=float, metavar="SECONDS", default=None,
+                        help="kill a task's process group after this long (default: no limit)")
+    parser.add_argument("--result-ttl", type=float, metavar="SECONDS", default=DEFAULT_RESULT_TTL_SECONDS,
+                        help="keep undelivered results of a finished job this long "
+                             f"(default: {DEFAULT_RESULT_TTL_SECONDS:g})")
+    parser.add_argument("--grace", type=float, metavar="SECONDS", default=DEFAULT_GRACE_SECONDS,
+                        help="on shutdown, wait this long for tasks in flight before failing them "
+                             f"(default: {DEFAULT_GRACE_SECONDS:g})")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors")
+    parser.add_argument("--exit-with-parent", type=int, default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def create_backend(args: argparse.Namespace) -> Backend:
+    from localworkers import LocalBackend
+    workers = args.local if args.local is not None else (os.cpu_count() or 1)
+    if workers < 1:
+        raise ConfigError("--local needs at least 1 worker")
+    return LocalBackend(workers)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s scheduler %(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        if args.task_timeout is not None and args.task_timeout <= 0:
+            raise ConfigError("--task-timeout must be positive")
+        if not (0 <= args.port < 65536):
+            raise ConfigError(f"--port {args.port} is not a TCP port")
+        if not args.token and not is_loopback(args.host):
+            raise ConfigError(f"refusing to listen on {args.host} without --token "
+                              "(or $CLOUDKON_TOKEN): anyone who can reach it could run commands")
+        backend = create_backend(args)
+    except CloudKonError as exc:
+        print(f"scheduler.py: error: {exc}", file=sys.stderr)
+        return 2
+    scheduler = Scheduler(backend, args.token or None, args.result_ttl, args.task_timeout, args.grace)
+    try:
+        return asyncio.run(scheduler.serve(args.host, args.port, args.exit_with_parent))
+    except OSError as exc:
+        backend.close(wait=False)
+        print(f"scheduler.py: error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
