@@ -36,17 +36,18 @@ MAX_BUNDLE_TASKS = 4096
 MAX_BUNDLE_COMMAND_BYTES = 128 * 1024
 
 
-def bundle_size(avg_task_us: float | None, undispatched: int, workers: int) -> int:
+def bundle_size(avg_task_us: float | None, undispatched: int, slots: int) -> int:
     """How many tasks of a job to put in its next bundle.
 
     One task while nothing is known of the job's task times (they may be long); then
-    TARGET_BUNDLE_SECONDS worth; never more than an even share of what is left, so
-    the last tasks spread over every worker instead of queueing behind one.
+    TARGET_BUNDLE_SECONDS worth; never more than an even share of what is left over
+    the ``slots`` bundles the backend holds, so that bundles shrink as a job ends and
+    its last tasks spread over every worker instead of queueing behind one.
     """
     if avg_task_us is None:
         return 1
     by_time = int(TARGET_BUNDLE_SECONDS * 1e6 / max(avg_task_us, 1.0))
-    even_share = -(-undispatched // max(workers, 1))
+    even_share = -(-undispatched // max(slots, 1))
     return max(1, min(by_time, even_share, MAX_BUNDLE_TASKS))
 
 

@@ -129,10 +129,10 @@ class Dispatcher:
 
     def pump(self) -> None:
         """Submit bundles, one job's at a time in turn, until the backend holds enough."""
-        capacity, workers = self.backend.capacity(), self.backend.workers()
+        capacity = self.backend.capacity()
         while self._ready and len(self._in_flight) < capacity:
             job = self._ready.popleft()
-            size = bundle_size(job.avg_task_us(), job.undispatched, workers)
+            size = bundle_size(job.avg_task_us(), job.undispatched, capacity)
             bundle = job.take_bundle(self._next_bundle, size)
             self._next_bundle += 1
             self._in_flight[bundle.bundle] = (bundle, len(bundle.ids))

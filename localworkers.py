@@ -33,8 +33,15 @@ from dataclasses import dataclass, field
 import protocol
 from backend import Backend
 from errors import BackendError
-from tasks import (OUTPUT_CAP_BYTES, Bundle, ResultBatch, failed_batch, kill_running_task,
-                   reduce_timer_slack, run_bundle)
+from tasks import (
+    OUTPUT_CAP_BYTES,
+    Bundle,
+    ResultBatch,
+    failed_batch,
+    kill_running_task,
+    reduce_timer_slack,
+    run_bundle,
+)
 
 log = logging.getLogger("cloudkon.local")
 

@@ -124,24 +124,27 @@ class Scheduler:
         await self._shutdown.wait()
         server.close()
         housekeeping.cancel()
-        await self._drain()
+        finished = await self._drain()
         stop_receiving.set()
         await loop.run_in_executor(None, receiver.join)
-        await loop.run_in_executor(None, self.backend.close, self.dispatcher.idle)
+        await loop.run_in_executor(None, self.backend.close, finished)
         return 1 if self._backend_failed else 0
 
     def _on_signal(self) -> None:
         # Runs in the event loop: only set flags, the main coroutine does the work.
         self._signals += 1
         if self._signals == 1:
-            log.warning("shutting down: finishing tasks in flight (signal again to stop now)")
+            log.info("shutting down: finishing tasks in flight (signal again to stop now)")
             self._shutdown.set()
         else:
             log.warning("stopping now")
             self._force.set()
 
-    async def _drain(self) -> None:
-        """Stop intake, let in-flight bundles finish (or fail them), flush every client."""
+    async def _drain(self) -> bool:
+        """Stop intake, let in-flight bundles finish (or fail them), flush every client.
+
+        True if everything in flight finished; False if some of it was failed instead.
+        """
         self._stopping = True
         for peer in self._peers:
             for job in list(peer.open_jobs.values()):
@@ -153,9 +156,11 @@ class Scheduler:
         deadline = time.monotonic() + self._grace
         while not self.dispatcher.idle and not self._force.is_set() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        if not self.dispatcher.idle:
+        finished = self.dispatcher.idle
+        if not finished:
             self.dispatcher.fail_in_flight("scheduler stopped before this task finished")
         await asyncio.gather(*(peer.close() for peer in list(self._peers)))
+        return finished
 
     def _receive_loop(self, loop: asyncio.AbstractEventLoop, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -261,7 +266,8 @@ class Scheduler:
         elif kind == "fetch":
             job = self.dispatcher.jobs.get(message["job"])
             if job is None:
-                raise BadRequest("unknown_job", f"no job {message['job']!r} (never, or results delivered or expired)")
+                raise BadRequest("unknown_job", f"no job {message['job']!r} "
+                                 "(never submitted, or its results were delivered or expired)")
             asyncio.create_task(self._send_when_finished(peer, job))
         else:
             raise BadRequest("bad_request", f"a client does not send {kind!r}")

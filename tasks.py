@@ -111,7 +111,7 @@ class ResultBatch:
         )
 
     def failed_count(self) -> int:
-        ok = sum(1 for code, err in zip(self.exit_codes, self.errors) if code == 0 and err is None)
+        ok = sum(1 for code, err in zip(self.exit_codes, self.errors, strict=True) if code == 0 and err is None)
         return len(self.ids) - ok
 
     def __len__(self) -> int:
@@ -210,7 +210,7 @@ def run_bundle(bundle: Bundle, output_cap: int = OUTPUT_CAP_BYTES,
     batch = ResultBatch(bundle.job, bundle.bundle)
     output_bytes = 0
     flush_at = time.monotonic() + RESULT_FLUSH_SECONDS
-    for task_id, command in zip(bundle.ids, bundle.commands):
+    for task_id, command in zip(bundle.ids, bundle.commands, strict=True):
         if on_task_start is not None:
             on_task_start(task_id)
         exit_code, output, elapsed_us, error = run_task(command, bundle.timeout, output_cap)

@@ -1,0 +1,363 @@
+"""The client: submit a workload, collect every result, report.
+
+Owns the user's side of a run: the command line, reading the workload, talking to a
+scheduler through protocol.py (starting an embedded one when no ``-s`` is given),
+progress on a terminal, the results file, the summary and the exit code:
+0 every task succeeded, 1 some task failed, 2 usage, workload, connection or
+protocol error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TextIO
+
+import protocol
+from errors import CloudKonError, ConfigError, MalformedMessage, ProtocolError
+from tasks import ResultBatch, is_success, parse_workload
+
+log = logging.getLogger("cloudkon.client")
+
+EXIT_OK, EXIT_TASKS_FAILED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+# Tasks per submission frame, and their bytes: frames well under the frame limit,
+# few enough that a million tasks is ~120 frames.
+SUBMIT_BATCH_TASKS = 8192
+SUBMIT_BATCH_BYTES = 4 * 1024 * 1024
+CONNECT_TIMEOUT_SECONDS = 10.0
+EMBEDDED_START_TIMEOUT_SECONDS = 60.0
+PROGRESS_AFTER_SECONDS = 1.0
+PROGRESS_EVERY_SECONDS = 0.25
+
+
+class Results:
+    """Every task's result, indexed by task id, filled as batches arrive."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.exit_codes: list[int | None] = [None] * total
+        self.outputs: list[str] = [""] * total
+        self.elapsed_us: list[int] = [0] * total
+        self.errors: list[str | None] = [None] * total
+        self._seen = bytearray(total)
+        self.received = 0
+        self.failed = 0
+
+    def add(self, batch: ResultBatch) -> None:
+        seen, total = self._seen, self.total
+        for task_id in batch.ids:
+            if type(task_id) is not int or not 0 <= task_id < total or seen[task_id]:
+                raise MalformedMessage(f"result for unknown or already reported task {task_id!r}")
+            seen[task_id] = 1
+        for task_id, code, output, elapsed, error in zip(
+                batch.ids, batch.exit_codes, batch.outputs, batch.elapsed_us, batch.errors, strict=True):
+            self.exit_codes[task_id] = code
+            self.outputs[task_id] = output
+            self.elapsed_us[task_id] = elapsed
+            self.errors[task_id] = error
+        self.received += len(batch)
+        self.failed += batch.failed_count()
+
+    @property
+    def complete(self) -> bool:
+        return self.received == self.total
+
+    def write_jsonl(self, commands: list[str], out: TextIO) -> None:
+        """One JSON object per task, in workload order."""
+        dumps = json.dumps
+        for task_id, command in enumerate(commands):
+            code, error = self.exit_codes[task_id], self.errors[task_id]
+            record = {"id": task_id, "command": command,
+                      "status": "success" if is_success(code, error) else "failed",
+                      "exit_code": code, "output": self.outputs[task_id],
+                      "elapsed_ms": self.elapsed_us[task_id] / 1000}
+            if error is not None:
+                record["error"] = error
+            out.write(dumps(record))
+            out.write("\n")
+
+
+class SchedulerConnection:
+    """A connection to a scheduler, past the hello."""
+
+    def __init__(self, host: str, port: int, token: str | None) -> None:
+        self.sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_SECONDS)
+        self.sock.settimeout(None)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        hello: dict[str, Any] = {"type": "hello", "version": protocol.PROTOCOL_VERSION}
+        if token:
+            hello["token"] = token
+        self.send(hello)
+        self.welcome = self.expect("welcome")
+
+    def send(self, message: dict[str, Any]) -> None:
+        protocol.send(self.sock, message)
+
+    def receive(self) -> dict[str, Any]:
+        return protocol.receive(self.sock)
+
+    def expect(self, kind: str) -> dict[str, Any]:
+        return protocol.raise_if_error(self.receive(), kind)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def submit(self, tasks: list[str], timeout: float | None = None, stream: bool = True,
+               callback: dict[str, Any] | None = None) -> str:
+        """Send a job's tasks; its id.  With ``stream``, results follow on this connection."""
+        opening: dict[str, Any] = {"type": "job_open", "stream": stream}
+        if timeout is not None:
+            opening["timeout"] = timeout
+        if callback is not None:
+            opening["callback"] = callback
+        self.send(opening)
+        job = self.expect("job_opened")["job"]
+        start = 0
+        while start < len(tasks):
+            end, size = start, 0
+            while end < len(tasks) and end - start < SUBMIT_BATCH_TASKS and size < SUBMIT_BATCH_BYTES:
+                size += len(tasks[end]) + 8
+                end += 1
+            self.send({"type": "tasks", "job": job, "tasks": tasks[start:end]})
+            start = end
+        self.send({"type": "job_close", "job": job, "count": len(tasks)})
+        return job
+
+    def collect(self, job: str, results: Results,
+                on_progress: Callable[[Results], None] | None = None) -> None:
+        """Read this job's results until the scheduler says it is done."""
+        while True:
+            message = self.receive()
+            kind = message["type"]
+            if kind == "results":
+                results.add(protocol.results_from_message(message))
+                if on_progress is not None:
+                    on_progress(results)
+            elif kind == "job_done":
+                if not results.complete:
+                    raise MalformedMessage(f"job {job} done with {results.received} of "
+                                           f"{results.total} results")
+                return
+            elif kind != "job_accepted":
+                protocol.raise_if_error(message, "results")
+
+
+def get_task_result(host: str, port: int, token: str | None, job: str, total: int) -> Results:
+    """All results of a finished (or finishing) job, in one request."""
+    conn = SchedulerConnection(host, port, token)
+    try:
+        conn.send({"type": "fetch", "job": job})
+        results = Results(total)
+        conn.collect(job, results)
+        return results
+    finally:
+        conn.close()
+
+
+def run_with_callback(host: str, port: int, token: str | None, tasks: list[str],
+                      listen_port: int, timeout: float | None) -> Results:
+    """Submit, hang up, wait for the scheduler to call back at ``listen_port``, then fetch."""
+    conn = SchedulerConnection(host, port, token)
+    nonce = secrets.token_hex(16)
+    with socket.create_server((conn.sock.getsockname()[0], listen_port)) as listener:
+        callback = {"port": listener.getsockname()[1], "nonce": nonce}
+        try:
+            job = conn.submit(tasks, timeout, stream=False, callback=callback)
+            conn.expect("job_accepted")
+        finally:
+            conn.close()
+        log.info("job %s submitted; waiting for the scheduler on port %d", job, callback["port"])
+        while True:
+            peer, _ = listener.accept()
+            with peer:
+                peer.settimeout(CONNECT_TIMEOUT_SECONDS)
+                try:
+                    ready = protocol.raise_if_error(protocol.receive(peer), "ready")
+                except (ProtocolError, OSError) as exc:
+                    log.warning("ignoring a bad call on the listening port: %s", exc)
+                    continue
+            if ready["job"] == job and secrets.compare_digest(ready["nonce"], nonce):
+                break
+    return get_task_result(host, port, token, job, len(tasks))
+
+
+@contextmanager
+def embedded_scheduler(workers: int | None) -> Iterator[tuple[str, int, str]]:
+    """A scheduler process of our own on a free loopback port: (host, port, token)."""
+    token = secrets.token_hex(16)
+    command = [sys.executable, str(Path(__file__).with_name("scheduler.py")), "--port", "0",
+               "--quiet", "--exit-with-parent", str(os.getpid())]
+    if workers is not None:
+        command += ["--local", str(workers)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            env={**os.environ, "CLOUDKON_TOKEN": token}, start_new_session=True)
+    try:
+        line = proc.stdout.readline().decode(errors="replace").strip()  # type: ignore[union-attr]
+        if not line.startswith("listening on "):
+            raise CloudKonError(f"embedded scheduler did not start (exit code {proc.wait()})")
+        host, port = parse_address(line.removeprefix("listening on "))
+        yield host, port, token
+    finally:
+        _stop_process(proc)
+
+
+def _stop_process(proc: subprocess.Popen) -> None:
+    # First signal: finish what is in flight; second: stop now.
+    for _ in range(2):
+        if proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(5)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+    proc.kill()
+    proc.wait()
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+class Progress:
+    """A done/total, rate and ETA line on stderr, for runs over a second on a terminal."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.start = time.monotonic()
+        self._next = self.start + PROGRESS_AFTER_SECONDS
+        self._shown = False
+
+    def __call__(self, results: Results) -> None:
+        now = time.monotonic()
+        if not self.enabled or now < self._next:
+            return
+        self._next = now + PROGRESS_EVERY_SECONDS
+        rate = results.received / (now - self.start)
+        eta = (results.total - results.received) / rate if rate else float("inf")
+        sys.stderr.write(f"\r{results.received}/{results.total} tasks  {rate:,.0f}/s  "
+                         f"ETA {eta:,.0f} s  failed {results.failed}   ")
+        sys.stderr.flush()
+        self._shown = True
+
+    def clear(self) -> None:
+        if self._shown:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="client.py", description="Run a CloudKon workload (one task per line) and collect every result.",
+        epilog="Without -s, an embedded local scheduler runs the job. Exit codes: 0 every task "
+               "succeeded, 1 some task failed, 2 usage/workload/connection/protocol error, 130 interrupted.")
+    parser.add_argument("-w", "--workload", required=True, metavar="FILE",
+                        help="tasks, one per line: 'sleep N' sleeps N ms, anything else runs in /bin/sh")
+    parser.add_argument("-s", "--scheduler", metavar="HOST:PORT",
+                        help="scheduler to submit to (default: start an embedded local one)")
+    parser.add_argument("-o", "--output", metavar="RESULTS.jsonl",
+                        help="write one JSON object per task, in workload order ('-' for stdout)")
+    parser.add_argument("-l", "--listen", type=int, metavar="PORT",
+                        help="submit, hang up, and wait on PORT for the scheduler to call back when "
+                             "the job is done; then fetch every result in one request (0: any port)")
+    parser.add_argument("--token", default=os.environ.get("CLOUDKON_TOKEN"),
+                        help="the scheduler's secret (default: $CLOUDKON_TOKEN)")
+    parser.add_argument("--local", type=int, metavar="N",
+                        help="worker processes of the embedded scheduler (default: the CPU count)")
+    parser.add_argument("--task-timeout", type=float, metavar="SECONDS",
+                        help="kill a task's process group after this long and report it failed")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress line and no summary")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="client.py: %(message)s", stream=sys.stderr)
+    if args.local is not None and args.scheduler:
+        parser.error("--local applies only to the embedded scheduler (no -s)")
+    if args.local is not None and args.local < 1:
+        parser.error("--local needs at least 1 worker")
+    if args.task_timeout is not None and args.task_timeout <= 0:
+        parser.error("--task-timeout must be positive")
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("client.py: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (CloudKonError, OSError) as exc:
+        print(f"client.py: error: {_describe(exc, args)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def run(args: argparse.Namespace) -> int:
+    start = time.monotonic()
+    tasks = parse_workload(args.workload)
+    if args.scheduler:
+        host, port = parse_address(args.scheduler)
+        results = submit_and_collect(host, port, args.token, tasks, args)
+    else:
+        with embedded_scheduler(args.local) as (host, port, token):
+            results = submit_and_collect(host, port, token, tasks, args)
+    wall = time.monotonic() - start
+    if args.output:
+        _write_output(results, tasks, args.output)
+    if not args.quiet:
+        print(f"{results.total} tasks: {results.total - results.failed} succeeded, {results.failed} "
+              f"failed, {wall:.2f} s wall, {results.total / wall:,.0f} tasks/s", file=sys.stderr)
+    return EXIT_TASKS_FAILED if results.failed else EXIT_OK
+
+
+def submit_and_collect(host: str, port: int, token: str | None, tasks: list[str],
+                       args: argparse.Namespace) -> Results:
+    if args.listen is not None:
+        return run_with_callback(host, port, token, tasks, args.listen, args.task_timeout)
+    conn = SchedulerConnection(host, port, token)
+    try:
+        job = conn.submit(tasks, args.task_timeout)
+        results = Results(len(tasks))
+        progress = Progress(enabled=not args.quiet and sys.stderr.isatty())
+        try:
+            conn.collect(job, results, progress)
+        finally:
+            progress.clear()
+        return results
+    finally:
+        conn.close()
+
+
+def _write_output(results: Results, tasks: list[str], path: str) -> None:
+    if path == "-":
+        results.write_jsonl(tasks, sys.stdout)
+        return
+    with open(path, "w", encoding="utf-8") as out:
+        results.write_jsonl(tasks, out)
+
+
+def _describe(exc: BaseException, args: argparse.Namespace) -> str:
+    if isinstance(exc, ConnectionRefusedError):
+        return f"cannot connect to {args.scheduler}: connection refused (is the scheduler running?)"
+    if isinstance(exc, socket.timeout):
+        return f"cannot connect to {args.scheduler}: timed out"
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}{f': {exc.filename}' if exc.filename else ''}"
+    return str(exc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Task semantics: the workload format and run_task, shared by every worker."""
+
+import time
+
+import pytest
+
+from errors import WorkloadError
+from tasks import MAX_COMMAND_BYTES, Bundle, native_sleep_ms, parse_workload_bytes, run_bundle, run_task
+
+
+def test_workload_skips_blanks_and_comments_and_strips():
+    data = b"# header\n\n  sleep 5  \r\necho hi\n   # indented comment\n\t\n"
+    assert parse_workload_bytes(data) == ["sleep 5", "echo hi"]
+
+
+def test_workload_not_utf8_names_the_line():
+    with pytest.raises(WorkloadError, match=r"w.txt:3: not UTF-8 \(byte 0xff\)"):
+        parse_workload_bytes(b"sleep 0\nsleep 1\necho \xff\n", "w.txt")
+
+
+def test_workload_without_tasks_is_an_error():
+    with pytest.raises(WorkloadError, match="no tasks"):
+        parse_workload_bytes(b"# only a comment\n\n")
+
+
+def test_workload_line_over_exec_limit_names_the_line():
+    data = b"sleep 0\n" + b"echo " + b"x" * MAX_COMMAND_BYTES + b"\n"
+    with pytest.raises(WorkloadError, match=r":2: task longer than"):
+        parse_workload_bytes(data, "w.txt")
+
+
+@pytest.mark.parametrize("command, ms", [("sleep 0", 0), ("sleep 25", 25), ("sleep 1.5", None),
+                                         ("sleep -1", None), ("sleep x", None), ("echo sleep 1", None),
+                                         ("sleep \u0663", None)])
+def test_native_sleep_is_whole_milliseconds_only(command, ms):
+    assert native_sleep_ms(command) == ms
+
+
+def test_sleep_is_milliseconds_and_spawns_nothing():
+    start = time.perf_counter()
+    code, output, elapsed_us, error = run_task("sleep 30")
+    assert (code, output, error) == (0, "", None)
+    assert 30_000 <= elapsed_us and time.perf_counter() - start < 1
+
+
+def test_shell_command_output_and_exit_status():
+    assert run_task("echo out; echo err >&2; exit 3")[:2] == (3, "out\nerr\n")
+    assert run_task("true")[0] == 0
+
+
+def test_output_is_capped_and_marked():
+    code, output, _, error = run_task("head -c 200000 /dev/zero | tr '\\0' a", output_cap=1000)
+    assert code == 0 and error is None
+    assert output.startswith("a" * 1000) and "199000 more bytes not kept" in output
+
+
+def test_timeout_kills_the_whole_process_group(tmp_path):
+    pidfile = tmp_path / "pid"
+    start = time.monotonic()
+    code, _, _, error = run_task(f"sh -c 'echo $$ > {pidfile}; sleep 30' & sleep 30; wait", timeout=0.5)
+    assert code is None and error == "timed out after 0.5 s"
+    assert time.monotonic() - start < 5
+    grandchild = int(pidfile.read_text())
+    time.sleep(0.2)
+    assert not _alive(grandchild)
+
+
+def _alive(pid: int) -> bool:
+    """True if ``pid`` runs (a zombie, killed but not yet reaped by its new parent, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_native_sleep_honours_timeout():
+    code, _, elapsed_us, error = run_task("sleep 60000", timeout=0.2)
+    assert code is None and error == "timed out after 0.2 s" and elapsed_us < 5_000_000
+
+
+def test_killed_by_signal_has_no_exit_code():
+    code, _, _, error = run_task("kill -9 $$")
+    assert code is None and error == "killed by signal 9 (SIGKILL)"
+
+
+def test_unrunnable_command_is_a_failed_result():
+    code, _, _, error = run_task("echo a\0b")
+    assert code is None and "could not start" in error
+
+
+def test_run_bundle_reports_every_task_in_order_and_marks_starts():
+    started = []
+    bundle = Bundle("job", 7, [10, 11, 12], ["sleep 0", "false", "echo x"])
+    batches = list(run_bundle(bundle, on_task_start=started.append))
+    assert started == [10, 11, 12]
+    assert all(b.job == "job" and b.bundle == 7 for b in batches)
+    ids = [i for b in batches for i in b.ids]
+    codes = [c for b in batches for c in b.exit_codes]
+    assert ids == [10, 11, 12] and codes == [0, 1, 0]
