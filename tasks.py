@@ -111,8 +111,8 @@ class ResultBatch:
         )
 
     def failed_count(self) -> int:
-        ok = sum(1 for code, err in zip(self.exit_codes, self.errors, strict=True) if code == 0 and err is None)
-        return len(self.ids) - ok
+        pairs = zip(self.exit_codes, self.errors, strict=True)
+        return len(self.ids) - sum(1 for code, error in pairs if code == 0 and error is None)
 
     def __len__(self) -> int:
         return len(self.ids)
