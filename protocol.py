@@ -141,6 +141,8 @@ def results_from_message(message: dict[str, Any]) -> ResultBatch:
     columns = [message[name] for name in _RESULT_COLUMNS]
     if len({len(column) for column in columns}) != 1:
         raise MalformedMessage("results: columns of different lengths")
+    if not all(type(i) is int for i in message["ids"]):
+        raise MalformedMessage("results: task ids must be integers")
     bundle = message.get("bundle")
     if bundle is not None and (not isinstance(bundle, int) or isinstance(bundle, bool)):
         raise MalformedMessage("results: 'bundle' must be an integer")

@@ -63,3 +63,9 @@ def test_receive_reports_a_partial_frame():
     with pytest.raises(IncompleteFrame) as info:
         protocol.receive(right)
     assert info.value.expected > len(info.value.partial) > 0
+
+
+def test_results_with_non_integer_ids_are_refused():
+    message = protocol.results_message(ResultBatch("j", None, ["0"], [0], [""], [1], [None]))
+    with pytest.raises(MalformedMessage, match="integers"):
+        protocol.results_from_message(message)
