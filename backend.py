@@ -23,11 +23,6 @@ from types import TracebackType
 
 from tasks import Bundle, ResultBatch
 
-# A bundle holds about this much work, by the job's average task time so far: long
-# enough that the per-bundle cost (~0.1 ms of encoding and IPC) stays near 1%, short
-# enough that a job submitted behind a big one waits at most about this long.
-TARGET_BUNDLE_SECONDS = 0.02
-
 # Upper bound on tasks per bundle, for tasks that take no time at all (``sleep 0``).
 MAX_BUNDLE_TASKS = 4096
 
@@ -36,18 +31,20 @@ MAX_BUNDLE_TASKS = 4096
 MAX_BUNDLE_COMMAND_BYTES = 128 * 1024
 
 
-def bundle_size(avg_task_us: float | None, undispatched: int, slots: int) -> int:
+def bundle_size(avg_task_us: float | None, undispatched: int, slots: int,
+                target_seconds: float) -> int:
     """How many tasks of a job to put in its next bundle.
 
     One task while nothing is known of the job's task times (they may be long); then
-    TARGET_BUNDLE_SECONDS worth; never more than an even share of what is left over
-    the ``slots`` bundles the backend holds, so that bundles shrink as a job ends and
-    its last tasks spread over every worker instead of queueing behind one.
+    ``target_seconds`` worth.  Never more than an even share of what is left over the
+    ``slots`` bundles the backend holds, so that bundles shrink as a job ends and its
+    last tasks spread over every worker; but never under an eighth of the target,
+    where the bundle's own cost would outweigh the balance gained.
     """
     if avg_task_us is None:
         return 1
-    by_time = int(TARGET_BUNDLE_SECONDS * 1e6 / max(avg_task_us, 1.0))
-    even_share = -(-undispatched // max(slots, 1))
+    by_time = int(target_seconds * 1e6 / max(avg_task_us, 1.0))
+    even_share = max(-(-undispatched // max(slots, 1)), by_time // 8)
     return max(1, min(by_time, even_share, MAX_BUNDLE_TASKS))
 
 
@@ -55,6 +52,10 @@ class Backend(ABC):
     """Runs bundles of tasks on workers and reports their results."""
 
     name: str = "backend"
+    # Work per bundle, by the job's average task time so far: long enough that the
+    # per-bundle cost stays near 1%, short enough that a job submitted behind a big
+    # one waits about this long at most.
+    target_bundle_seconds: float = 0.02
 
     @abstractmethod
     def workers(self) -> int:

@@ -132,7 +132,8 @@ class Dispatcher:
         capacity = self.backend.capacity()
         while self._ready and len(self._in_flight) < capacity:
             job = self._ready.popleft()
-            size = bundle_size(job.avg_task_us(), job.undispatched, capacity)
+            size = bundle_size(job.avg_task_us(), job.undispatched, capacity,
+                               self.backend.target_bundle_seconds)
             bundle = job.take_bundle(self._next_bundle, size)
             self._next_bundle += 1
             self._in_flight[bundle.bundle] = (bundle, len(bundle.ids))

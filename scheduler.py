@@ -40,8 +40,9 @@ DEFAULT_GRACE_SECONDS = 30.0
 HELLO_TIMEOUT_SECONDS = 30.0
 # Tasks in one job: bounds the memory one client can make the scheduler hold.
 MAX_JOB_TASKS = 10_000_000
-# How long the receiving thread waits in backend.receive before checking for shutdown.
-RECEIVE_POLL_SECONDS = 0.2
+# How long the receiving thread waits in backend.receive before checking for shutdown
+# (for SQS, one long poll: at most one idle API call a second).
+RECEIVE_POLL_SECONDS = 1.0
 EXPIRY_CHECK_SECONDS = 10.0
 
 
@@ -378,7 +379,21 @@ def build_parser() -> argparse.ArgumentParser:
                "stops at once.")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--local", type=int, metavar="N", default=None,
-                      help="run tasks in N local worker processes (default: the CPU count)")
+                      help="run tasks in N local worker processes (the default, with N = the CPU count)")
+    mode.add_argument("--remote", action="store_true",
+                      help="run tasks on remote workers (worker.py) through SQS, with a DynamoDB claim table")
+    remote = parser.add_argument_group("remote mode (AWS settings come from boto3's standard chain)")
+    remote.add_argument("--request-queue",
+                        help="SQS queue shared with the workers (default: cloudkon-requests)")
+    remote.add_argument("--response-queue", default=None,
+                        help="SQS queue for this scheduler's results (default: a new "
+                             "cloudkon-responses-<random>, deleted at exit)")
+    remote.add_argument("--table",
+                        help="DynamoDB claim table (default: cloudkon-claims)")
+    remote.add_argument("--in-flight", type=int, metavar="N",
+                        help="bundles kept queued or running on the workers (default: 32)")
+    remote.add_argument("--visibility-timeout", type=int, metavar="SECONDS",
+                        help="visibility timeout of queues this scheduler creates (default: 60)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT,
                         help=f"TCP port (default: {DEFAULT_PORT}; 0 picks a free one)")
@@ -399,6 +414,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def create_backend(args: argparse.Namespace) -> Backend:
+    if args.remote:
+        if args.in_flight is not None and args.in_flight < 1:
+            raise ConfigError("--in-flight needs at least 1")
+        from sqsbackend import SQSBackend  # boto3 is loaded in remote mode only
+        options = {"request_queue": args.request_queue, "response_queue": args.response_queue,
+                   "claim_table": args.table, "in_flight": args.in_flight,
+                   "visibility_timeout": args.visibility_timeout}
+        return SQSBackend(**{name: value for name, value in options.items() if value is not None})
     from localworkers import LocalBackend
     workers = args.local if args.local is not None else (os.cpu_count() or 1)
     if workers < 1:
@@ -411,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s scheduler %(levelname)s %(message)s", stream=sys.stderr)
+    logging.getLogger("botocore").setLevel(logging.WARNING)  # its INFO lines are noise here
     try:
         if args.task_timeout is not None and args.task_timeout <= 0:
             raise ConfigError("--task-timeout must be positive")

@@ -48,9 +48,9 @@ RESULT_FLUSH_OUTPUT_BYTES = 1024 * 1024
 _SLEEP_PREFIX = "sleep "
 _PR_SET_TIMERSLACK = 29
 
-# Process group of the shell command this process is running, so that a worker being
-# stopped can take its command down with it (commands run in their own session).
-_running_group: int | None = None
+# Process groups of the shell commands this process is running (one per thread), so
+# that a worker being stopped can take them down with it (each runs in its own session).
+_running_groups: set[int] = set()
 
 
 @dataclass
@@ -239,15 +239,16 @@ def _run_shell(command: str, timeout: float | None,
         )
     except (OSError, ValueError) as exc:
         return None, "", f"could not start /bin/sh: {exc}"
-    global _running_group
-    _running_group = proc.pid
+    _running_groups.add(proc.pid)
     deadline = None if timeout is None else time.monotonic() + timeout
-    with proc:
-        kept, dropped, timed_out = _read_capped(proc, output_cap, deadline)
-        if timed_out:
-            _kill_group(proc.pid)
-        returncode = proc.wait()
-    _running_group = None
+    try:
+        with proc:
+            kept, dropped, timed_out = _read_capped(proc, output_cap, deadline)
+            if timed_out:
+                _kill_group(proc.pid)
+            returncode = proc.wait()
+    finally:
+        _running_groups.discard(proc.pid)
     output = kept.decode("utf-8", "replace")
     if dropped:
         output += f"\n[cloudkon: output truncated, {dropped} more bytes not kept]"
@@ -278,10 +279,10 @@ def _read_capped(proc: subprocess.Popen, cap: int,
         dropped += max(0, len(chunk) - max(room, 0))
 
 
-def kill_running_task() -> None:
-    """Kill the process group of the shell command this process is running, if any."""
-    if _running_group is not None:
-        _kill_group(_running_group)
+def kill_running_tasks() -> None:
+    """Kill the process groups of the shell commands this process is running."""
+    for group in list(_running_groups):
+        _kill_group(group)
 
 
 def _kill_group(pgid: int) -> None:

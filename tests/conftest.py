@@ -126,3 +126,64 @@ def wait_until(condition, timeout: float = 30, interval: float = 0.05):
             return value
         time.sleep(interval)
     raise AssertionError("condition not met in time")
+
+
+@pytest.fixture(scope="session")
+def aws_env():
+    """Environment pointing boto3 at an AWS emulator (moto_server) on a free loopback port."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    moto = Path(sys.executable).with_name("moto_server")
+    server = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"}
+
+    def up():
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    wait_until(up, timeout=30)
+    yield env
+    server.terminate()
+    server.wait()
+
+
+@pytest.fixture
+def remote(aws_env, start_scheduler):
+    """Start remote schedulers and workers on queues and a table of this test's own."""
+    import uuid
+    suffix = uuid.uuid4().hex[:8]
+    names = {"request_queue": f"req-{suffix}", "table": f"claims-{suffix}"}
+    workers: list[subprocess.Popen] = []
+
+    class Remote:
+        env = aws_env
+        request_queue = names["request_queue"]
+        table = names["table"]
+
+        @staticmethod
+        def scheduler(*args: str) -> SchedulerProcess:
+            return start_scheduler("--remote", "--request-queue", names["request_queue"],
+                                   "--table", names["table"], *args, env=aws_env)
+
+        @staticmethod
+        def worker(*args: str) -> subprocess.Popen:
+            proc = subprocess.Popen(
+                [sys.executable, str(ROOT / "worker.py"), "--request-queue", names["request_queue"],
+                 "--table", names["table"], *args],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, **aws_env})
+            workers.append(proc)
+            return proc
+
+    yield Remote
+    for proc in workers:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stderr.close()

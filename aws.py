@@ -1,0 +1,160 @@
+"""AWS plumbing shared by the scheduler's SQS backend and the remote workers.
+
+Owns the boto3 clients (with retries), the one place where boto errors become
+BackendError, creating or reusing the queues and the claim table, and packing
+messages into SQS batches.  What the messages mean is sqsbackend.py's and
+worker.py's business.
+
+AWS behaviour relied on:
+  - boto3 finds credentials, region and endpoint by its standard chain
+    (``AWS_REGION``/``AWS_DEFAULT_REGION``, profiles, ``AWS_ENDPOINT_URL``); there is
+    no emulator switch here.
+  - An SQS message body is at most 262,144 bytes (256 KiB: the classic limit, still
+    the default of queues created elsewhere), and so is a whole SendMessageBatch;
+    a batch holds at most 10 entries, as do ReceiveMessage and DeleteMessageBatch.
+  - A received message stays invisible for the queue's visibility timeout, which
+    ChangeMessageVisibility extends; a message not deleted in time is delivered
+    again (SQS delivers at least once, so duplicates happen anyway).
+  - DynamoDB conditional writes are atomic: of two workers claiming one bundle, one wins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import botocore.exceptions
+from botocore.config import Config
+
+from errors import BackendError
+
+log = logging.getLogger("cloudkon.aws")
+
+MAX_SQS_MESSAGE_BYTES = 262_144
+SQS_MAX_BATCH = 10
+# The longest long poll SQS allows.
+SQS_MAX_WAIT_SECONDS = 20
+
+DEFAULT_REQUEST_QUEUE = "cloudkon-requests"
+DEFAULT_CLAIM_TABLE = "cloudkon-claims"
+DEFAULT_VISIBILITY_TIMEOUT = 60
+
+_RETRIES = Config(retries={"max_attempts": 8, "mode": "standard"}, max_pool_connections=32)
+
+
+@contextlib.contextmanager
+def aws_errors(action: str) -> Iterator[None]:
+    """Turn any boto error raised inside into a BackendError saying what failed."""
+    try:
+        yield
+    except botocore.exceptions.NoCredentialsError:
+        raise BackendError(f"{action}: no AWS credentials found (set AWS_PROFILE, or "
+                           "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or use an instance role)") from None
+    except botocore.exceptions.NoRegionError:
+        raise BackendError(f"{action}: no AWS region set (set AWS_REGION or AWS_DEFAULT_REGION)") from None
+    except botocore.exceptions.ClientError as exc:
+        error = exc.response.get("Error", {})
+        raise BackendError(f"{action}: {error.get('Code', 'error')}: {error.get('Message', exc)}") from exc
+    except botocore.exceptions.BotoCoreError as exc:
+        raise BackendError(f"{action}: {exc}") from exc
+
+
+def error_code(exc: BaseException) -> str | None:
+    """The AWS error code behind a BackendError (or ClientError), if any."""
+    cause = exc.__cause__ if isinstance(exc, BackendError) else exc
+    if isinstance(cause, botocore.exceptions.ClientError):
+        return cause.response.get("Error", {}).get("Code")
+    return None
+
+
+def clients() -> tuple[Any, Any]:
+    """(sqs, dynamodb) clients from boto3's standard configuration."""
+    with aws_errors("creating AWS clients"):
+        # boto3 reads AWS_DEFAULT_REGION; other AWS SDKs and the console's docs use AWS_REGION.
+        session = boto3.session.Session(region_name=os.environ.get("AWS_REGION") or None)
+        return session.client("sqs", config=_RETRIES), session.client("dynamodb", config=_RETRIES)
+
+
+def ensure_queue(sqs: Any, name: str, visibility_timeout: int = DEFAULT_VISIBILITY_TIMEOUT) -> str:
+    """The URL of queue ``name``, created if missing (an existing queue keeps its settings)."""
+    with aws_errors(f"finding queue {name}"):
+        try:
+            return sqs.get_queue_url(QueueName=name)["QueueUrl"]
+        except botocore.exceptions.ClientError as exc:
+            if "NonExistentQueue" not in str(exc.response.get("Error", {}).get("Code")):
+                raise
+        log.info("creating queue %s", name)
+        return sqs.create_queue(QueueName=name, Attributes={
+            "VisibilityTimeout": str(visibility_timeout),
+            "MessageRetentionPeriod": str(4 * 24 * 3600),
+        })["QueueUrl"]
+
+
+def ensure_claim_table(dynamodb: Any, name: str) -> None:
+    """Create the claim table (key ``claim``, on-demand, items expiring by ``expires_at``) if missing."""
+    with aws_errors(f"finding table {name}"):
+        try:
+            dynamodb.describe_table(TableName=name)
+            return
+        except dynamodb.exceptions.ResourceNotFoundException:
+            pass
+        log.info("creating table %s", name)
+        try:
+            dynamodb.create_table(
+                TableName=name, BillingMode="PAY_PER_REQUEST",
+                AttributeDefinitions=[{"AttributeName": "claim", "AttributeType": "S"}],
+                KeySchema=[{"AttributeName": "claim", "KeyType": "HASH"}])
+        except dynamodb.exceptions.ResourceInUseException:
+            pass  # another scheduler or worker created it meanwhile
+        dynamodb.get_waiter("table_exists").wait(TableName=name)
+        dynamodb.update_time_to_live(TableName=name, TimeToLiveSpecification={
+            "Enabled": True, "AttributeName": "expires_at"})
+
+
+def send_messages(sqs: Any, queue_url: str, bodies: list[str]) -> None:
+    """Send message bodies (each already within MAX_SQS_MESSAGE_BYTES) in as few batches as fit."""
+    for batch in _batches(bodies):
+        entries = [{"Id": str(i), "MessageBody": body} for i, body in enumerate(batch)]
+        with aws_errors("sending to SQS"):
+            failed = sqs.send_message_batch(QueueUrl=queue_url, Entries=entries).get("Failed", [])
+            if failed:  # throttled or internal errors: once more, only those
+                retry = [entries[int(f["Id"])] for f in failed]
+                failed = sqs.send_message_batch(QueueUrl=queue_url, Entries=retry).get("Failed", [])
+        if failed:
+            raise BackendError(f"sending to SQS: {len(failed)} messages refused: {failed[0].get('Message')}")
+
+
+def _batches(bodies: list[str]) -> Iterator[list[str]]:
+    batch: list[str] = []
+    size = 0
+    for body in bodies:
+        if len(body) > MAX_SQS_MESSAGE_BYTES:
+            raise BackendError(f"an SQS message of {len(body)} bytes is over {MAX_SQS_MESSAGE_BYTES}")
+        if batch and (len(batch) == SQS_MAX_BATCH or size + len(body) > MAX_SQS_MESSAGE_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append(body)
+        size += len(body)
+    if batch:
+        yield batch
+
+
+def receive_messages(sqs: Any, queue_url: str, max_messages: int, wait_seconds: int) -> list[dict]:
+    with aws_errors("receiving from SQS"):
+        return sqs.receive_message(
+            QueueUrl=queue_url, MaxNumberOfMessages=max(1, min(max_messages, SQS_MAX_BATCH)),
+            WaitTimeSeconds=max(0, min(wait_seconds, SQS_MAX_WAIT_SECONDS))).get("Messages", [])
+
+
+def delete_messages(sqs: Any, queue_url: str, receipt_handles: list[str]) -> None:
+    for start in range(0, len(receipt_handles), SQS_MAX_BATCH):
+        entries = [{"Id": str(i), "ReceiptHandle": handle}
+                   for i, handle in enumerate(receipt_handles[start:start + SQS_MAX_BATCH])]
+        with aws_errors("deleting from SQS"):
+            failed = sqs.delete_message_batch(QueueUrl=queue_url, Entries=entries).get("Failed", [])
+        for failure in failed:  # a stale receipt: the message comes back and is skipped as done
+            log.warning("could not delete a message: %s", failure.get("Message"))

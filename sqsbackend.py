@@ -1,0 +1,193 @@
+"""SQSBackend: bundles go to remote workers through Amazon SQS.
+
+Owns the scheduler's side of remote mode and the shape of its messages::
+
+    submit(bundle) -> sender thread -> request queue (shared by every scheduler and worker)
+                                           |  worker.py: claim in DynamoDB, run, report
+    receive() <- long poll <- response queue (one per scheduler) <-+
+
+A request message is a protocol ``bundle`` plus ``reply_to`` (the response queue's
+URL); a response message is a protocol ``results`` with its ``bundle``.  Both are
+kept within MAX_SQS_MESSAGE_BYTES here, whatever the emulator accepts: a bundle that
+encodes too large is split, a result whose output alone is too large is trimmed.
+Response messages are deleted once the results are handed to the scheduler.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import secrets
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import aws
+import protocol
+from aws import MAX_SQS_MESSAGE_BYTES, aws_errors
+from backend import Backend
+from errors import BackendError, FrameTooLarge, MalformedMessage
+from tasks import Bundle, ResultBatch, failed_batch
+
+log = logging.getLogger("cloudkon.sqs")
+
+DEFAULT_IN_FLIGHT = 32
+_TRIMMED = "\n[cloudkon: output trimmed to fit an SQS message]"
+
+
+def request_body(bundle: Bundle, reply_to: str) -> str:
+    return protocol.encode_body({**protocol.bundle_message(bundle), "reply_to": reply_to}).decode("ascii")
+
+
+def _fits(encode: Callable[[], str], limit: int) -> str | None:
+    """The encoded body if it is within ``limit`` bytes, else None."""
+    try:
+        body = encode()
+    except FrameTooLarge:
+        return None
+    return body if len(body) <= limit else None
+
+
+def parse_request(body: str) -> tuple[Bundle, str]:
+    """(bundle, response queue URL) of a request message; MalformedMessage if it is not one."""
+    message = protocol.decode(body.encode("utf-8"))
+    if message["type"] != "bundle" or not isinstance(message.get("reply_to"), str):
+        raise MalformedMessage("a request message is a bundle with a reply_to", body.encode()[:200])
+    return protocol.bundle_from_message(message), message["reply_to"]
+
+
+def request_bodies(bundle: Bundle, reply_to: str,
+                   limit: int = MAX_SQS_MESSAGE_BYTES) -> tuple[list[str], list[Bundle]]:
+    """Message bodies carrying ``bundle`` (split in halves until each fits), and any
+    single-task bundles too large for one message."""
+    body = _fits(lambda: request_body(bundle, reply_to), limit)
+    if body is not None:
+        return [body], []
+    if len(bundle.ids) == 1:
+        return [], [bundle]
+    half = len(bundle.ids) // 2
+    bodies, too_large = [], []
+    for part in (slice(0, half), slice(half, None)):
+        more, rejected = request_bodies(Bundle(bundle.job, bundle.bundle, bundle.ids[part],
+                                               bundle.commands[part], bundle.timeout), reply_to, limit)
+        bodies += more
+        too_large += rejected
+    return bodies, too_large
+
+
+def response_bodies(batch: ResultBatch, limit: int = MAX_SQS_MESSAGE_BYTES) -> list[str]:
+    """Message bodies carrying ``batch``, split in halves until each fits; an output too
+    large to fit even alone is trimmed (and says so)."""
+    body = _fits(lambda: protocol.encode_body(protocol.results_message(batch)).decode("ascii"), limit)
+    if body is not None:
+        return [body]
+    if len(batch.ids) == 1:
+        output = batch.outputs[0]
+        size = len(protocol.encode_body(protocol.results_message(batch)))
+        keep = max(0, len(output) * limit // size - len(_TRIMMED) - 1024)
+        return response_bodies(ResultBatch(batch.job, batch.bundle, batch.ids, batch.exit_codes,
+                                           [output[:keep] + _TRIMMED], batch.elapsed_us, batch.errors), limit)
+    half = len(batch.ids) // 2
+    return (response_bodies(batch.select(list(range(half))), limit)
+            + response_bodies(batch.select(list(range(half, len(batch.ids)))), limit))
+
+
+class SQSBackend(Backend):
+    """Queues bundles on SQS for remote workers and collects their results."""
+
+    name = "sqs"
+    # A bundle costs about four API calls and tens of milliseconds on SQS.
+    target_bundle_seconds = 1.0
+
+    def __init__(self, request_queue: str = aws.DEFAULT_REQUEST_QUEUE, response_queue: str | None = None,
+                 claim_table: str = aws.DEFAULT_CLAIM_TABLE, in_flight: int = DEFAULT_IN_FLIGHT,
+                 visibility_timeout: int = aws.DEFAULT_VISIBILITY_TIMEOUT) -> None:
+        self._sqs, dynamodb = aws.clients()
+        self._in_flight = in_flight
+        self._request_url = aws.ensure_queue(self._sqs, request_queue, visibility_timeout)
+        self._owns_response_queue = response_queue is None
+        self._response_url = aws.ensure_queue(
+            self._sqs, response_queue or f"cloudkon-responses-{secrets.token_hex(6)}", visibility_timeout)
+        aws.ensure_claim_table(dynamodb, claim_table)
+        self._outbox: queue.SimpleQueue[Bundle | None] = queue.SimpleQueue()
+        self._undeliverable: queue.SimpleQueue[ResultBatch] = queue.SimpleQueue()
+        self._sender = threading.Thread(target=self._send_loop, name="cloudkon-sqs-send", daemon=True)
+        self._sender.start()
+        log.info("requests on %s, results on %s", self._request_url, self._response_url)
+
+    def workers(self) -> int:
+        return self._in_flight
+
+    def capacity(self) -> int:
+        return self._in_flight
+
+    def submit(self, bundle: Bundle) -> None:
+        self._outbox.put(bundle)
+
+    def backlog(self) -> int:
+        with aws_errors("reading the request queue's size"):
+            attributes = self._sqs.get_queue_attributes(
+                QueueUrl=self._request_url, AttributeNames=["ApproximateNumberOfMessages"])
+        return int(attributes["Attributes"]["ApproximateNumberOfMessages"]) + self._outbox.qsize()
+
+    def receive(self, timeout: float) -> list[ResultBatch]:
+        results = _drain(self._undeliverable)
+        messages = aws.receive_messages(self._sqs, self._response_url, aws.SQS_MAX_BATCH,
+                                        0 if results else int(timeout))
+        for message in messages:
+            try:
+                results.append(protocol.results_from_message(protocol.decode(message["Body"].encode())))
+            except MalformedMessage as exc:
+                log.error("dropping a malformed message on the response queue: %s", exc)
+        aws.delete_messages(self._sqs, self._response_url, [m["ReceiptHandle"] for m in messages])
+        return results
+
+    def close(self, wait: bool = True) -> None:
+        self._outbox.put(None)
+        self._sender.join(30 if wait else 5)
+        if self._owns_response_queue:
+            try:
+                with aws_errors("deleting the response queue"):
+                    self._sqs.delete_queue(QueueUrl=self._response_url)
+            except BackendError as exc:
+                log.warning("%s", exc)
+
+    def _send_loop(self) -> None:
+        """Send what is submitted, ten bundles to a call when that many are waiting."""
+        while (bundle := self._outbox.get()) is not None:
+            waiting = [bundle, *_drain(self._outbox, until_none=True)]
+            stop = waiting[-1] is None
+            self._send([b for b in waiting if b is not None], self._fail_later)
+            if stop:
+                return
+
+    def _send(self, bundles: list[Bundle], fail: Callable[[ResultBatch], None]) -> None:
+        bodies: list[str] = []
+        for bundle in bundles:
+            fitting, too_large = request_bodies(bundle, self._response_url)
+            bodies += fitting
+            for alone in too_large:
+                fail(failed_batch(alone.job, alone.bundle, alone.ids,
+                                  f"task too large for an SQS message ({MAX_SQS_MESSAGE_BYTES} bytes)"))
+        try:
+            aws.send_messages(self._sqs, self._request_url, bodies)
+        except BackendError as exc:
+            log.error("%s", exc)
+            for bundle in bundles:
+                fail(failed_batch(bundle.job, bundle.bundle, bundle.ids, f"could not queue the task: {exc}"))
+
+    def _fail_later(self, batch: ResultBatch) -> None:
+        self._undeliverable.put(batch)
+
+
+def _drain(source: queue.SimpleQueue, until_none: bool = False) -> list[Any]:
+    """Everything waiting in ``source`` now (up to and including a None, if ``until_none``)."""
+    items = []
+    while True:
+        try:
+            item = source.get_nowait()
+        except queue.Empty:
+            return items
+        items.append(item)
+        if item is None and until_none:
+            return items

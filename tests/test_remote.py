@@ -1,0 +1,129 @@
+"""Remote mode on the AWS emulator: scheduler --remote, real worker.py processes, a client."""
+
+import json
+import os
+import signal
+import time
+
+import boto3
+from conftest import read_results, run_client, start_client, wait_until
+
+import protocol
+from aws import MAX_SQS_MESSAGE_BYTES
+from sqsbackend import request_bodies, request_body, response_bodies
+from tasks import OUTPUT_CAP_BYTES, Bundle, ResultBatch
+
+MIXED = ["sleep 0", "sleep 30", "echo hello", "exit 4", "printf 'a\\nb'", "echo err >&2",
+         "head -c 100000 /dev/urandom"]
+
+
+def test_remote_run_matches_local_semantics(remote, workload, tmp_path):
+    sched = remote.scheduler()
+    remote.worker("-t", "2")
+    remote.worker("-t", "2")
+    tasks = MIXED * 30
+    out = tmp_path / "r.jsonl"
+    done = run_client("-s", sched.address, "-w", workload(tasks), "-o", str(out))
+    assert done.returncode == 1, done.stderr  # 'exit 4' fails
+    rows = read_results(out)
+    assert [r["id"] for r in rows] == list(range(len(tasks)))
+    assert [r["exit_code"] for r in rows] == [0, 0, 0, 4, 0, 0, 0] * 30
+    assert [r["output"] for r in rows[:6]] == ["", "", "hello\n", "", "a\nb", "err\n"]
+    binary = rows[6]["output"]  # 64 KiB kept, escaped to ~6x that: trimmed to fit an SQS message
+    assert "output trimmed to fit an SQS message" in binary or "more bytes not kept" in binary
+    assert f"{len(tasks)} tasks: {len(tasks) - 30} succeeded, 30 failed" in done.stderr
+
+
+def test_worker_killed_mid_task_its_bundle_runs_again(remote, workload, tmp_path):
+    sched = remote.scheduler("--visibility-timeout", "3")
+    starts = tmp_path / "starts"
+    first = remote.worker("-t", "1", "--visibility-timeout", "3")
+    out = tmp_path / "r.jsonl"
+    client = start_client("-s", sched.address, "-w", workload([f"echo x >> {starts}; sleep 1; echo done"]),
+                          "-o", str(out))
+    wait_until(lambda: starts.exists())
+    first.send_signal(signal.SIGKILL)
+    remote.worker("-t", "1", "--visibility-timeout", "3")
+    assert client.wait(60) == 0, client.stderr.read()
+    assert [r["output"] for r in read_results(out)] == ["done\n"]
+    assert starts.read_text() == "x\nx\n"  # started twice, reported once
+    client.stdout.close()
+    client.stderr.close()
+
+
+def test_duplicate_delivery_runs_the_bundle_once(remote, tmp_path):
+    sqs = boto3.client("sqs", endpoint_url=remote.env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                       aws_access_key_id="testing", aws_secret_access_key="testing")
+    request_url = sqs.create_queue(QueueName=remote.request_queue)["QueueUrl"]
+    reply_url = sqs.create_queue(QueueName=remote.request_queue + "-replies")["QueueUrl"]
+    ran = tmp_path / "ran"
+    body = request_body(Bundle("job1", 0, [0], [f"echo once >> {ran}; sleep 0.5"]), reply_url)
+    for _ in range(2):  # SQS delivering one message twice, as it may
+        sqs.send_message(QueueUrl=request_url, MessageBody=body)
+    remote.worker("-t", "1", "--visibility-timeout", "3")
+    remote.worker("-t", "1", "--visibility-timeout", "3")
+
+    def drained():
+        counts = sqs.get_queue_attributes(QueueUrl=request_url, AttributeNames=["All"])["Attributes"]
+        return counts["ApproximateNumberOfMessages"] == counts["ApproximateNumberOfMessagesNotVisible"] == "0"
+
+    wait_until(drained, timeout=60)
+    replies = sqs.receive_message(QueueUrl=reply_url, MaxNumberOfMessages=10, WaitTimeSeconds=1)
+    replies = replies.get("Messages", [])
+    assert ran.read_text() == "once\n"
+    assert [json.loads(m["Body"])["ids"] for m in replies] == [[0]]
+
+
+def test_bundles_and_results_never_exceed_the_sqs_limit():
+    url = "https://sqs.us-east-1.amazonaws.com/123456789012/cloudkon-responses-0123456789ab"
+    for size in (1, 1000, 50_000, 127_000, 131_071):
+        for char in ("a", "\u00e9", "\x01", '"'):
+            commands = [char * size] * 40
+            bodies, too_large = request_bodies(Bundle("j" * 16, 123456, list(range(40)), commands, 30.0), url)
+            assert all(len(b.encode()) <= MAX_SQS_MESSAGE_BYTES for b in bodies)
+            sent = sum(len(protocol.decode(b.encode())["ids"]) for b in bodies)
+            assert sent + sum(len(b.ids) for b in too_large) == 40
+    for char in ("a", "\ufffd", "\x01", "\\"):
+        output = char * OUTPUT_CAP_BYTES + "\n[cloudkon: output truncated, 99 more bytes not kept]"
+        batch = ResultBatch("j" * 16, 9, list(range(50)), [0] * 50, [output] * 50, [123456] * 50, [None] * 50)
+        bodies = response_bodies(batch)
+        assert all(len(b.encode()) <= MAX_SQS_MESSAGE_BYTES for b in bodies)
+        assert sorted(i for b in bodies for i in json.loads(b)["ids"]) == list(range(50))
+
+
+def test_idle_worker_exits_on_its_own(remote):
+    worker = remote.worker("-t", "1", "--idle-timeout", "2")
+    start = time.monotonic()
+    assert worker.wait(60) == 0
+    assert 2 <= time.monotonic() - start < 30
+
+
+def test_worker_sigterm_finishes_held_bundle(remote, workload, tmp_path):
+    sched = remote.scheduler()
+    worker = remote.worker("-t", "1")
+    started = tmp_path / "started"
+    out = tmp_path / "r.jsonl"
+    client = start_client("-s", sched.address, "-w", workload([f"touch {started}; sleep 1; echo finished"]),
+                          "-o", str(out))
+    wait_until(lambda: started.exists())
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(30) == 0
+    assert client.wait(30) == 0
+    assert read_results(out)[0]["output"] == "finished\n"
+    client.stdout.close()
+    client.stderr.close()
+
+
+def test_missing_credentials_is_a_clear_error(aws_env):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_REGION="us-east-1", AWS_ENDPOINT_URL=aws_env["AWS_ENDPOINT_URL"],
+               AWS_CONFIG_FILE="/dev/null", AWS_SHARED_CREDENTIALS_FILE="/dev/null",
+               AWS_EC2_METADATA_DISABLED="true")
+    done = subprocess.run([sys.executable, str(ROOT / "worker.py")], capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert done.returncode == 2 and "no AWS credentials found" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -1,0 +1,276 @@
+"""The remote worker: take bundles from SQS, run them, send back their results.
+
+Owns what runs on each worker machine (an EC2 instance, or any host with AWS access):
+the receive/claim/run/report/delete loop, the claim of each bundle in DynamoDB, the
+extension of visibility and lease while a bundle runs, and the idle exit.
+
+For each request message, in ``-t`` threads:
+  1. claim ``job:bundle`` in DynamoDB with a conditional write.  The claim is a lease
+     as long as the visibility timeout, renewed while the bundle runs; a bundle
+     already ``done`` is a duplicate delivery (deleted unrun), one leased to a live
+     worker is left alone (it comes back when the lease is over);
+  2. run its tasks (tasks.run_task, exactly as local workers do);
+  3. send the results to the message's ``reply_to`` queue;
+  4. mark the claim ``done``, then delete the message.
+A worker that dies mid-bundle stops renewing: its message reappears after the
+visibility timeout, its lease has run out, and another worker runs the bundle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from typing import Any
+
+import aws
+from errors import BackendError, CloudKonError, MalformedMessage
+from sqsbackend import parse_request, response_bodies
+from tasks import Bundle, kill_running_tasks, reduce_timer_slack, run_bundle
+
+log = logging.getLogger("cloudkon.worker")
+
+# Receives that fail in a row (after boto's own retries) before the worker gives up.
+MAX_RECEIVE_FAILURES = 10
+RECEIVE_BACKOFF_SECONDS = 5.0
+
+# A duplicate of a bundle another worker runs comes back this often (at most) to see
+# whether it is done yet, so that it is deleted soon after.
+DUPLICATE_RECHECK_SECONDS = 10
+
+# Claims outlive their bundle long enough to recognise a late duplicate delivery;
+# DynamoDB's TTL deletes them after that.
+CLAIM_RETENTION_SECONDS = 4 * 24 * 3600
+
+
+class Claims:
+    """Leases on bundles in the DynamoDB claim table, so each bundle runs once."""
+
+    def __init__(self, dynamodb: Any, table: str, owner: str, lease_seconds: int) -> None:
+        self._dynamodb = dynamodb
+        self._table = table
+        self._owner = owner
+        self._lease = lease_seconds
+
+    def claim(self, key: str) -> str:
+        """'won' if this worker now holds ``key``; else 'done', or 'held:SECONDS' left on another's lease."""
+        now = time.time()
+        try:
+            with aws.aws_errors("claiming a bundle"):
+                self._dynamodb.put_item(
+                    TableName=self._table,
+                    Item={"claim": {"S": key}, "owner": {"S": self._owner}, "state": {"S": "running"},
+                          "lease_until": {"N": f"{now + self._lease:.3f}"},
+                          "expires_at": {"N": str(int(now + CLAIM_RETENTION_SECONDS))}},
+                    ConditionExpression="attribute_not_exists(claim) OR "
+                                        "(#state = :running AND lease_until < :now)",
+                    ExpressionAttributeNames={"#state": "state"},
+                    ExpressionAttributeValues={":running": {"S": "running"}, ":now": {"N": f"{now:.3f}"}})
+            return "won"
+        except BackendError as exc:
+            if aws.error_code(exc) != "ConditionalCheckFailedException":
+                raise
+        with aws.aws_errors("reading a claim"):
+            item = self._dynamodb.get_item(TableName=self._table, Key={"claim": {"S": key}},
+                                           ConsistentRead=True).get("Item", {})
+        if item.get("state", {}).get("S") == "done":
+            return "done"
+        return f"held:{max(1, int(float(item.get('lease_until', {}).get('N', now)) - now) + 1)}"
+
+    def renew(self, key: str) -> None:
+        with aws.aws_errors("renewing a claim"):
+            self._dynamodb.update_item(
+                TableName=self._table, Key={"claim": {"S": key}},
+                UpdateExpression="SET lease_until = :until", ConditionExpression="#owner = :me",
+                ExpressionAttributeNames={"#owner": "owner"},
+                ExpressionAttributeValues={":until": {"N": f"{time.time() + self._lease:.3f}"},
+                                           ":me": {"S": self._owner}})
+
+    def finish(self, key: str) -> None:
+        with aws.aws_errors("marking a bundle done"):
+            self._dynamodb.update_item(
+                TableName=self._table, Key={"claim": {"S": key}}, UpdateExpression="SET #state = :done",
+                ExpressionAttributeNames={"#state": "state"},
+                ExpressionAttributeValues={":done": {"S": "done"}})
+
+
+class Worker:
+    """Runs bundles from the request queue in ``threads`` threads until stopped or idle."""
+
+    def __init__(self, request_queue: str, claim_table: str, threads: int, idle_timeout: float | None,
+                 visibility_timeout: int) -> None:
+        self.sqs, dynamodb = aws.clients()
+        self.request_url = aws.ensure_queue(self.sqs, request_queue, visibility_timeout)
+        aws.ensure_claim_table(dynamodb, claim_table)
+        self.identity = f"{socket.gethostname()}:{os.getpid()}"
+        self.claims = Claims(dynamodb, claim_table, self.identity, visibility_timeout)
+        self.threads = threads
+        self.idle_timeout = idle_timeout
+        self.visibility_timeout = visibility_timeout
+        self.stopping = threading.Event()
+        self._held: dict[str, tuple[str, str]] = {}  # message id -> (receipt handle, claim key)
+        self._lock = threading.Lock()
+        self._last_work = time.monotonic()
+
+    def run(self) -> None:
+        """Receive and run bundles until a stop is requested or the worker has been idle too long."""
+        log.info("worker %s: %d threads on %s", self.identity, self.threads, self.request_url)
+        threading.Thread(target=self._keep_leases, name="cloudkon-leases", daemon=True).start()
+        failures = 0
+        with concurrent.futures.ThreadPoolExecutor(self.threads) as pool:
+            while not self.stopping.is_set():
+                free = self.threads - len(self._held)
+                if free <= 0:
+                    time.sleep(0.05)
+                    continue
+                idle_left = self._idle_left()
+                if idle_left is not None and idle_left <= 0:
+                    log.info("idle for %g s: exiting", self.idle_timeout)
+                    break
+                wait = aws.SQS_MAX_WAIT_SECONDS
+                if idle_left is not None:
+                    wait = min(wait, int(idle_left) + 1)
+                try:
+                    messages = aws.receive_messages(self.sqs, self.request_url, free, wait)
+                    failures = 0
+                except BackendError as exc:
+                    failures += 1
+                    if failures >= MAX_RECEIVE_FAILURES:
+                        raise
+                    log.warning("%s (retrying in %g s)", exc, RECEIVE_BACKOFF_SECONDS)
+                    self.stopping.wait(RECEIVE_BACKOFF_SECONDS)
+                    continue
+                for message in messages:
+                    with self._lock:
+                        self._held[message["MessageId"]] = (message["ReceiptHandle"], "")
+                    pool.submit(self._handle, message)
+
+    def _idle_left(self) -> float | None:
+        if self.idle_timeout is None or self._held:
+            return None
+        return self._last_work + self.idle_timeout - time.monotonic()
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        """Claim, run, report, delete one request message (never raises: a failure is logged)."""
+        receipt = message["ReceiptHandle"]
+        try:
+            try:
+                bundle, reply_to = parse_request(message["Body"])
+            except MalformedMessage as exc:
+                log.error("deleting a malformed request message: %s", exc)
+                aws.delete_messages(self.sqs, self.request_url, [receipt])
+                return
+            key = f"{bundle.job}:{bundle.bundle}"
+            claim = self.claims.claim(key)
+            if claim == "done":
+                aws.delete_messages(self.sqs, self.request_url, [receipt])
+            elif claim.startswith("held:"):  # look again once it is done or its lease is over
+                defer = min(int(claim[5:]), DUPLICATE_RECHECK_SECONDS)
+                with aws.aws_errors("deferring a bundle"):
+                    self.sqs.change_message_visibility(QueueUrl=self.request_url, ReceiptHandle=receipt,
+                                                       VisibilityTimeout=defer)
+            else:
+                with self._lock:
+                    self._held[message["MessageId"]] = (receipt, key)
+                self._report(bundle, reply_to)
+                self.claims.finish(key)
+                aws.delete_messages(self.sqs, self.request_url, [receipt])
+        except CloudKonError as exc:
+            log.error("bundle left for redelivery: %s", exc)
+        except Exception:  # a worker thread must never die silently with a message in hand
+            log.exception("bundle left for redelivery after an unexpected error")
+        finally:
+            with self._lock:
+                self._held.pop(message["MessageId"], None)
+            self._last_work = time.monotonic()
+
+    def _report(self, bundle: Bundle, reply_to: str) -> None:
+        """Run the bundle and send its results, as few messages as fit."""
+        bodies = [body for batch in run_bundle(bundle) for body in response_bodies(batch)]
+        try:
+            aws.send_messages(self.sqs, reply_to, bodies)
+        except BackendError as exc:
+            if aws.error_code(exc) != "AWS.SimpleQueueService.NonExistentQueue":
+                raise
+            log.warning("job %s: its scheduler's queue is gone; results dropped", bundle.job)
+
+    def _keep_leases(self) -> None:
+        """Extend visibility and lease of every running bundle, a third of the timeout ahead."""
+        while not self.stopping.wait(self.visibility_timeout / 3):
+            with self._lock:
+                running = [(receipt, key) for receipt, key in self._held.values() if key]
+            for receipt, key in running:
+                try:
+                    with aws.aws_errors("extending visibility"):
+                        self.sqs.change_message_visibility(QueueUrl=self.request_url, ReceiptHandle=receipt,
+                                                           VisibilityTimeout=self.visibility_timeout)
+                    self.claims.renew(key)
+                except BackendError as exc:
+                    log.warning("bundle %s: %s", key, exc)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="worker.py", description="Run CloudKon bundles from an SQS request queue (remote mode).",
+        epilog="AWS credentials, region and endpoint come from boto3's standard settings. SIGINT/SIGTERM: "
+               "take no new bundle, finish and report the ones held, exit 0; a second one kills the "
+               "running tasks and exits (SQS redelivers what was held).")
+    parser.add_argument("-t", "--threads", type=int, default=4, help="bundles run at once (default: 4)")
+    parser.add_argument("--request-queue", default=aws.DEFAULT_REQUEST_QUEUE,
+                        help=f"SQS queue to take bundles from (default: {aws.DEFAULT_REQUEST_QUEUE})")
+    parser.add_argument("--table", default=aws.DEFAULT_CLAIM_TABLE,
+                        help=f"DynamoDB claim table (default: {aws.DEFAULT_CLAIM_TABLE})")
+    parser.add_argument("--idle-timeout", type=float, metavar="SECONDS",
+                        help="exit after this long without work (default: never)")
+    parser.add_argument("--visibility-timeout", type=int, default=aws.DEFAULT_VISIBILITY_TIMEOUT,
+                        metavar="SECONDS", help="lease on a bundle, renewed while it runs; a dead "
+                        f"worker's bundles run again after it (default: {aws.DEFAULT_VISIBILITY_TIMEOUT})")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error("--threads needs at least 1")
+    if args.visibility_timeout < 3:
+        parser.error("--visibility-timeout must be at least 3 seconds")
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s worker %(levelname)s %(message)s", stream=sys.stderr)
+    logging.getLogger("botocore").setLevel(logging.WARNING)  # its INFO lines are noise here
+    reduce_timer_slack()
+    try:
+        worker = Worker(args.request_queue, args.table, args.threads, args.idle_timeout,
+                        args.visibility_timeout)
+    except CloudKonError as exc:
+        print(f"worker.py: error: {exc}", file=sys.stderr)
+        return 2
+
+    def on_signal(signum: int, frame: object) -> None:
+        # First signal: only set a flag (the loop stops taking bundles and finishes those held).
+        if not worker.stopping.is_set():
+            log.info("stopping: finishing the bundles held (signal again to stop now)")
+            worker.stopping.set()
+        else:
+            kill_running_tasks()
+            os._exit(1)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        worker.run()
+    except CloudKonError as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
