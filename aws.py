@@ -20,9 +20,11 @@ AWS behaviour relied on:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,6 +44,9 @@ SQS_MAX_WAIT_SECONDS = 20
 DEFAULT_REQUEST_QUEUE = "cloudkon-requests"
 DEFAULT_CLAIM_TABLE = "cloudkon-claims"
 DEFAULT_VISIBILITY_TIMEOUT = 60
+
+_calls: collections.Counter[str] = collections.Counter()
+_calls_lock = threading.Lock()
 
 _RETRIES = Config(retries={"max_attempts": 8, "mode": "standard"}, max_pool_connections=32)
 
@@ -76,7 +81,21 @@ def clients() -> tuple[Any, Any]:
     with aws_errors("creating AWS clients"):
         # boto3 reads AWS_DEFAULT_REGION; other AWS SDKs and the console's docs use AWS_REGION.
         session = boto3.session.Session(region_name=os.environ.get("AWS_REGION") or None)
+        session.events.register("before-call", _count_call)
         return session.client("sqs", config=_RETRIES), session.client("dynamodb", config=_RETRIES)
+
+
+def _count_call(model: Any, **_: Any) -> None:
+    with _calls_lock:
+        _calls[f"{model.service_model.service_name}.{model.name}"] += 1
+
+
+def log_api_calls() -> None:
+    """Log how many AWS API calls this process made, by operation (what remote mode costs)."""
+    with _calls_lock:
+        counts = dict(_calls)
+    detail = ", ".join(f"{name} {n}" for name, n in sorted(counts.items()))
+    log.info("AWS API calls: %d (%s)", sum(counts.values()), detail or "none")
 
 
 def ensure_queue(sqs: Any, name: str, visibility_timeout: int = DEFAULT_VISIBILITY_TIMEOUT) -> str:

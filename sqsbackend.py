@@ -151,6 +151,7 @@ class SQSBackend(Backend):
                     self._sqs.delete_queue(QueueUrl=self._response_url)
             except BackendError as exc:
                 log.warning("%s", exc)
+        aws.log_api_calls()
 
     def _send_loop(self) -> None:
         """Send what is submitted, ten bundles to a call when that many are waiting."""

@@ -269,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     except CloudKonError as exc:
         log.error("%s", exc)
         return 1
+    finally:
+        aws.log_api_calls()
     return 0
 
 

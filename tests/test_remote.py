@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import time
 
@@ -127,3 +128,29 @@ def test_missing_credentials_is_a_clear_error(aws_env):
                           env=env, timeout=60)
     assert done.returncode == 2 and "no AWS credentials found" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def _operations(log: str) -> set[str]:
+    """IAM actions for the operations in a process's 'AWS API calls' log line.
+
+    SQS authorises its batch operations (SendMessageBatch...) by the single action.
+    """
+    line = re.search(r"AWS API calls: \d+ \((.*)\)", log)[1]
+    return {re.sub(r"^(sqs:.*)Batch$", r"\1", item.split()[0].replace(".", ":")) for item in line.split(", ")}
+
+
+def _allowed(policy: str) -> set[str]:
+    from conftest import ROOT
+    document = json.loads((ROOT / "iam" / f"{policy}-policy.json").read_text())
+    return {action for statement in document["Statement"] for action in statement["Action"]}
+
+
+def test_least_privilege_policies_cover_every_call_made(remote, workload):
+    sched = remote.scheduler()
+    worker = remote.worker("-t", "2")
+    assert run_client("-s", sched.address, "-w", workload(["echo a", "sleep 5"] * 20)).returncode == 0
+    worker.send_signal(signal.SIGTERM)
+    _, worker_log = worker.communicate(timeout=60)
+    sched.stop()
+    assert _operations(worker_log) <= _allowed("worker")  # the scheduler created queue and table
+    assert _operations(sched.proc.stderr.read()) <= _allowed("scheduler")
