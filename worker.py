@@ -49,6 +49,13 @@ DUPLICATE_RECHECK_SECONDS = 10
 CLAIM_RETENTION_SECONDS = 4 * 24 * 3600
 
 
+class _Stopping(BaseException):
+    """Raised in the main thread by the first stop signal, to leave a long poll early.
+
+    A BaseException, like KeyboardInterrupt, so that botocore's retries do not swallow it.
+    """
+
+
 class Claims:
     """Leases on bundles in the DynamoDB claim table, so each bundle runs once."""
 
@@ -254,18 +261,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     def on_signal(signum: int, frame: object) -> None:
-        # First signal: only set a flag (the loop stops taking bundles and finishes those held).
+        # First signal: set the flag and leave the (up to 20 s) long poll at once; the
+        # thread pool still finishes and reports the bundles held before run() returns.
         if not worker.stopping.is_set():
             log.info("stopping: finishing the bundles held (signal again to stop now)")
             worker.stopping.set()
-        else:
-            kill_running_tasks()
-            os._exit(1)
+            raise _Stopping
+        kill_running_tasks()
+        os._exit(1)
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
         worker.run()
+    except _Stopping:
+        pass
     except CloudKonError as exc:
         log.error("%s", exc)
         return 1
