@@ -42,6 +42,7 @@ SQS_MAX_BATCH = 10
 SQS_MAX_WAIT_SECONDS = 20
 
 DEFAULT_REQUEST_QUEUE = "cloudkon-requests"
+RESPONSE_QUEUE_PREFIX = "cloudkon-responses-"
 DEFAULT_CLAIM_TABLE = "cloudkon-claims"
 DEFAULT_VISIBILITY_TIMEOUT = 60
 
@@ -78,11 +79,16 @@ def error_code(exc: BaseException) -> str | None:
 
 def clients() -> tuple[Any, Any]:
     """(sqs, dynamodb) clients from boto3's standard configuration."""
-    with aws_errors("creating AWS clients"):
+    return client("sqs"), client("dynamodb")
+
+
+def client(service: str, region: str | None = None) -> Any:
+    """A boto3 client with retries and call counting, from boto3's standard configuration."""
+    with aws_errors(f"creating an AWS {service} client"):
         # boto3 reads AWS_DEFAULT_REGION; other AWS SDKs and the console's docs use AWS_REGION.
-        session = boto3.session.Session(region_name=os.environ.get("AWS_REGION") or None)
+        session = boto3.session.Session(region_name=region or os.environ.get("AWS_REGION") or None)
         session.events.register("before-call", _count_call)
-        return session.client("sqs", config=_RETRIES), session.client("dynamodb", config=_RETRIES)
+        return session.client(service, config=_RETRIES)
 
 
 def _count_call(model: Any, **_: Any) -> None:
@@ -114,7 +120,13 @@ def ensure_queue(sqs: Any, name: str, visibility_timeout: int = DEFAULT_VISIBILI
 
 
 def ensure_claim_table(dynamodb: Any, name: str) -> None:
-    """Create the claim table (key ``claim``, on-demand, items expiring by ``expires_at``) if missing."""
+    """The claim table: key ``claim``; items expire by ``expires_at``."""
+    ensure_table(dynamodb, name, [("claim", "HASH")], ttl_attribute="expires_at")
+
+
+def ensure_table(dynamodb: Any, name: str, keys: list[tuple[str, str]],
+                 ttl_attribute: str | None = None) -> None:
+    """Create an on-demand table with string ``keys`` [(attribute, HASH|RANGE)] if it is missing."""
     with aws_errors(f"finding table {name}"):
         try:
             dynamodb.describe_table(TableName=name)
@@ -125,13 +137,14 @@ def ensure_claim_table(dynamodb: Any, name: str) -> None:
         try:
             dynamodb.create_table(
                 TableName=name, BillingMode="PAY_PER_REQUEST",
-                AttributeDefinitions=[{"AttributeName": "claim", "AttributeType": "S"}],
-                KeySchema=[{"AttributeName": "claim", "KeyType": "HASH"}])
+                AttributeDefinitions=[{"AttributeName": key, "AttributeType": "S"} for key, _ in keys],
+                KeySchema=[{"AttributeName": key, "KeyType": kind} for key, kind in keys])
         except dynamodb.exceptions.ResourceInUseException:
             pass  # another scheduler or worker created it meanwhile
         dynamodb.get_waiter("table_exists").wait(TableName=name)
-        dynamodb.update_time_to_live(TableName=name, TimeToLiveSpecification={
-            "Enabled": True, "AttributeName": "expires_at"})
+        if ttl_attribute:
+            dynamodb.update_time_to_live(TableName=name, TimeToLiveSpecification={
+                "Enabled": True, "AttributeName": ttl_attribute})
 
 
 def send_messages(sqs: Any, queue_url: str, bodies: list[str]) -> None:

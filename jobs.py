@@ -105,6 +105,11 @@ class Dispatcher:
     def idle(self) -> bool:
         return not self._in_flight
 
+    @property
+    def bundles_in_flight(self) -> int:
+        """Bundles submitted to the backend whose results are not all in (safe to read from any thread)."""
+        return len(self._in_flight)
+
     def open_job(self, timeout: float | None = None) -> Job:
         job = Job(secrets.token_hex(8), timeout)
         self.jobs[job.id] = job

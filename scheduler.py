@@ -89,8 +89,11 @@ class Scheduler:
 
     def __init__(self, backend: Backend, token: str | None = None,
                  result_ttl: float = DEFAULT_RESULT_TTL_SECONDS,
-                 task_timeout: float | None = None, grace: float = DEFAULT_GRACE_SECONDS) -> None:
+                 task_timeout: float | None = None, grace: float = DEFAULT_GRACE_SECONDS,
+                 fleet: Any = None, scale_interval: float = 5.0) -> None:
         self.backend = backend
+        self.fleet = fleet  # provisioning.Fleet in remote mode with --provision
+        self._scale_interval = scale_interval
         self.dispatcher = Dispatcher(backend, self._on_results, self._on_finished)
         self._token = token
         self._result_ttl = result_ttl
@@ -121,6 +124,9 @@ class Scheduler:
         receiver = threading.Thread(target=self._receive_loop, args=(loop, stop_receiving),
                                     name="cloudkon-receive", daemon=True)
         receiver.start()
+        if self.fleet is not None:
+            threading.Thread(target=self._scale_loop, args=(stop_receiving,), name="cloudkon-scale",
+                             daemon=True).start()
         housekeeping = asyncio.create_task(self._housekeeping(parent_pid))
         await self._shutdown.wait()
         server.close()
@@ -172,6 +178,14 @@ class Scheduler:
                 return
             if batches:
                 loop.call_soon_threadsafe(self.dispatcher.handle_results, batches)
+
+    def _scale_loop(self, stop: threading.Event) -> None:
+        """Provisioning: every few seconds, size the fleet to the bundles in flight."""
+        while not stop.wait(self._scale_interval):
+            try:
+                self.fleet.scale(self.dispatcher.bundles_in_flight)
+            except BackendError as exc:
+                log.error("provisioning: %s", exc)
 
     def _on_backend_failure(self, exc: BackendError) -> None:
         log.error("backend failed: %s", exc)
@@ -394,6 +408,37 @@ def build_parser() -> argparse.ArgumentParser:
                         help="bundles kept queued or running on the workers (default: 32)")
     remote.add_argument("--visibility-timeout", type=int, metavar="SECONDS",
                         help="visibility timeout of queues this scheduler creates (default: 60)")
+    fleet = parser.add_argument_group("provisioning of EC2 workers (remote mode)")
+    fleet.add_argument("--provision", action="store_true",
+                       help="launch EC2 worker instances while bundles wait; they terminate when idle")
+    fleet.add_argument("--cleanup", action="store_true",
+                       help="terminate every instance of the fleet, delete its queues and tables, and exit")
+    fleet.add_argument("--ami", help="image made with ami_setup.sh (required with --provision)")
+    fleet.add_argument("--instance-type", default="t3.micro", help="(default: t3.micro)")
+    fleet.add_argument("--max-workers", type=int, default=16, metavar="N", help="(default: 16)")
+    fleet.add_argument("--key-name", help="EC2 key pair for the instances")
+    fleet.add_argument("--subnet", help="subnet to launch in")
+    fleet.add_argument("--security-group", action="append", default=[], metavar="ID",
+                       help="security group id (repeatable)")
+    fleet.add_argument("--instance-profile", metavar="NAME",
+                       help="IAM instance profile giving the workers iam/worker-policy.json")
+    fleet.add_argument("--worker-threads", type=int, default=4, metavar="N",
+                       help="bundles each worker runs at once (default: 4)")
+    fleet.add_argument("--worker-idle-timeout", type=float, default=300, metavar="SECONDS",
+                       help="an instance terminates itself after this long without work (default: 300)")
+    fleet.add_argument("--fleet", default="cloudkon",
+                       help="fleet name: a restarted scheduler adopts its fleet's instances "
+                            "(default: cloudkon)")
+    fleet.add_argument("--fleet-table", default="cloudkon-fleet",
+                       help="DynamoDB table registering the instances (default: cloudkon-fleet)")
+    fleet.add_argument("--heartbeat-seconds", type=float, default=5, help=argparse.SUPPRESS)
+    fleet.add_argument("--heartbeat-timeout", type=float, default=30, metavar="SECONDS",
+                       help="terminate an instance silent this long (default: 30)")
+    fleet.add_argument("--boot-timeout", type=float, default=300, metavar="SECONDS",
+                       help="terminate an instance that sent no heartbeat this long after launch "
+                            "(default: 300)")
+    fleet.add_argument("--scale-interval", type=float, default=5, metavar="SECONDS",
+                       help="how often to check the backlog and the fleet (default: 5)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT,
                         help=f"TCP port (default: {DEFAULT_PORT}; 0 picks a free one)")
@@ -429,6 +474,26 @@ def create_backend(args: argparse.Namespace) -> Backend:
     return LocalBackend(workers)
 
 
+def create_fleet(args: argparse.Namespace) -> Any:
+    """The provisioning.Fleet for --provision or --cleanup, else None."""
+    if not (args.provision or args.cleanup):
+        return None
+    if not args.remote:
+        raise ConfigError("--provision and --cleanup go with --remote")
+    if args.provision and not args.ami:
+        raise ConfigError("--provision needs --ami (an image made with ami_setup.sh)")
+    from provisioning import Fleet, LaunchOptions, WorkerSettings
+    settings = WorkerSettings(fleet=args.fleet, fleet_table=args.fleet_table, threads=args.worker_threads,
+                              idle_timeout=args.worker_idle_timeout, heartbeat_seconds=args.heartbeat_seconds)
+    for name, value in (("request_queue", args.request_queue), ("claim_table", args.table),
+                        ("visibility_timeout", args.visibility_timeout)):
+        if value is not None:
+            setattr(settings, name, value)
+    launch = LaunchOptions(args.ami, args.instance_type, args.key_name, args.subnet, args.security_group,
+                           args.instance_profile) if args.provision else None
+    return Fleet(settings, launch, args.max_workers, args.heartbeat_timeout, args.boot_timeout)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -443,11 +508,17 @@ def main(argv: list[str] | None = None) -> int:
         if not args.token and not is_loopback(args.host):
             raise ConfigError(f"refusing to listen on {args.host} without --token "
                               "(or $CLOUDKON_TOKEN): anyone who can reach it could run commands")
+        fleet = create_fleet(args)
+        if args.cleanup:
+            fleet.cleanup()
+            fleet.remove_resources()
+            return 0
         backend = create_backend(args)
     except CloudKonError as exc:
         print(f"scheduler.py: error: {exc}", file=sys.stderr)
         return 2
-    scheduler = Scheduler(backend, args.token or None, args.result_ttl, args.task_timeout, args.grace)
+    scheduler = Scheduler(backend, args.token or None, args.result_ttl, args.task_timeout, args.grace,
+                          fleet, args.scale_interval)
     try:
         return asyncio.run(scheduler.serve(args.host, args.port, args.exit_with_parent))
     except OSError as exc:

@@ -31,6 +31,7 @@ from typing import Any
 
 import aws
 from errors import BackendError, CloudKonError, MalformedMessage
+from provisioning import Instance, send_heartbeats
 from sqsbackend import parse_request, response_bodies
 from tasks import Bundle, kill_running_tasks, reduce_timer_slack, run_bundle
 
@@ -112,11 +113,11 @@ class Worker:
 
     def __init__(self, request_queue: str, claim_table: str, threads: int, idle_timeout: float | None,
                  visibility_timeout: int) -> None:
-        self.sqs, dynamodb = aws.clients()
+        self.sqs, self.dynamodb = aws.clients()
         self.request_url = aws.ensure_queue(self.sqs, request_queue, visibility_timeout)
-        aws.ensure_claim_table(dynamodb, claim_table)
+        aws.ensure_claim_table(self.dynamodb, claim_table)
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
-        self.claims = Claims(dynamodb, claim_table, self.identity, visibility_timeout)
+        self.claims = Claims(self.dynamodb, claim_table, self.identity, visibility_timeout)
         self.threads = threads
         self.idle_timeout = idle_timeout
         self.visibility_timeout = visibility_timeout
@@ -125,8 +126,11 @@ class Worker:
         self._lock = threading.Lock()
         self._last_work = time.monotonic()
 
-    def run(self) -> None:
-        """Receive and run bundles until a stop is requested or the worker has been idle too long."""
+    def run(self) -> bool:
+        """Receive and run bundles until a stop is requested or the worker has been idle too long.
+
+        True if it stopped because it was idle.
+        """
         log.info("worker %s: %d threads on %s", self.identity, self.threads, self.request_url)
         threading.Thread(target=self._keep_leases, name="cloudkon-leases", daemon=True).start()
         failures = 0
@@ -139,7 +143,7 @@ class Worker:
                 idle_left = self._idle_left()
                 if idle_left is not None and idle_left <= 0:
                     log.info("idle for %g s: exiting", self.idle_timeout)
-                    break
+                    return True
                 wait = aws.SQS_MAX_WAIT_SECONDS
                 if idle_left is not None:
                     wait = min(wait, int(idle_left) + 1)
@@ -157,6 +161,7 @@ class Worker:
                     with self._lock:
                         self._held[message["MessageId"]] = (message["ReceiptHandle"], "")
                     pool.submit(self._handle, message)
+        return False
 
     def _idle_left(self) -> float | None:
         if self.idle_timeout is None or self._held:
@@ -238,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--visibility-timeout", type=int, default=aws.DEFAULT_VISIBILITY_TIMEOUT,
                         metavar="SECONDS", help="lease on a bundle, renewed while it runs; a dead "
                         f"worker's bundles run again after it (default: {aws.DEFAULT_VISIBILITY_TIMEOUT})")
+    parser.add_argument("--ec2", action="store_true",
+                        help="run as an instance launched by 'scheduler.py --provision': settings and "
+                             "identity from the instance metadata service (IMDSv2), heartbeats to the "
+                             "fleet registry, and terminate this instance when idle")
     parser.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors")
     return parser
 
@@ -254,11 +263,23 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("botocore").setLevel(logging.WARNING)  # its INFO lines are noise here
     reduce_timer_slack()
     try:
+        instance = None
+        if args.ec2:
+            instance = Instance.from_metadata()
+            os.environ.setdefault("AWS_REGION", instance.region)
+            settings = instance.settings
+            args.request_queue, args.table, args.threads = (settings.request_queue, settings.claim_table,
+                                                            settings.threads)
+            args.idle_timeout, args.visibility_timeout = settings.idle_timeout, settings.visibility_timeout
+            log.info("instance %s of fleet %s", instance.id, settings.fleet)
         worker = Worker(args.request_queue, args.table, args.threads, args.idle_timeout,
                         args.visibility_timeout)
     except CloudKonError as exc:
         print(f"worker.py: error: {exc}", file=sys.stderr)
         return 2
+    if instance is not None:
+        threading.Thread(target=send_heartbeats, args=(instance, worker.dynamodb, worker.stopping),
+                         name="cloudkon-heartbeat", daemon=True).start()
 
     def on_signal(signum: int, frame: object) -> None:
         # First signal: set the flag and leave the (up to 20 s) long poll at once; the
@@ -273,7 +294,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        worker.run()
+        idle = worker.run()
+        worker.stopping.set()
+        if idle and instance is not None:
+            instance.retire(worker.dynamodb)
     except _Stopping:
         pass
     except CloudKonError as exc:

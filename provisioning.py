@@ -1,0 +1,291 @@
+"""EC2 workers on demand: launching by backlog, the fleet registry, heartbeats, cleanup.
+
+Owns both sides of a fleet of worker instances:
+  - ``Fleet`` (the scheduler's side): launches instances while there are fewer live
+    workers than pending bundles (up to a maximum), records each one in the fleet
+    registry before relying on it, adopts the registered instances of an earlier
+    scheduler of the same fleet, and terminates instances whose heartbeat stopped or
+    that never sent one within the boot deadline (SQS then redelivers their bundles).
+    Idle instances terminate themselves: the scheduler never pays to keep them.
+  - ``Instance`` (the worker's side): its identity and launch settings from the
+    instance metadata service (IMDSv2), its heartbeat, and its self-termination.
+
+The registry is a DynamoDB table (key: ``fleet``, ``instance``) whose items carry
+``launched_at`` and, once the worker runs, ``heartbeat_at``.  Instances are also tagged
+``cloudkon:fleet`` at launch, so one launched just before a crash is found by its tag.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import aws
+from errors import BackendError
+
+log = logging.getLogger("cloudkon.fleet")
+
+DEFAULT_FLEET = "cloudkon"
+DEFAULT_FLEET_TABLE = "cloudkon-fleet"
+DEFAULT_HEARTBEAT_SECONDS = 5.0
+DEFAULT_HEARTBEAT_TIMEOUT = 30.0
+# An instance must boot, start its worker (cron @reboot) and send a first heartbeat in this time.
+DEFAULT_BOOT_TIMEOUT = 300.0
+FLEET_TAG = "cloudkon:fleet"
+_GONE_STATES = ("shutting-down", "terminated", "stopping", "stopped")
+_IMDS_DEFAULT_ENDPOINT = "http://169.254.169.254/"
+_IMDS_TIMEOUT_SECONDS = 2.0
+
+
+@dataclass
+class WorkerSettings:
+    """What a worker instance needs at boot, passed as its user data (one image serves every fleet)."""
+
+    fleet: str = DEFAULT_FLEET
+    fleet_table: str = DEFAULT_FLEET_TABLE
+    request_queue: str = aws.DEFAULT_REQUEST_QUEUE
+    claim_table: str = aws.DEFAULT_CLAIM_TABLE
+    threads: int = 4
+    idle_timeout: float = 300.0
+    visibility_timeout: int = aws.DEFAULT_VISIBILITY_TIMEOUT
+    heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS
+
+    def to_user_data(self) -> str:
+        return json.dumps({"cloudkon": asdict(self)})
+
+    @classmethod
+    def from_user_data(cls, text: str) -> WorkerSettings:
+        try:
+            values = json.loads(text)["cloudkon"]
+            return cls(**{k: v for k, v in values.items() if k in cls.__dataclass_fields__})
+        except (ValueError, KeyError, TypeError) as exc:
+            raise BackendError(f"instance user data is not CloudKon worker settings: {exc}") from None
+
+
+@dataclass
+class LaunchOptions:
+    """How to launch a worker instance (the usual run_instances options)."""
+
+    ami: str
+    instance_type: str = "t3.micro"
+    key_name: str | None = None
+    subnet: str | None = None
+    security_groups: list[str] = field(default_factory=list)
+    instance_profile: str | None = None
+
+
+class Fleet:
+    """The scheduler's worker instances: launch by backlog, adopt, retire the dead, clean up."""
+
+    def __init__(self, settings: WorkerSettings, launch: LaunchOptions | None, max_workers: int,
+                 heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
+                 boot_timeout: float = DEFAULT_BOOT_TIMEOUT) -> None:
+        self.settings = settings
+        self.launch_options = launch
+        self.max_workers = max_workers
+        self.heartbeat_timeout = heartbeat_timeout
+        self.boot_timeout = boot_timeout
+        self.ec2 = aws.client("ec2")
+        self.dynamodb = aws.client("dynamodb")
+        aws.ensure_table(self.dynamodb, settings.fleet_table, [("fleet", "HASH"), ("instance", "RANGE")])
+        self._last_decision: tuple[int, int] | None = None
+        adopted = self.live_instances()
+        log.info("fleet %s: adopted %d running instance(s)", settings.fleet, len(adopted))
+
+    def scale(self, pending_bundles: int) -> None:
+        """One scaling step: retire dead instances, then launch while workers < pending bundles."""
+        live = self.live_instances()
+        want = min(self.max_workers, pending_bundles)
+        launch = max(0, want - len(live)) if self.launch_options else 0
+        if launch:
+            self._launch(launch)
+        if launch or self._last_decision != (pending_bundles, len(live)):
+            log.info("scaling: backlog %d bundle(s), %d live worker(s), launching %d",
+                     pending_bundles, len(live), launch)
+            self._last_decision = (pending_bundles, len(live))
+
+    def live_instances(self) -> list[str]:
+        """Instances of this fleet that are running and healthy; the dead are terminated on the way."""
+        now = time.time()
+        items = {item["instance"]["S"]: item for item in self._registered()}
+        states = self._instances()
+        live, dead = [], []
+        for instance, state in states.items():
+            item = items.get(instance)
+            if state in _GONE_STATES:
+                if item is not None:
+                    self._unregister(instance)
+                continue
+            if item is None:  # launched just before a crash, never registered: adopt it now
+                self._register(instance, now)
+                live.append(instance)
+                continue
+            heartbeat = float(item.get("heartbeat_at", {}).get("N", 0))
+            launched = float(item["launched_at"]["N"])
+            if heartbeat and now - heartbeat > self.heartbeat_timeout:
+                dead.append((instance, f"no heartbeat for {now - heartbeat:.0f} s"))
+            elif not heartbeat and now - launched > self.boot_timeout:
+                dead.append((instance, f"no heartbeat {now - launched:.0f} s after launch"))
+            else:
+                live.append(instance)
+        for instance in set(items) - set(states):  # the instance no longer exists at all
+            self._unregister(instance)
+        for instance, reason in dead:
+            log.warning("terminating %s: %s (its bundles will be redelivered)", instance, reason)
+            self._terminate([instance])
+        return live
+
+    def cleanup(self) -> int:
+        """Terminate every instance of this fleet; how many there were."""
+        registered = {item["instance"]["S"] for item in self._registered()}
+        running = [i for i, state in self._instances().items() if state != "terminated"]
+        if running:
+            self._terminate(running)
+        for instance in registered - set(running):
+            self._unregister(instance)
+        log.info("fleet %s: terminated %d instance(s)", self.settings.fleet, len(running))
+        return len(running)
+
+    def remove_resources(self) -> None:
+        """Delete the queues (request and every response queue) and the tables the fleet used."""
+        sqs = aws.client("sqs")
+        with aws.aws_errors("removing queues"):
+            urls = sqs.list_queues(QueueNamePrefix=aws.RESPONSE_QUEUE_PREFIX).get("QueueUrls", [])
+            try:
+                urls.append(sqs.get_queue_url(QueueName=self.settings.request_queue)["QueueUrl"])
+            except sqs.exceptions.QueueDoesNotExist:
+                pass
+            for url in urls:
+                sqs.delete_queue(QueueUrl=url)
+                log.info("deleted queue %s", url)
+        for table in (self.settings.claim_table, self.settings.fleet_table):
+            with aws.aws_errors(f"removing table {table}"):
+                try:
+                    self.dynamodb.delete_table(TableName=table)
+                    log.info("deleted table %s", table)
+                except self.dynamodb.exceptions.ResourceNotFoundException:
+                    pass
+
+    # --- EC2 and the registry ----------------------------------------------------
+
+    def _launch(self, count: int) -> None:
+        options = self.launch_options
+        assert options is not None
+        request: dict[str, Any] = {
+            "ImageId": options.ami, "InstanceType": options.instance_type, "MinCount": 1, "MaxCount": count,
+            "UserData": self.settings.to_user_data(), "InstanceInitiatedShutdownBehavior": "terminate",
+            "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled"},
+            "TagSpecifications": [{"ResourceType": "instance", "Tags": [
+                {"Key": "Name", "Value": f"cloudkon-worker-{self.settings.fleet}"},
+                {"Key": FLEET_TAG, "Value": self.settings.fleet}]}],
+        }
+        if options.key_name:
+            request["KeyName"] = options.key_name
+        if options.subnet:
+            request["SubnetId"] = options.subnet
+        if options.security_groups:
+            request["SecurityGroupIds"] = options.security_groups
+        if options.instance_profile:
+            request["IamInstanceProfile"] = {"Name": options.instance_profile}
+        with aws.aws_errors("launching worker instances"):
+            instances = self.ec2.run_instances(**request)["Instances"]
+        now = time.time()
+        for instance in instances:
+            self._register(instance["InstanceId"], now)
+        log.info("launched %s", ", ".join(i["InstanceId"] for i in instances))
+
+    def _terminate(self, instances: list[str]) -> None:
+        with aws.aws_errors("terminating instances"):
+            self.ec2.terminate_instances(InstanceIds=instances)
+        for instance in instances:
+            self._unregister(instance)
+
+    def _instances(self) -> dict[str, str]:
+        """State of every instance tagged as this fleet's (registered or not)."""
+        with aws.aws_errors("describing instances"):
+            pages = self.ec2.get_paginator("describe_instances").paginate(
+                Filters=[{"Name": f"tag:{FLEET_TAG}", "Values": [self.settings.fleet]}])
+            return {i["InstanceId"]: i["State"]["Name"]
+                    for page in pages for r in page["Reservations"] for i in r["Instances"]}
+
+    def _registered(self) -> list[dict[str, Any]]:
+        with aws.aws_errors("reading the fleet registry"):
+            pages = self.dynamodb.get_paginator("query").paginate(
+                TableName=self.settings.fleet_table, KeyConditionExpression="fleet = :fleet",
+                ExpressionAttributeValues={":fleet": {"S": self.settings.fleet}}, ConsistentRead=True)
+            return [item for page in pages for item in page["Items"]]
+
+    def _register(self, instance: str, launched_at: float) -> None:
+        with aws.aws_errors("registering an instance"):
+            self.dynamodb.put_item(TableName=self.settings.fleet_table, Item={
+                "fleet": {"S": self.settings.fleet}, "instance": {"S": instance},
+                "launched_at": {"N": f"{launched_at:.3f}"}})
+
+    def _unregister(self, instance: str) -> None:
+        with aws.aws_errors("unregistering an instance"):
+            self.dynamodb.delete_item(TableName=self.settings.fleet_table, Key={
+                "fleet": {"S": self.settings.fleet}, "instance": {"S": instance}})
+
+
+class Instance:
+    """This EC2 instance, as its worker sees it: identity, settings, heartbeat, retirement."""
+
+    def __init__(self, instance_id: str, region: str, settings: WorkerSettings) -> None:
+        self.id = instance_id
+        self.region = region
+        self.settings = settings
+
+    @classmethod
+    def from_metadata(cls) -> Instance:
+        """Read identity, region and user data from IMDSv2 (AWS_EC2_METADATA_SERVICE_ENDPOINT, if set)."""
+        base = os.environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT", _IMDS_DEFAULT_ENDPOINT).rstrip("/")
+        try:
+            token = _imds(base, "/latest/api/token", method="PUT",
+                          headers={"X-aws-ec2-metadata-token-ttl-seconds": "21600"})
+            headers = {"X-aws-ec2-metadata-token": token}
+            instance_id = _imds(base, "/latest/meta-data/instance-id", headers=headers)
+            region = _imds(base, "/latest/meta-data/placement/region", headers=headers)
+            user_data = _imds(base, "/latest/user-data", headers=headers)
+        except OSError as exc:
+            raise BackendError(f"no EC2 instance metadata at {base} ({exc}): "
+                               "is this an EC2 instance?") from None
+        return cls(instance_id, region, WorkerSettings.from_user_data(user_data))
+
+    def heartbeat(self, dynamodb: Any) -> None:
+        with aws.aws_errors("sending a heartbeat"):
+            dynamodb.update_item(
+                TableName=self.settings.fleet_table,
+                Key={"fleet": {"S": self.settings.fleet}, "instance": {"S": self.id}},
+                UpdateExpression="SET heartbeat_at = :now",
+                ExpressionAttributeValues={":now": {"N": f"{time.time():.3f}"}})
+
+    def retire(self, dynamodb: Any) -> None:
+        """Leave the registry and terminate this instance (the worker has been idle)."""
+        log.info("terminating this instance (%s)", self.id)
+        with aws.aws_errors("terminating this instance"):
+            dynamodb.delete_item(TableName=self.settings.fleet_table, Key={
+                "fleet": {"S": self.settings.fleet}, "instance": {"S": self.id}})
+            aws.client("ec2", self.region).terminate_instances(InstanceIds=[self.id])
+
+
+def _imds(base: str, path: str, method: str = "GET", headers: dict[str, str] | None = None) -> str:
+    request = urllib.request.Request(base + path, method=method, headers=headers or {})
+    with urllib.request.urlopen(request, timeout=_IMDS_TIMEOUT_SECONDS) as response:
+        return response.read().decode()
+
+
+def send_heartbeats(instance: Instance, dynamodb: Any, stop: threading.Event) -> None:
+    """Heartbeat every few seconds until ``stop`` is set (run in a thread)."""
+    while True:
+        try:
+            instance.heartbeat(dynamodb)
+        except BackendError as exc:
+            log.warning("%s", exc)
+        if stop.wait(instance.settings.heartbeat_seconds):
+            return
