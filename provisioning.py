@@ -178,7 +178,8 @@ class Fleet:
         options = self.launch_options
         assert options is not None
         request: dict[str, Any] = {
-            "ImageId": options.ami, "InstanceType": options.instance_type, "MinCount": 1, "MaxCount": count,
+            "ImageId": options.ami, "InstanceType": options.instance_type,
+            "MinCount": count, "MaxCount": count,
             "UserData": self.settings.to_user_data(), "InstanceInitiatedShutdownBehavior": "terminate",
             "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled"},
             "TagSpecifications": [{"ResourceType": "instance", "Tags": [

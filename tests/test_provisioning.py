@@ -1,0 +1,108 @@
+"""Provisioning on the AWS emulator, with a stand-in hypervisor running a worker.py per instance."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import boto3
+import pytest
+from conftest import ROOT, read_results, run_client, start_client, wait_until
+from hypervisor import Hypervisor
+
+
+@pytest.fixture
+def fleet(remote, tmp_path):
+    """A fleet of this test's own; ``fleet.scheduler(*args)`` starts a provisioning scheduler."""
+    name = f"fleet-{uuid.uuid4().hex[:8]}"
+    hypervisor = Hypervisor(remote.env, name, tmp_path)
+
+    class Fleet:
+        env = remote.env
+        hyper = hypervisor
+        options = ["--fleet", name, "--fleet-table", f"{name}-registry", "--visibility-timeout", "3",
+                   "--heartbeat-seconds", "0.5", "--heartbeat-timeout", "4", "--scale-interval", "0.5"]
+
+        @staticmethod
+        def scheduler(*args: str):
+            return remote.scheduler("--provision", "--ami", "ami-0123456789abcdef0", *Fleet.options, *args)
+
+    yield Fleet
+    hypervisor.stop()
+
+
+def test_scales_from_zero_to_max_and_back_to_zero(fleet, workload, tmp_path):
+    sched = fleet.scheduler("--max-workers", "3", "--worker-threads", "1", "--worker-idle-timeout", "2")
+    time.sleep(2)
+    assert fleet.hyper.states() == {}, "no instance while there is no work"
+    out = tmp_path / "r.jsonl"
+    done = run_client("-s", sched.address, "-w", workload([f"sleep 0.3; echo {i}" for i in range(40)]),
+                      "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    assert [r["output"] for r in read_results(out)] == [f"{i}\n" for i in range(40)]
+    assert fleet.hyper.peak == 3 and len(fleet.hyper.booted) == 3
+    wait_until(lambda: not fleet.hyper.alive(), timeout=60)  # idle instances terminate themselves
+    assert set(fleet.hyper.states().values()) == {"terminated"}
+    assert all("terminating this instance" in fleet.hyper.log(i) for i in fleet.hyper.booted)
+
+
+def test_worker_killed_is_noticed_by_its_missing_heartbeat(fleet, workload, tmp_path):
+    sched = fleet.scheduler("--max-workers", "2", "--worker-threads", "1", "--worker-idle-timeout", "3")
+    out = tmp_path / "r.jsonl"
+    client = start_client("-s", sched.address, "-w", workload([f"sleep 0.4; echo {i}" for i in range(30)]),
+                          "-o", str(out))
+    victim = wait_until(lambda: len(fleet.hyper.running) == 2 and sorted(fleet.hyper.running)[0])
+    time.sleep(1)
+    fleet.hyper.kill(victim)  # the process dies; the instance stays up, silent
+    wait_until(lambda: fleet.hyper.states()[victim] == "terminated", timeout=30)
+    assert client.wait(120) == 0, client.stderr.read()
+    assert [r["output"] for r in read_results(out)] == [f"{i}\n" for i in range(30)]
+    sched.stop()
+    assert f"terminating {victim}: no heartbeat" in sched.proc.stderr.read()
+    client.stdout.close()
+    client.stderr.close()
+
+
+def test_restarted_scheduler_adopts_its_instances_and_leaks_none(fleet, workload, tmp_path):
+    first = fleet.scheduler("--max-workers", "2", "--worker-threads", "1", "--worker-idle-timeout", "4")
+    client = start_client("-s", first.address, "-w", workload(["sleep 2000"] * 6))
+    wait_until(lambda: len(fleet.hyper.alive()) == 2)
+    first.stop(signal.SIGKILL)
+    client.wait(30)
+    client.stdout.close()
+    client.stderr.close()
+    second = fleet.scheduler("--max-workers", "2", "--worker-threads", "1", "--worker-idle-timeout", "4")
+    out = tmp_path / "r.jsonl"
+    done = run_client("-s", second.address, "-w", workload([f"echo {i}" for i in range(10)]), "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    assert [r["output"] for r in read_results(out)] == [f"{i}\n" for i in range(10)]
+    wait_until(lambda: not fleet.hyper.alive(), timeout=90)
+    second.stop()
+    log = second.proc.stderr.read()
+    assert "adopted 2 running instance(s)" in log
+    assert len(fleet.hyper.booted) == 2, "the adopted instances did the work; none launched twice"
+
+
+def test_cleanup_terminates_the_fleet_and_removes_its_resources(fleet, remote, workload):
+    sched = fleet.scheduler("--max-workers", "2", "--worker-threads", "1", "--worker-idle-timeout", "600")
+    assert run_client("-s", sched.address, "-w", workload(["sleep 500"] * 8)).returncode == 0
+    sched.stop()
+    assert len(fleet.hyper.alive()) == 2  # idle for ten minutes: still up
+    done = subprocess.run([sys.executable, str(ROOT / "scheduler.py"), "--remote", "--cleanup",
+                           "--request-queue", remote.request_queue, "--table", remote.table, *fleet.options],
+                          capture_output=True, text=True, timeout=60, env={**os.environ, **fleet.env})
+    assert done.returncode == 0, done.stderr
+    assert fleet.hyper.alive() == []
+    credentials = {"endpoint_url": fleet.env["AWS_ENDPOINT_URL"], "region_name": "us-east-1",
+                   "aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+    assert remote.request_queue not in str(boto3.client("sqs", **credentials).list_queues().get("QueueUrls", []))
+    assert remote.table not in boto3.client("dynamodb", **credentials).list_tables()["TableNames"]
+
+
+def test_provision_needs_remote_and_an_image():
+    for args, message in ((["--provision"], "go with --remote"), (["--remote", "--provision"], "needs --ami")):
+        done = subprocess.run([sys.executable, str(ROOT / "scheduler.py"), *args], capture_output=True,
+                              text=True, timeout=30)
+        assert done.returncode == 2 and message in done.stderr
