@@ -97,12 +97,14 @@ def test_cleanup_terminates_the_fleet_and_removes_its_resources(fleet, remote, w
     assert fleet.hyper.alive() == []
     credentials = {"endpoint_url": fleet.env["AWS_ENDPOINT_URL"], "region_name": "us-east-1",
                    "aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
-    assert remote.request_queue not in str(boto3.client("sqs", **credentials).list_queues().get("QueueUrls", []))
+    queues = boto3.client("sqs", **credentials).list_queues().get("QueueUrls", [])
+    assert not [url for url in queues if url.endswith("/" + remote.request_queue)]
     assert remote.table not in boto3.client("dynamodb", **credentials).list_tables()["TableNames"]
 
 
 def test_provision_needs_remote_and_an_image():
-    for args, message in ((["--provision"], "go with --remote"), (["--remote", "--provision"], "needs --ami")):
+    for args, message in ((["--provision"], "go with --remote"),
+                          (["--remote", "--provision"], "needs --ami")):
         done = subprocess.run([sys.executable, str(ROOT / "scheduler.py"), *args], capture_output=True,
                               text=True, timeout=30)
         assert done.returncode == 2 and message in done.stderr
