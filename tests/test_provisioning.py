@@ -11,6 +11,7 @@ import boto3
 import pytest
 from conftest import ROOT, read_results, run_client, start_client, wait_until
 from hypervisor import Hypervisor
+from test_remote import _allowed, _operations
 
 
 @pytest.fixture
@@ -46,6 +47,10 @@ def test_scales_from_zero_to_max_and_back_to_zero(fleet, workload, tmp_path):
     wait_until(lambda: not fleet.hyper.alive(), timeout=60)  # idle instances terminate themselves
     assert set(fleet.hyper.states().values()) == {"terminated"}
     assert all("terminating this instance" in fleet.hyper.log(i) for i in fleet.hyper.booted)
+    sched.stop()
+    assert _operations(sched.proc.stderr.read()) <= _allowed("scheduler")  # least privilege
+    for instance in fleet.hyper.booted:
+        assert _operations(fleet.hyper.log(instance)) <= _allowed("worker")
 
 
 def test_worker_killed_is_noticed_by_its_missing_heartbeat(fleet, workload, tmp_path):
