@@ -295,16 +295,20 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         idle = worker.run()
-        worker.stopping.set()
-        if idle and instance is not None:
-            instance.retire(worker.dynamodb)
     except _Stopping:
-        pass
+        idle = False
     except CloudKonError as exc:
         log.error("%s", exc)
         return 1
     finally:
-        aws.log_api_calls()
+        worker.stopping.set()
+        aws.log_api_calls()  # now: the instance may be gone a moment after it retires
+    if idle and instance is not None:
+        try:
+            instance.retire(worker.dynamodb)
+        except CloudKonError as exc:
+            log.error("%s", exc)
+            return 1
     return 0
 
 

@@ -4,7 +4,8 @@ For every instance of a fleet that the AWS emulator reports pending or running, 
 starts an instance metadata service (IMDSv2) on a loopback port that answers with that
 instance's id, region and user data, and a ``worker.py --ec2`` process pointed at it
 through AWS_EC2_METADATA_SERVICE_ENDPOINT, as boto3 would be on the instance.  When the
-emulator reports the instance terminated, the process is killed, as the machine would be.
+emulator reports the instance terminated, the process is stopped as the machine's shutdown would
+(SIGTERM, then SIGKILL).
 """
 
 from __future__ import annotations
@@ -124,9 +125,14 @@ class Hypervisor:
         self.booted.append(instance)
 
     def _shut_down(self, instance: str) -> None:
+        """As an instance's OS shuts down: SIGTERM, a moment's grace, then SIGKILL."""
         proc, metadata = self.running.pop(instance)
         if proc.poll() is None:
-            proc.kill()
+            proc.terminate()
+            try:
+                proc.wait(3)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         proc.wait()
         metadata.shutdown()
         metadata.server_close()
