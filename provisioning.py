@@ -259,12 +259,19 @@ class Instance:
         return cls(instance_id, region, WorkerSettings.from_user_data(user_data))
 
     def heartbeat(self, dynamodb: Any) -> None:
-        with aws.aws_errors("sending a heartbeat"):
-            dynamodb.update_item(
-                TableName=self.settings.fleet_table,
-                Key={"fleet": {"S": self.settings.fleet}, "instance": {"S": self.id}},
-                UpdateExpression="SET heartbeat_at = :now",
-                ExpressionAttributeValues={":now": {"N": f"{time.time():.3f}"}})
+        """Mark this instance alive in the registry (only once the scheduler has registered it)."""
+        try:
+            with aws.aws_errors("sending a heartbeat"):
+                dynamodb.update_item(
+                    TableName=self.settings.fleet_table,
+                    Key={"fleet": {"S": self.settings.fleet}, "instance": {"S": self.id}},
+                    UpdateExpression="SET heartbeat_at = :now",
+                    ConditionExpression="attribute_exists(launched_at)",
+                    ExpressionAttributeValues={":now": {"N": f"{time.time():.3f}"}})
+        except BackendError as exc:
+            if aws.error_code(exc) != "ConditionalCheckFailedException":
+                raise
+            log.info("not in the fleet registry (yet): no heartbeat sent")
 
     def retire(self, dynamodb: Any) -> None:
         """Leave the registry and terminate this instance (the worker has been idle)."""
