@@ -74,10 +74,6 @@ class Backend(ABC):
         """Result batches that arrived within ``timeout`` seconds (empty list if none)."""
 
     @abstractmethod
-    def backlog(self) -> int:
-        """Bundles submitted that no worker has taken yet."""
-
-    @abstractmethod
     def close(self, wait: bool = True) -> None:
         """Stop the workers: after the bundles they hold if ``wait``, else at once."""
 

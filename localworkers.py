@@ -98,9 +98,6 @@ class LocalBackend(Backend):
         self._queue.append(bundle)
         self._wake()
 
-    def backlog(self) -> int:
-        return len(self._queue)
-
     def receive(self, timeout: float) -> list[ResultBatch]:
         results: list[ResultBatch] = []
         self._hand_out()

@@ -124,12 +124,6 @@ class SQSBackend(Backend):
     def submit(self, bundle: Bundle) -> None:
         self._outbox.put(bundle)
 
-    def backlog(self) -> int:
-        with aws_errors("reading the request queue's size"):
-            attributes = self._sqs.get_queue_attributes(
-                QueueUrl=self._request_url, AttributeNames=["ApproximateNumberOfMessages"])
-        return int(attributes["Attributes"]["ApproximateNumberOfMessages"]) + self._outbox.qsize()
-
     def receive(self, timeout: float) -> list[ResultBatch]:
         results = _drain(self._undeliverable)
         messages = aws.receive_messages(self._sqs, self._response_url, aws.SQS_MAX_BATCH,
