@@ -51,7 +51,6 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "error": {"code": str, "message": str},
     "bundle": {"job": str, "bundle": int, "ids": list, "commands": list},
 }
-MESSAGE_TYPES = frozenset(_SCHEMA)
 
 
 def encode(message: dict[str, Any], max_frame: int = MAX_FRAME_BYTES) -> bytes:

@@ -92,13 +92,6 @@ class ResultBatch:
         self.elapsed_us.append(elapsed_us)
         self.errors.append(error)
 
-    def extend(self, other: ResultBatch) -> None:
-        self.ids.extend(other.ids)
-        self.exit_codes.extend(other.exit_codes)
-        self.outputs.extend(other.outputs)
-        self.elapsed_us.extend(other.elapsed_us)
-        self.errors.extend(other.errors)
-
     def select(self, positions: list[int]) -> ResultBatch:
         """A batch of the rows at ``positions``."""
         return ResultBatch(
@@ -112,7 +105,7 @@ class ResultBatch:
 
     def failed_count(self) -> int:
         pairs = zip(self.exit_codes, self.errors, strict=True)
-        return len(self.ids) - sum(1 for code, error in pairs if code == 0 and error is None)
+        return len(self.ids) - sum(1 for code, error in pairs if is_success(code, error))
 
     def __len__(self) -> int:
         return len(self.ids)
