@@ -31,10 +31,6 @@ log = logging.getLogger("cloudkon.client")
 
 EXIT_OK, EXIT_TASKS_FAILED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 
-# Tasks per submission frame, and their bytes: frames well under the frame limit,
-# few enough that a million tasks is ~120 frames.
-SUBMIT_BATCH_TASKS = 8192
-SUBMIT_BATCH_BYTES = 4 * 1024 * 1024
 CONNECT_TIMEOUT_SECONDS = 10.0
 EMBEDDED_START_TIMEOUT_SECONDS = 60.0
 PROGRESS_AFTER_SECONDS = 1.0
@@ -123,20 +119,15 @@ class SchedulerConnection:
             opening["callback"] = callback
         self.send(opening)
         job = self.expect("job_opened")["job"]
-        start = 0
-        while start < len(tasks):
-            end, size = start, 0
-            while end < len(tasks) and end - start < SUBMIT_BATCH_TASKS and size < SUBMIT_BATCH_BYTES:
-                size += len(tasks[end]) + 8
-                end += 1
-            self.send({"type": "tasks", "job": job, "tasks": tasks[start:end]})
-            start = end
+        for message in protocol.task_messages(job, tasks):
+            self.send(message)
         self.send({"type": "job_close", "job": job, "count": len(tasks)})
         return job
 
     def collect(self, job: str, results: Results,
-                on_progress: Callable[[Results], None] | None = None) -> None:
-        """Read this job's results until the scheduler says it is done."""
+                on_progress: Callable[[Results], None] | None = None,
+                on_tasks: Callable[[list[str]], None] | None = None) -> None:
+        """Read this job's results (and tasks, for a fetch) until the scheduler says it is done."""
         while True:
             message = self.receive()
             kind = message["type"]
@@ -144,6 +135,8 @@ class SchedulerConnection:
                 results.add(protocol.results_from_message(message))
                 if on_progress is not None:
                     on_progress(results)
+            elif kind == "tasks" and on_tasks is not None:
+                on_tasks(message["tasks"])
             elif kind == "job_done":
                 if not results.complete:
                     raise MalformedMessage(f"job {job} done with {results.received} of "
@@ -153,16 +146,25 @@ class SchedulerConnection:
                 protocol.raise_if_error(message, "results")
 
 
-def get_task_result(host: str, port: int, token: str | None, job: str, total: int) -> Results:
-    """All results of a finished (or finishing) job, in one request."""
+def fetch_job(host: str, port: int, token: str | None, job: str,
+              commands: bool = False) -> tuple[list[str], Results]:
+    """A job's tasks (if ``commands``) and all its results, once it is finished."""
     conn = SchedulerConnection(host, port, token)
     try:
-        conn.send({"type": "fetch", "job": job})
-        results = Results(total)
-        conn.collect(job, results)
-        return results
+        conn.send({"type": "fetch", "job": job, "commands": commands})
+        results = Results(conn.expect("job_accepted")["count"])
+        tasks: list[str] = []
+        conn.collect(job, results, on_tasks=tasks.extend)
+        if commands and len(tasks) != results.total:
+            raise MalformedMessage(f"job {job}: {len(tasks)} tasks sent for {results.total}")
+        return tasks, results
     finally:
         conn.close()
+
+
+def get_task_result(host: str, port: int, token: str | None, job: str) -> Results:
+    """All results of a job (the cursor ``job``), waiting for it to finish if needed."""
+    return fetch_job(host, port, token, job)[1]
 
 
 def run_with_callback(host: str, port: int, token: str | None, tasks: list[str],
@@ -189,7 +191,7 @@ def run_with_callback(host: str, port: int, token: str | None, tasks: list[str],
                     continue
             if ready["job"] == job and secrets.compare_digest(ready["nonce"], nonce):
                 break
-    return get_task_result(host, port, token, job, len(tasks))
+    return get_task_result(host, port, token, job)
 
 
 @contextmanager
@@ -197,7 +199,7 @@ def embedded_scheduler(workers: int | None) -> Iterator[tuple[str, int, str]]:
     """A scheduler process of our own on a free loopback port: (host, port, token)."""
     token = secrets.token_hex(16)
     command = [sys.executable, str(Path(__file__).with_name("scheduler.py")), "--port", "0",
-               "--quiet", "--exit-with-parent", str(os.getpid())]
+               "--no-state", "--quiet", "--exit-with-parent", str(os.getpid())]
     if workers is not None:
         command += ["--local", str(workers)]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
@@ -266,8 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="client.py", description="Run a CloudKon workload (one task per line) and collect every result.",
         epilog="Without -s, an embedded local scheduler runs the job. Exit codes: 0 every task "
                "succeeded, 1 some task failed, 2 usage/workload/connection/protocol error, 130 interrupted.")
-    parser.add_argument("-w", "--workload", required=True, metavar="FILE",
-                        help="tasks, one per line: 'sleep N' sleeps N ms, anything else runs in /bin/sh")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("-w", "--workload", metavar="FILE",
+                      help="tasks, one per line: 'sleep N' sleeps N ms, anything else runs in /bin/sh")
+    what.add_argument("--cursor", metavar="JOB",
+                      help="fetch the results of a job submitted earlier (its id, printed at submission), "
+                           "waiting for it to finish if needed; needs -s")
     parser.add_argument("-s", "--scheduler", metavar="HOST:PORT",
                         help="scheduler to submit to (default: start an embedded local one)")
     parser.add_argument("-o", "--output", metavar="RESULTS.jsonl",
@@ -291,6 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="client.py: %(message)s", stream=sys.stderr)
     if args.local is not None and args.scheduler:
         parser.error("--local applies only to the embedded scheduler (no -s)")
+    if args.cursor and not args.scheduler:
+        parser.error("--cursor needs -s HOST:PORT (the scheduler that holds the job)")
+    if args.cursor and args.listen is not None:
+        parser.error("--cursor and -l do not go together")
     if args.local is not None and args.local < 1:
         parser.error("--local needs at least 1 worker")
     if args.task_timeout is not None and args.task_timeout <= 0:
@@ -307,6 +317,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     start = time.monotonic()
+    if args.cursor:
+        host, port = parse_address(args.scheduler)
+        tasks, results = fetch_job(host, port, args.token, args.cursor, commands=bool(args.output))
+        return report(args, tasks, results, time.monotonic() - start)
     tasks = parse_workload(args.workload)
     if args.scheduler:
         host, port = parse_address(args.scheduler)
@@ -314,12 +328,17 @@ def run(args: argparse.Namespace) -> int:
     else:
         with embedded_scheduler(args.local) as (host, port, token):
             results = submit_and_collect(host, port, token, tasks, args)
-    wall = time.monotonic() - start
+    return report(args, tasks, results, time.monotonic() - start)
+
+
+def report(args: argparse.Namespace, tasks: list[str], results: Results, wall: float) -> int:
+    """Write the results file and the summary; the exit code."""
     if args.output:
         _write_output(results, tasks, args.output)
     if not args.quiet:
+        timing = "" if args.cursor else f", {wall:.2f} s wall, {results.total / wall:,.0f} tasks/s"
         print(f"{results.total} tasks: {results.total - results.failed} succeeded, {results.failed} "
-              f"failed, {wall:.2f} s wall, {results.total / wall:,.0f} tasks/s", file=sys.stderr)
+              f"failed{timing}", file=sys.stderr)
     return EXIT_TASKS_FAILED if results.failed else EXIT_OK
 
 
@@ -330,6 +349,8 @@ def submit_and_collect(host: str, port: int, token: str | None, tasks: list[str]
     conn = SchedulerConnection(host, port, token)
     try:
         job = conn.submit(tasks, args.task_timeout)
+        if args.scheduler and not args.quiet:  # an embedded scheduler keeps nothing after the run
+            print(f"client.py: job {job} (its results again: --cursor {job})", file=sys.stderr)
         results = Results(len(tasks))
         progress = Progress(enabled=not args.quiet and sys.stderr.isatty())
         try:

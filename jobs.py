@@ -25,41 +25,46 @@ log = logging.getLogger("cloudkon.jobs")
 
 
 class Job:
-    """One submission: its tasks (task id = position) and the results received."""
+    """One submission: its tasks (task id = position) and the results received.
 
-    def __init__(self, job_id: str, timeout: float | None) -> None:
+    A job restored from a store after a restart may have results for tasks past
+    ``next_task``: bundles skip them, so a task with a result never runs again.
+    """
+
+    def __init__(self, job_id: str, timeout: float | None, created_at: float | None = None) -> None:
         self.id = job_id
         self.timeout = timeout
         self.commands: list[str] = []
+        self.total = 0
         self.closed = False  # every task has been submitted
-        self.next_task = 0  # first task not yet in a bundle
+        self.next_task = 0  # tasks before it are in a bundle or have a result
+        self.undispatched = 0  # tasks in no bundle and without a result
         self.done = bytearray()  # 1 for each task with a result
         self.done_count = 0
         self.failed_count = 0
-        self.results: list[ResultBatch] = []
+        self.results: list[ResultBatch] | None = []  # None: a store keeps them instead
         self.elapsed_total_us = 0
-        self.created_at = time.monotonic()
+        self.created_at = time.time() if created_at is None else created_at
         self.finished_at: float | None = None
 
     @property
-    def total(self) -> int:
-        return len(self.commands)
-
-    @property
-    def undispatched(self) -> int:
-        return len(self.commands) - self.next_task
-
-    @property
     def finished(self) -> bool:
-        return self.closed and self.done_count == len(self.commands)
+        return self.closed and self.done_count == self.total
 
     def avg_task_us(self) -> float | None:
         return self.elapsed_total_us / self.done_count if self.done_count else None
 
+    def add_tasks(self, commands: list[str]) -> None:
+        self.commands.extend(commands)
+        self.done.extend(bytes(len(commands)))
+        self.total += len(commands)
+        self.undispatched += len(commands)
+
     def take_bundle(self, number: int, size: int) -> Bundle:
-        """The next ``size`` undispatched tasks (fewer if they are long) as bundle ``number``."""
-        start = self.next_task
-        end = min(start + size, len(self.commands))
+        """Up to ``size`` undispatched tasks in a row (fewer if they are long) as bundle ``number``."""
+        start = self.done.find(0, self.next_task)
+        stop = self.done.find(1, start, start + size)
+        end = min(start + size, self.total) if stop < 0 else stop
         commands = self.commands[start:end]
         if end - start > 1 and sum(map(len, commands)) > MAX_BUNDLE_COMMAND_BYTES:
             end = start + 1
@@ -69,12 +74,16 @@ class Job:
                 end += 1
             commands = self.commands[start:end]
         self.next_task = end
+        self.undispatched -= end - start
         return Bundle(self.id, number, list(range(start, end)), commands, self.timeout)
 
     def keep_new(self, batch: ResultBatch) -> ResultBatch:
         """Record the results in ``batch`` that are new, and return just those."""
-        done, total = self.done, len(self.commands)
-        fresh = [p for p, i in enumerate(batch.ids) if 0 <= i < total and not done[i]]
+        done, total = self.done, self.total
+        if self.finished:
+            fresh = []
+        else:
+            fresh = [p for p, i in enumerate(batch.ids) if 0 <= i < total and not done[i]]
         if len(fresh) != len(batch.ids):
             batch = batch.select(fresh)
         for i in batch.ids:
@@ -82,9 +91,13 @@ class Job:
         self.done_count += len(batch)
         self.failed_count += batch.failed_count()
         self.elapsed_total_us += sum(batch.elapsed_us)
-        if batch.ids:
+        if batch.ids and self.results is not None:
             self.results.append(batch)
         return batch
+
+    def release(self) -> None:
+        """Drop what a finished job no longer needs in memory (its store keeps it)."""
+        self.commands, self.done, self.results = [], bytearray(), None
 
 
 class Dispatcher:
@@ -92,14 +105,15 @@ class Dispatcher:
 
     def __init__(self, backend: Backend,
                  on_results: Callable[[Job, ResultBatch], None],
-                 on_finished: Callable[[Job], None]) -> None:
+                 on_finished: Callable[[Job], None], first_bundle: int = 0) -> None:
         self.backend = backend
         self.jobs: dict[str, Job] = {}
         self._on_results = on_results
         self._on_finished = on_finished
         self._ready: deque[Job] = deque()  # jobs with undispatched tasks, in turn order
         self._in_flight: dict[int, tuple[Bundle, int]] = {}  # bundle -> (bundle, results still due)
-        self._next_bundle = 0
+        # Bundle numbers are never reused, even across restarts (remote claims are per number).
+        self._next_bundle = first_bundle
 
     @property
     def idle(self) -> bool:
@@ -115,13 +129,21 @@ class Dispatcher:
         self.jobs[job.id] = job
         return job
 
+    def restore(self, job: Job) -> None:
+        """Take over a job read back from a store; its tasks without a result run again."""
+        self.jobs[job.id] = job
+        if job.undispatched:
+            self._ready.append(job)
+        elif job.finished and job.finished_at is None:
+            self._finish(job)
+        self.pump()
+
     def add_tasks(self, job: Job, commands: list[str]) -> None:
         if not commands:
             return
         if job.undispatched == 0:
             self._ready.append(job)
-        job.commands.extend(commands)
-        job.done.extend(bytes(len(commands)))
+        job.add_tasks(commands)
         self.pump()
 
     def close_job(self, job: Job) -> None:
@@ -167,8 +189,8 @@ class Dispatcher:
         """Report every task not yet given to the backend as failed (shutting down)."""
         while self._ready:
             job = self._ready.popleft()
-            ids = list(range(job.next_task, job.total))
-            job.next_task = job.total
+            ids = [i for i in range(job.next_task, job.total) if not job.done[i]]
+            job.next_task, job.undispatched = job.total, 0
             self.handle_results([failed_batch(job.id, None, ids, reason)])
 
     def fail_in_flight(self, reason: str) -> None:
@@ -176,13 +198,13 @@ class Dispatcher:
         batches = []
         for bundle, _ in list(self._in_flight.values()):
             job = self.jobs.get(bundle.job)
-            missing = [i for i in bundle.ids if job is not None and not job.done[i]]
+            missing = [i for i in bundle.ids if job is not None and not job.finished and not job.done[i]]
             batches.append(failed_batch(bundle.job, bundle.bundle, missing, reason))
         self._in_flight.clear()
         self.handle_results(batches)
 
     def _finish(self, job: Job) -> None:
-        job.finished_at = time.monotonic()
+        job.finished_at = time.time()
         elapsed = job.finished_at - job.created_at
         log.info("job %s finished: %d tasks, %d failed, %.2f s", job.id, job.total,
                  job.failed_count, elapsed)

@@ -19,6 +19,7 @@ import asyncio
 import json
 import socket
 import struct
+from collections.abc import Iterator
 from typing import Any
 
 from errors import FrameTooLarge, IncompleteFrame, MalformedMessage, RemoteError
@@ -29,6 +30,11 @@ PROTOCOL_VERSION = 1
 # Largest frame accepted or sent.  Bounds the memory one peer can make another
 # allocate; batches of tasks and results are split well below it.
 MAX_FRAME_BYTES = 16 * 1024 * 1024
+
+# Tasks per ``tasks`` message, and their bytes: frames well under the frame limit,
+# few enough that a million tasks is ~120 frames.
+TASKS_PER_MESSAGE = 8192
+TASK_BYTES_PER_MESSAGE = 4 * 1024 * 1024
 
 _HEADER = struct.Struct(">I")
 HEADER_BYTES = _HEADER.size
@@ -125,6 +131,18 @@ def bundle_from_message(message: dict[str, Any]) -> Bundle:
     if timeout is not None and not isinstance(timeout, (int, float)):
         raise MalformedMessage("bundle: 'timeout' must be a number or null")
     return Bundle(message["job"], message["bundle"], ids, commands, timeout)
+
+
+def task_messages(job: str, tasks: list[str]) -> Iterator[dict[str, Any]]:
+    """``tasks`` messages carrying ``tasks`` in order, each within the per-message limits."""
+    start = 0
+    while start < len(tasks):
+        end, size = start, 0
+        while end < len(tasks) and end - start < TASKS_PER_MESSAGE and size < TASK_BYTES_PER_MESSAGE:
+            size += len(tasks[end]) + 8
+            end += 1
+        yield {"type": "tasks", "job": job, "tasks": tasks[start:end]}
+        start = end
 
 
 def results_message(batch: ResultBatch) -> dict[str, Any]:

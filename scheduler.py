@@ -3,10 +3,13 @@
 Owns the process a user starts: options, the listening socket, client connections
 and what they ask for, signals.  Tasks go to the Dispatcher (jobs.py), which feeds
 the one backend chosen here; results stream back to the connection that submitted
-them, or wait (for ``--result-ttl`` seconds) to be fetched.
+them, and stay (for ``--result-ttl`` seconds) to be fetched by the job's id, its
+cursor.  With a job store (jobstore.py) jobs survive the scheduler: a restart on
+the same store runs what had no result yet.
 
 Threads: the asyncio event loop runs connections and the Dispatcher; one more thread
-sits in ``backend.receive`` and hands result batches to the loop.
+sits in ``backend.receive`` and hands result batches to the loop; the journal's
+thread writes the store; the HTTP API (httpapi.py) has threads of its own.
 """
 
 from __future__ import annotations
@@ -23,18 +26,20 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import protocol
 from backend import Backend
 from errors import BackendError, BadRequest, CloudKonError, ConfigError, ProtocolError
 from jobs import Dispatcher, Job
-from tasks import MAX_COMMAND_BYTES
+from jobstore import JobFinished, JobOpened, JobStore, Journal, ResultsAdded, SQLiteJobStore, TasksAdded
+from tasks import MAX_COMMAND_BYTES, ResultBatch
 
 log = logging.getLogger("cloudkon.scheduler")
 
 DEFAULT_PORT = 9000
-DEFAULT_RESULT_TTL_SECONDS = 3600.0
+DEFAULT_RESULT_TTL_SECONDS = 86400.0
 DEFAULT_GRACE_SECONDS = 30.0
 # A connection must say hello this soon, so idle sockets cannot pile up.
 HELLO_TIMEOUT_SECONDS = 30.0
@@ -46,20 +51,25 @@ RECEIVE_POLL_SECONDS = 1.0
 EXPIRY_CHECK_SECONDS = 10.0
 
 
+# What a connection's outbox holds: a frame, an action, or a frame still to come.
+Outgoing = bytes | Callable[[], None] | asyncio.Future
+
+
 class _Peer:
     """One client connection and the frames queued for it, written in order.
 
-    A callable in the queue runs once everything before it has been written.
+    A callable in the queue runs once everything before it has been written; a
+    future holds back what follows until it gives the frame to write.
     """
 
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self.writer = writer
         self.address = writer.get_extra_info("peername")
         self.open_jobs: dict[str, Job] = {}
-        self._outbox: asyncio.Queue[bytes | Callable[[], None] | None] = asyncio.Queue()
+        self._outbox: asyncio.Queue[Outgoing | None] = asyncio.Queue()
         self._writing = asyncio.create_task(self._write_loop())
 
-    def send(self, item: bytes | Callable[[], None]) -> None:
+    def send(self, item: Outgoing) -> None:
         if not self._writing.done():
             self._outbox.put_nowait(item)
 
@@ -73,6 +83,8 @@ class _Peer:
     async def _write_loop(self) -> None:
         try:
             while (item := await self._outbox.get()) is not None:
+                if isinstance(item, asyncio.Future):
+                    item = await item
                 if callable(item):
                     item()
                     continue
@@ -90,11 +102,13 @@ class Scheduler:
     def __init__(self, backend: Backend, token: str | None = None,
                  result_ttl: float = DEFAULT_RESULT_TTL_SECONDS,
                  task_timeout: float | None = None, grace: float = DEFAULT_GRACE_SECONDS,
-                 fleet: Any = None, scale_interval: float = 5.0) -> None:
+                 fleet: Any = None, scale_interval: float = 5.0, journal: Journal | None = None,
+                 first_bundle: int = 0) -> None:
         self.backend = backend
         self.fleet = fleet  # provisioning.Fleet in remote mode with --provision
+        self.journal = journal
         self._scale_interval = scale_interval
-        self.dispatcher = Dispatcher(backend, self._on_results, self._on_finished)
+        self.dispatcher = Dispatcher(backend, self._on_results, self._on_finished, first_bundle)
         self._token = token
         self._result_ttl = result_ttl
         self._task_timeout = task_timeout
@@ -116,6 +130,8 @@ class Scheduler:
         self._force = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal)
+        if self.journal is not None:
+            await self._restore_jobs()
         server = await asyncio.start_server(self._serve_peer, host, port)
         bound = server.sockets[0].getsockname()
         print(f"listening on {_format_address(bound[0], bound[1])}", flush=True)
@@ -136,6 +152,17 @@ class Scheduler:
         await loop.run_in_executor(None, receiver.join)
         await loop.run_in_executor(None, self.backend.close, finished)
         return 1 if self._backend_failed else 0
+
+    async def _restore_jobs(self) -> None:
+        store = self.journal.store
+        jobs = await asyncio.wrap_future(self.journal.call(store.load, time.time() - self._result_ttl))
+        unfinished = [job for job in jobs if job.finished_at is None]
+        for job in jobs:
+            self.dispatcher.restore(job)
+        if jobs:
+            log.info("job store: %d finished job(s) kept, %d unfinished resumed with %d task(s) to run",
+                     len(jobs) - len(unfinished), len(unfinished),
+                     sum(job.total - job.done_count for job in unfinished))
 
     def _on_signal(self) -> None:
         # Runs in the event loop: only set flags, the main coroutine does the work.
@@ -196,21 +223,26 @@ class Scheduler:
     async def _housekeeping(self, parent_pid: int | None) -> None:
         """Expire unclaimed results; stop if the parent that started us is gone."""
         last_expiry = time.monotonic()
+        expiry_check = min(EXPIRY_CHECK_SECONDS, max(self._result_ttl / 2, 0.5))
         while True:
             await asyncio.sleep(0.5)
             if parent_pid is not None and os.getppid() != parent_pid:
                 log.warning("parent process %d is gone: stopping", parent_pid)
                 self._force.set()
                 self._shutdown.set()
-            if time.monotonic() - last_expiry >= EXPIRY_CHECK_SECONDS:
+            if time.monotonic() - last_expiry >= expiry_check:
                 last_expiry = time.monotonic()
-                self._expire_results(last_expiry)
+                self._expire_results()
 
-    def _expire_results(self, now: float) -> None:
-        for job in list(self.dispatcher.jobs.values()):
-            if job.finished_at is not None and now - job.finished_at > self._result_ttl:
-                log.info("job %s: results expired unclaimed", job.id)
-                self._forget(job)
+    def _expire_results(self) -> None:
+        now = time.time()
+        expired = [job for job in self.dispatcher.jobs.values()
+                   if job.finished_at is not None and now - job.finished_at > self._result_ttl]
+        for job in expired:
+            log.info("job %s: results expired", job.id)
+            self._forget(job)
+        if expired and self.journal is not None:
+            self.journal.call(self.journal.store.remove, [job.id for job in expired])
 
     # --- connections --------------------------------------------------------------
 
@@ -260,44 +292,75 @@ class Scheduler:
         if kind == "job_open":
             self._open_job(peer, message)
         elif kind == "tasks":
-            job = self._open_job_of(peer, message["job"])
-            tasks = message["tasks"]
-            if not all(type(t) is str for t in tasks):
-                raise BadRequest("bad_request", "tasks must be strings")
-            if tasks and max(map(len, tasks)) * 4 > MAX_COMMAND_BYTES and \
-                    max(len(t.encode()) for t in tasks) > MAX_COMMAND_BYTES:
-                raise BadRequest("bad_request", f"a task is longer than {MAX_COMMAND_BYTES} bytes")
-            if job.total + len(tasks) > MAX_JOB_TASKS:
-                raise BadRequest("too_large", f"a job holds at most {MAX_JOB_TASKS} tasks")
-            self.dispatcher.add_tasks(job, tasks)
+            self.add_tasks(self._open_job_of(peer, message["job"]), message["tasks"])
         elif kind == "job_close":
             job = self._open_job_of(peer, message["job"])
             if message["count"] != job.total:
                 raise BadRequest("count_mismatch", f"job {job.id}: client sent {message['count']} "
                                  f"tasks, scheduler received {job.total}")
             del peer.open_jobs[job.id]
-            peer.send(protocol.encode({"type": "job_accepted", "job": job.id, "count": job.total}))
+            peer.send(self._accepted(job))
             self.dispatcher.close_job(job)
         elif kind == "fetch":
             job = self.dispatcher.jobs.get(message["job"])
             if job is None:
                 raise BadRequest("unknown_job", f"no job {message['job']!r} "
-                                 "(never submitted, or its results were delivered or expired)")
-            asyncio.create_task(self._send_when_finished(peer, job))
+                                 "(never submitted, or its results expired"
+                                 f"{'' if self.journal else ' or were delivered'})")
+            asyncio.create_task(self._send_when_finished(peer, job, message.get("commands") is True))
         else:
             raise BadRequest("bad_request", f"a client does not send {kind!r}")
 
-    def _open_job(self, peer: _Peer, message: dict[str, Any]) -> None:
+    def open_job(self, timeout: object = None) -> Job:
+        """A new job, recorded in the store; BadRequest if none can be opened."""
         if self._stopping:
             raise BadRequest("shutting_down", "scheduler is shutting down")
-        timeout = message.get("timeout", self._task_timeout)
-        if timeout is not None and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)
-                                    or timeout <= 0):
+        if timeout is None:
+            timeout = self._task_timeout
+        elif not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
             raise BadRequest("bad_request", "timeout must be a positive number of seconds")
+        job = self.dispatcher.open_job(timeout)
+        if self.journal is not None:
+            self.journal.record(JobOpened(job.id, job.created_at, job.timeout))
+        return job
+
+    def add_tasks(self, job: Job, tasks: list[Any]) -> None:
+        """Check and add tasks to an open job, recording them in the store."""
+        if not all(type(t) is str for t in tasks):
+            raise BadRequest("bad_request", "tasks must be strings")
+        if tasks and max(map(len, tasks)) * 4 > MAX_COMMAND_BYTES and \
+                max(len(t.encode()) for t in tasks) > MAX_COMMAND_BYTES:
+            raise BadRequest("bad_request", f"a task is longer than {MAX_COMMAND_BYTES} bytes")
+        if job.total + len(tasks) > MAX_JOB_TASKS:
+            raise BadRequest("too_large", f"a job holds at most {MAX_JOB_TASKS} tasks")
+        if self.journal is not None and tasks:
+            self.journal.record(TasksAdded(job.id, job.total, tasks))
+        self.dispatcher.add_tasks(job, tasks)
+
+    async def written(self) -> None:
+        """Once everything recorded so far is in the store (at once without one)."""
+        if self.journal is not None:
+            await asyncio.wrap_future(self.journal.written())
+
+    def _accepted(self, job: Job) -> Outgoing:
+        """``job_accepted``, held back until the job's tasks are in the store."""
+        frame = protocol.encode({"type": "job_accepted", "job": job.id, "count": job.total})
+        if self.journal is None:
+            return frame
+
+        async def once_written() -> bytes:
+            try:
+                await self.written()
+            except BackendError as exc:
+                return protocol.encode(protocol.error_message("store_failed", str(exc)))
+            return frame
+        return asyncio.ensure_future(once_written())
+
+    def _open_job(self, peer: _Peer, message: dict[str, Any]) -> None:
         callback = message.get("callback")
         if callback is not None and not _valid_callback(callback):
             raise BadRequest("bad_request", "callback must be {\"port\": 1-65535, \"nonce\": string}")
-        job = self.dispatcher.open_job(timeout)
+        job = self.open_job(message.get("timeout"))
         peer.open_jobs[job.id] = job
         if message.get("stream", True):
             self._subscribers[job.id] = peer
@@ -315,16 +378,23 @@ class Scheduler:
 
     # --- results ------------------------------------------------------------------
 
-    def _on_results(self, job: Job, batch: Any) -> None:
+    def _on_results(self, job: Job, batch: ResultBatch) -> None:
+        if self.journal is not None:
+            self.journal.record(ResultsAdded(job.id, batch))
         peer = self._subscribers.get(job.id)
         if peer is not None:
             peer.send(protocol.encode(protocol.results_message(batch)))
 
     def _on_finished(self, job: Job) -> None:
+        if self.journal is not None:
+            succeeded = job.done_count - job.failed_count
+            self.journal.record(JobFinished(job.id, job.total, job.finished_at, succeeded, job.failed_count))
+            job.release()  # the store has it all, and fetches read it from there
         peer = self._subscribers.pop(job.id, None)
         if peer is not None:
             peer.send(protocol.encode(_done_message(job)))
-            peer.send(lambda: self._forget(job))  # delivered: nothing left to keep
+            if self.journal is None:
+                peer.send(lambda: self._forget(job))  # delivered: nothing left to keep
         for waiter in self._fetchers.pop(job.id, []):
             if not waiter.done():
                 waiter.set_result(None)
@@ -332,15 +402,36 @@ class Scheduler:
         if callback is not None:
             asyncio.get_running_loop().create_task(self._call_back(job, *callback))
 
-    async def _send_when_finished(self, peer: _Peer, job: Job) -> None:
+    async def wait_finished(self, job: Job) -> None:
         if not job.finished:
             waiter = asyncio.get_running_loop().create_future()
             self._fetchers.setdefault(job.id, []).append(waiter)
             await waiter
-        for batch in job.results:
+
+    async def read_job(self, job: Job, commands: bool) -> tuple[list[str], list[ResultBatch]]:
+        """A finished job's tasks (if ``commands``) and results, from memory or the store."""
+        if self.journal is None:
+            return (job.commands if commands else []), job.results or []
+        store = self.journal.store
+        results = await asyncio.wrap_future(self.journal.call(store.read_results, job.id))
+        tasks = await asyncio.wrap_future(self.journal.call(store.read_commands, job.id)) if commands else []
+        return tasks, results
+
+    async def _send_when_finished(self, peer: _Peer, job: Job, commands: bool) -> None:
+        await self.wait_finished(job)
+        try:
+            tasks, results = await self.read_job(job, commands)
+        except BackendError as exc:
+            peer.send(protocol.encode(protocol.error_message("store_failed", str(exc))))
+            return
+        peer.send(protocol.encode({"type": "job_accepted", "job": job.id, "count": job.total}))
+        for message in protocol.task_messages(job.id, tasks):
+            peer.send(protocol.encode(message))
+        for batch in results:
             peer.send(protocol.encode(protocol.results_message(batch)))
         peer.send(protocol.encode(_done_message(job)))
-        peer.send(lambda: self._forget(job))
+        if self.journal is None:
+            peer.send(lambda: self._forget(job))
 
     async def _call_back(self, job: Job, host: str, port: int, nonce: str) -> None:
         """Tell a client listening at host:port that its job is ready to fetch."""
@@ -448,8 +539,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--task-timeout", type=float, metavar="SECONDS", default=None,
                         help="kill a task's process group after this long (default: no limit)")
     parser.add_argument("--result-ttl", type=float, metavar="SECONDS", default=DEFAULT_RESULT_TTL_SECONDS,
-                        help="keep undelivered results of a finished job this long "
-                             f"(default: {DEFAULT_RESULT_TTL_SECONDS:g})")
+                        help="keep a finished job and its results this long "
+                             f"(default: {DEFAULT_RESULT_TTL_SECONDS:g}, a day)")
+    state = parser.add_argument_group("job store (jobs survive a restart on the same store)")
+    state.add_argument("--state", metavar="PATH|NAME",
+                       help="local mode: SQLite file of jobs and results (default: "
+                            "$XDG_DATA_HOME/cloudkon/jobs.sqlite; ':memory:' keeps them in memory); "
+                            "remote mode: this scheduler's name in the jobs table, also naming its "
+                            "response queue (default: a new random name, not resumable)")
+    state.add_argument("--jobs-table", default="cloudkon-jobs",
+                       help="remote mode: DynamoDB table of jobs and results (default: cloudkon-jobs)")
+    state.add_argument("--no-state", action="store_true",
+                       help="keep jobs in memory only: results are dropped once delivered")
     parser.add_argument("--grace", type=float, metavar="SECONDS", default=DEFAULT_GRACE_SECONDS,
                         help="on shutdown, wait this long for tasks in flight before failing them "
                              f"(default: {DEFAULT_GRACE_SECONDS:g})")
@@ -462,8 +563,12 @@ def create_backend(args: argparse.Namespace) -> Backend:
     if args.remote:
         if args.in_flight is not None and args.in_flight < 1:
             raise ConfigError("--in-flight needs at least 1")
+        from aws import RESPONSE_QUEUE_PREFIX
         from sqsbackend import SQSBackend  # boto3 is loaded in remote mode only
-        options = {"request_queue": args.request_queue, "response_queue": args.response_queue,
+        response_queue = args.response_queue
+        if response_queue is None and args.state and not args.no_state:
+            response_queue = f"{RESPONSE_QUEUE_PREFIX}{args.state}"  # a restart finds results sent meanwhile
+        options = {"request_queue": args.request_queue, "response_queue": response_queue,
                    "claim_table": args.table, "in_flight": args.in_flight,
                    "visibility_timeout": args.visibility_timeout}
         return SQSBackend(**{name: value for name, value in options.items() if value is not None})
@@ -472,6 +577,24 @@ def create_backend(args: argparse.Namespace) -> Backend:
     if workers < 1:
         raise ConfigError("--local needs at least 1 worker")
     return LocalBackend(workers)
+
+
+def default_state_path() -> Path:
+    data_home = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(data_home) / "cloudkon" / "jobs.sqlite"
+
+
+def create_journal(args: argparse.Namespace) -> Journal | None:
+    """The job store chosen by --state / --no-state / --jobs-table, behind its journal."""
+    if args.no_state:
+        return None
+    if args.remote:
+        from dynamostore import DynamoJobStore  # boto3 is loaded in remote mode only
+        store: JobStore = DynamoJobStore(args.jobs_table, args.state)
+    else:
+        store = SQLiteJobStore(args.state or str(default_state_path()))
+    log.info("job store: %s", store.describe())
+    return Journal(store)
 
 
 def create_fleet(args: argparse.Namespace) -> Any:
@@ -514,11 +637,17 @@ def main(argv: list[str] | None = None) -> int:
             fleet.remove_resources()
             return 0
         backend = create_backend(args)
+        journal = create_journal(args)
+        # Bundle numbers of each start are apart, so a restart never reuses one (remote
+        # claims are per job and bundle number).
+        first_bundle = journal.call(journal.store.start).result() << 32 if journal else 0
     except CloudKonError as exc:
+        if "backend" in locals():
+            backend.close(wait=False)
         print(f"scheduler.py: error: {exc}", file=sys.stderr)
         return 2
     scheduler = Scheduler(backend, args.token or None, args.result_ttl, args.task_timeout, args.grace,
-                          fleet, args.scale_interval)
+                          fleet, args.scale_interval, journal, first_bundle)
     try:
         return asyncio.run(scheduler.serve(args.host, args.port, args.exit_with_parent))
     except OSError as exc:
@@ -526,6 +655,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"scheduler.py: error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}",
               file=sys.stderr)
         return 2
+    finally:
+        if journal is not None:
+            journal.close()
 
 
 if __name__ == "__main__":

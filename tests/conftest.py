@@ -71,10 +71,12 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.fixture
-def start_scheduler():
+def start_scheduler(tmp_path_factory):
     started: list[SchedulerProcess] = []
 
     def start(*args: str, env: dict[str, str] | None = None) -> SchedulerProcess:
+        if not {"--state", "--no-state", "--remote"} & set(args):  # a store of its own, not the user's
+            args += ("--state", str(tmp_path_factory.mktemp("state") / "jobs.sqlite"))
         sched = SchedulerProcess(list(args), env)
         started.append(sched)
         return sched

@@ -7,8 +7,7 @@ from tasks import ResultBatch
 
 def _job(n: int) -> Job:
     job = Job("j", None)
-    job.commands = ["true"] * n
-    job.done = bytearray(n)
+    job.add_tasks(["true"] * n)
     job.closed = True
     return job
 

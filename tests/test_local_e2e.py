@@ -191,6 +191,7 @@ def test_disconnected_client_job_runs_on_and_can_be_fetched(start_scheduler):
     sock.close()  # gone before any result
     again = sched.hello()
     protocol.send(again, {"type": "fetch", "job": job})
+    assert protocol.receive(again) == {"type": "job_accepted", "job": job, "count": 2}
     results, message = [], protocol.receive(again)
     while message["type"] == "results":
         results += message["outputs"]

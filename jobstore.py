@@ -1,0 +1,330 @@
+"""The job store: jobs, their tasks and results, kept where a restarted scheduler finds them.
+
+Owns the durable side of a job (the cursor a client can come back with): what is
+written, when, and how a scheduler reads its unfinished jobs back after a crash.
+Two stores share one interface: ``SQLiteJobStore`` (a file, local mode) and
+``DynamoJobStore`` (a DynamoDB table, remote mode: dynamostore.py, which alone
+loads boto3).
+
+Off the hot path: the scheduler hands records to a ``Journal``, whose one thread
+writes them in order, many per transaction (tasks as whole submission frames,
+results as whole batches: about a thousand writes for a million tasks).  The
+scheduler waits for the journal only where a promise depends on it: a job is
+accepted once its tasks are written.  Results are written within WRITE_DELAY_SECONDS;
+a scheduler killed before that runs those tasks again after its restart (each task
+still gets exactly one result).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import fcntl
+import json
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import IO, Any, NamedTuple
+
+import protocol
+from errors import BackendError, ConfigError
+from jobs import Job
+from tasks import ResultBatch
+
+log = logging.getLogger("cloudkon.jobstore")
+
+# How long the journal gathers records into one write: longer means fewer, larger
+# transactions; it is also how much finished work a crash can make run again.
+WRITE_DELAY_SECONDS = 0.05
+
+
+class JobOpened(NamedTuple):
+    job: str
+    created_at: float
+    timeout: float | None
+
+
+class TasksAdded(NamedTuple):
+    job: str
+    start: int  # id of the first task
+    commands: list[str]
+
+
+class ResultsAdded(NamedTuple):
+    job: str
+    batch: ResultBatch
+
+
+class JobFinished(NamedTuple):
+    job: str
+    total: int
+    finished_at: float
+    succeeded: int
+    failed: int
+
+
+Record = JobOpened | TasksAdded | ResultsAdded | JobFinished
+
+
+class JobStore(ABC):
+    """Where jobs outlive the scheduler process.  Used from one thread (the journal's)."""
+
+    @abstractmethod
+    def start(self) -> int:
+        """Count one more scheduler start on this store and return the count."""
+
+    @abstractmethod
+    def load(self, finished_since: float) -> list[Job]:
+        """The jobs not finished before ``finished_since`` (older ones are removed).
+
+        Unfinished jobs come with their tasks and which of them have results; finished
+        ones only with their counts (``Job.release``d).  A job whose submission was cut
+        short is closed with the tasks it has.
+        """
+
+    @abstractmethod
+    def write(self, records: list[Record]) -> None:
+        """Apply ``records`` in order."""
+
+    @abstractmethod
+    def read_commands(self, job_id: str) -> list[str]:
+        """A job's tasks in submission order."""
+
+    @abstractmethod
+    def read_results(self, job_id: str) -> list[ResultBatch]:
+        """Every result batch written for a job."""
+
+    @abstractmethod
+    def remove(self, job_ids: Iterable[str]) -> None:
+        """Delete these jobs and everything of theirs."""
+
+    @abstractmethod
+    def describe(self) -> str:
+        """Where the jobs are, for the log."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the store's connection or file."""
+
+
+def restore_job(job_id: str, created_at: float, timeout: float | None, commands: list[str],
+                batches: Iterable[ResultBatch]) -> Job:
+    """A job rebuilt from what a store holds: results replayed, the rest to run."""
+    job = Job(job_id, timeout, created_at)
+    job.results = None
+    job.add_tasks(commands)
+    for batch in batches:
+        job.undispatched -= len(job.keep_new(batch))
+    job.closed = True
+    return job
+
+
+def finished_job(job_id: str, created_at: float, total: int, finished_at: float,
+                 succeeded: int, failed: int) -> Job:
+    """A finished job as the scheduler keeps it until its results expire: counts only."""
+    job = Job(job_id, None, created_at)
+    job.release()
+    job.total, job.closed, job.finished_at = total, True, finished_at
+    job.done_count, job.failed_count = succeeded + failed, failed
+    return job
+
+
+def encode_results(batch: ResultBatch) -> bytes:
+    return protocol.encode_body(protocol.results_message(batch))
+
+
+def decode_results(body: bytes) -> ResultBatch:
+    return protocol.results_from_message(protocol.decode(body))
+
+
+class SQLiteJobStore(JobStore):
+    """Jobs in an SQLite file (or ``:memory:``), written ahead (WAL) so a write is cheap."""
+
+    _SCHEMA = """
+        CREATE TABLE IF NOT EXISTS starts (n INTEGER PRIMARY KEY AUTOINCREMENT, at REAL);
+        CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, created_at REAL, timeout REAL,
+            total INTEGER, finished_at REAL, succeeded INTEGER, failed INTEGER);
+        CREATE TABLE IF NOT EXISTS tasks (job TEXT, start INTEGER, commands TEXT,
+            PRIMARY KEY (job, start));
+        CREATE TABLE IF NOT EXISTS results (n INTEGER PRIMARY KEY AUTOINCREMENT, job TEXT, batch BLOB);
+        CREATE INDEX IF NOT EXISTS results_by_job ON results (job);
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._lock = None if path == ":memory:" else _lock_beside(Path(path))
+        try:
+            # Opened here, used by the journal thread only.
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            # A crashed process loses nothing a commit returned for; only a power cut
+            # could lose the last commits (synchronous=NORMAL), and they would run again.
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(self._SCHEMA)
+        except sqlite3.Error as exc:
+            raise ConfigError(f"cannot use {path} as the job store: {exc}") from exc
+
+    def start(self) -> int:
+        with self._db:
+            return self._db.execute("INSERT INTO starts (at) VALUES (?)", (time.time(),)).lastrowid
+
+    def load(self, finished_since: float) -> list[Job]:
+        db = self._db
+        expired = [row[0] for row in db.execute(
+            "SELECT id FROM jobs WHERE finished_at < ?", (finished_since,))]
+        self.remove(expired)
+        jobs = []
+        for job_id, created_at, timeout, total, finished_at, succeeded, failed in db.execute(
+                "SELECT * FROM jobs ORDER BY created_at").fetchall():
+            if finished_at is not None:
+                jobs.append(finished_job(job_id, created_at, total, finished_at, succeeded, failed))
+            else:
+                jobs.append(restore_job(job_id, created_at, timeout, self.read_commands(job_id),
+                                        self.read_results(job_id)))
+        return jobs
+
+    def write(self, records: list[Record]) -> None:
+        db = self._db
+        with db:
+            db.execute("BEGIN")
+            for record in records:
+                if isinstance(record, ResultsAdded):
+                    db.execute("INSERT INTO results (job, batch) VALUES (?, ?)",
+                               (record.job, encode_results(record.batch)))
+                elif isinstance(record, TasksAdded):
+                    db.execute("INSERT OR REPLACE INTO tasks VALUES (?, ?, ?)",
+                               (record.job, record.start, json.dumps(record.commands)))
+                elif isinstance(record, JobOpened):
+                    db.execute("INSERT OR REPLACE INTO jobs (id, created_at, timeout) VALUES (?, ?, ?)",
+                               (record.job, record.created_at, record.timeout))
+                else:
+                    db.execute("UPDATE jobs SET total = ?, finished_at = ?, succeeded = ?, failed = ? "
+                               "WHERE id = ?", (record.total, record.finished_at, record.succeeded,
+                                                record.failed, record.job))
+
+    def read_commands(self, job_id: str) -> list[str]:
+        commands: list[str] = []
+        for (chunk,) in self._db.execute("SELECT commands FROM tasks WHERE job = ? ORDER BY start",
+                                         (job_id,)):
+            commands.extend(json.loads(chunk))
+        return commands
+
+    def read_results(self, job_id: str) -> list[ResultBatch]:
+        return [decode_results(body) for (body,) in self._db.execute(
+            "SELECT batch FROM results WHERE job = ? ORDER BY n", (job_id,))]
+
+    def remove(self, job_ids: Iterable[str]) -> None:
+        rows = [(job_id,) for job_id in job_ids]
+        if not rows:
+            return
+        with self._db:
+            self._db.execute("BEGIN")
+            for table, column in (("jobs", "id"), ("tasks", "job"), ("results", "job")):
+                self._db.executemany(f"DELETE FROM {table} WHERE {column} = ?", rows)
+
+    def describe(self) -> str:
+        return f"SQLite {self.path}"
+
+    def close(self) -> None:
+        self._db.close()
+        if self._lock is not None:
+            self._lock.close()
+
+
+def _lock_beside(path: Path) -> IO[bytes]:
+    """Hold an exclusive lock on ``path``.lock: two schedulers on one store would run its jobs twice."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_name(path.name + ".lock"), "a+b")  # noqa: SIM115 (held until close)
+    except OSError as exc:
+        raise ConfigError(f"cannot use {path} as the job store: {exc.strerror or exc}") from exc
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise ConfigError(f"job store {path} is in use by another scheduler "
+                          "(give this one its own --state)") from None
+    return lock
+
+
+_IDLE = object()  # the journal's queue went quiet while gathering records
+
+
+class _Call:
+    """A read (or, with no function, a barrier) for the journal thread, after every earlier record."""
+
+    def __init__(self, function: Callable[..., Any] | None, args: tuple[Any, ...]) -> None:
+        self.function, self.args = function, args
+        self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+
+class Journal:
+    """A store behind one thread: records are written in order, many at a time.
+
+    ``record`` never blocks.  ``written()`` and ``call()`` return futures that
+    complete once everything recorded before them is in the store.
+    """
+
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
+        self._queue: queue.SimpleQueue[Record | _Call | None] = queue.SimpleQueue()
+        self._failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="cloudkon-journal", daemon=True)
+        self._thread.start()
+
+    def record(self, record: Record) -> None:
+        self._queue.put(record)
+
+    def written(self) -> concurrent.futures.Future[Any]:
+        return self.call(None)
+
+    def call(self, function: Callable[..., Any] | None, *args: Any) -> concurrent.futures.Future[Any]:
+        call = _Call(function, args)
+        self._queue.put(call)
+        return call.future
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self.store.close()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            records: list[Record] = []
+            deadline = time.monotonic() + WRITE_DELAY_SECONDS
+            while isinstance(item, tuple):
+                records.append(item)
+                try:
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    item = _IDLE
+            if records:
+                self._write(records)
+            if item is None:
+                return
+            if isinstance(item, _Call):
+                self._answer(item)
+
+    def _write(self, records: list[Record]) -> None:
+        if self._failure is not None:
+            return
+        try:
+            self.store.write(records)
+        except (sqlite3.Error, BackendError, OSError) as exc:
+            log.error("job store failed: %s (jobs from now on are not durable)", exc)
+            self._failure = exc
+
+    def _answer(self, call: _Call) -> None:
+        if call.function is None and self._failure is not None:
+            call.future.set_exception(BackendError(f"job store failed: {self._failure}"))
+            return
+        try:
+            call.future.set_result(call.function(*call.args) if call.function else None)
+        except (sqlite3.Error, BackendError, OSError) as exc:
+            call.future.set_exception(BackendError(f"job store: {exc}"))
+
