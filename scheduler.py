@@ -32,6 +32,7 @@ from typing import Any
 import protocol
 from backend import Backend
 from errors import BackendError, BadRequest, CloudKonError, ConfigError, ProtocolError
+from httpapi import HttpApi, JobReport
 from jobs import Dispatcher, Job
 from jobstore import JobFinished, JobOpened, JobStore, Journal, ResultsAdded, SQLiteJobStore, TasksAdded
 from tasks import MAX_COMMAND_BYTES, ResultBatch
@@ -123,7 +124,8 @@ class Scheduler:
 
     # --- running ------------------------------------------------------------------
 
-    async def serve(self, host: str, port: int, parent_pid: int | None = None) -> int:
+    async def serve(self, host: str, port: int, parent_pid: int | None = None,
+                    http_port: int | None = None) -> int:
         """Serve until a signal (or the parent's exit) ends it; the exit code."""
         loop = asyncio.get_running_loop()
         self._shutdown = asyncio.Event()
@@ -134,7 +136,17 @@ class Scheduler:
             await self._restore_jobs()
         server = await asyncio.start_server(self._serve_peer, host, port)
         bound = server.sockets[0].getsockname()
+        http = None
+        if http_port is not None:
+            try:
+                http = HttpApi(host, http_port, self._token, self, loop)
+            except OSError as exc:
+                server.close()
+                raise OSError(exc.errno, f"HTTP API on port {http_port}: {exc.strerror}") from exc
+            http.start()
         print(f"listening on {_format_address(bound[0], bound[1])}", flush=True)
+        if http is not None:
+            print(f"HTTP API on http://{_format_address(*http.address)}", flush=True)
         log.info("%s backend with %d workers", self.backend.name, self.backend.workers())
         stop_receiving = threading.Event()
         receiver = threading.Thread(target=self._receive_loop, args=(loop, stop_receiving),
@@ -146,6 +158,8 @@ class Scheduler:
         housekeeping = asyncio.create_task(self._housekeeping(parent_pid))
         await self._shutdown.wait()
         server.close()
+        if http is not None:
+            await loop.run_in_executor(None, http.close)
         housekeeping.cancel()
         finished = await self._drain()
         stop_receiving.set()
@@ -326,16 +340,29 @@ class Scheduler:
 
     def add_tasks(self, job: Job, tasks: list[Any]) -> None:
         """Check and add tasks to an open job, recording them in the store."""
-        if not all(type(t) is str for t in tasks):
-            raise BadRequest("bad_request", "tasks must be strings")
-        if tasks and max(map(len, tasks)) * 4 > MAX_COMMAND_BYTES and \
-                max(len(t.encode()) for t in tasks) > MAX_COMMAND_BYTES:
-            raise BadRequest("bad_request", f"a task is longer than {MAX_COMMAND_BYTES} bytes")
-        if job.total + len(tasks) > MAX_JOB_TASKS:
-            raise BadRequest("too_large", f"a job holds at most {MAX_JOB_TASKS} tasks")
+        check_tasks(tasks, job.total)
         if self.journal is not None and tasks:
             self.journal.record(TasksAdded(job.id, job.total, tasks))
         self.dispatcher.add_tasks(job, tasks)
+
+    async def submit_job(self, tasks: list[Any]) -> str:
+        """A whole job at once (the HTTP API): its cursor, once its tasks are stored."""
+        check_tasks(tasks, 0)
+        job = self.open_job()
+        self.add_tasks(job, tasks)
+        self.dispatcher.close_job(job)
+        await self.written()
+        return job.id
+
+    async def job_report(self, cursor: str) -> JobReport | None:
+        job = self.dispatcher.jobs.get(cursor)
+        if job is None:
+            return None
+        counts = {"total": job.total, "done": job.done_count, "failed": job.failed_count}
+        if not job.finished:
+            return counts, None, []
+        tasks, results = await self.read_job(job, commands=True)
+        return counts, tasks, results
 
     async def written(self) -> None:
         """Once everything recorded so far is in the store (at once without one)."""
@@ -450,6 +477,17 @@ class Scheduler:
         self._callbacks.pop(job.id, None)
 
 
+def check_tasks(tasks: list[Any], already: int) -> None:
+    """BadRequest unless ``tasks`` may join a job of ``already`` tasks."""
+    if not all(type(t) is str for t in tasks):
+        raise BadRequest("bad_request", "tasks must be strings")
+    if tasks and max(map(len, tasks)) * 4 > MAX_COMMAND_BYTES and \
+            max(len(t.encode()) for t in tasks) > MAX_COMMAND_BYTES:
+        raise BadRequest("bad_request", f"a task is longer than {MAX_COMMAND_BYTES} bytes")
+    if already + len(tasks) > MAX_JOB_TASKS:
+        raise BadRequest("too_large", f"a job holds at most {MAX_JOB_TASKS} tasks")
+
+
 def _done_message(job: Job) -> dict[str, Any]:
     return {"type": "job_done", "job": job.id, "total": job.total,
             "succeeded": job.done_count - job.failed_count, "failed": job.failed_count}
@@ -533,6 +571,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT,
                         help=f"TCP port (default: {DEFAULT_PORT}; 0 picks a free one)")
+    parser.add_argument("--http-port", type=int, metavar="PORT",
+                        help="also serve the HTTP API (POST /tasks/submit, GET /tasks/result/CURSOR; "
+                             "docs/openapi.json) on this port of --host (0 picks a free one)")
     parser.add_argument("--token", default=os.environ.get("CLOUDKON_TOKEN"),
                         help="secret every client must present (default: $CLOUDKON_TOKEN); "
                              "required to listen on a non-loopback address")
@@ -626,8 +667,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.task_timeout is not None and args.task_timeout <= 0:
             raise ConfigError("--task-timeout must be positive")
-        if not (0 <= args.port < 65536):
-            raise ConfigError(f"--port {args.port} is not a TCP port")
+        for flag, port in (("--port", args.port), ("--http-port", args.http_port)):
+            if port is not None and not 0 <= port < 65536:
+                raise ConfigError(f"{flag} {port} is not a TCP port")
         if not args.token and not is_loopback(args.host):
             raise ConfigError(f"refusing to listen on {args.host} without --token "
                               "(or $CLOUDKON_TOKEN): anyone who can reach it could run commands")
@@ -649,11 +691,10 @@ def main(argv: list[str] | None = None) -> int:
     scheduler = Scheduler(backend, args.token or None, args.result_ttl, args.task_timeout, args.grace,
                           fleet, args.scale_interval, journal, first_bundle)
     try:
-        return asyncio.run(scheduler.serve(args.host, args.port, args.exit_with_parent))
+        return asyncio.run(scheduler.serve(args.host, args.port, args.exit_with_parent, args.http_port))
     except OSError as exc:
         backend.close(wait=False)
-        print(f"scheduler.py: error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}",
-              file=sys.stderr)
+        print(f"scheduler.py: error: cannot listen on {args.host}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     finally:
         if journal is not None:
