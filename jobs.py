@@ -111,7 +111,9 @@ class Dispatcher:
         self._on_results = on_results
         self._on_finished = on_finished
         self._ready: deque[Job] = deque()  # jobs with undispatched tasks, in turn order
-        self._in_flight: dict[int, tuple[Bundle, int]] = {}  # bundle -> (bundle, results still due)
+        # bundle number -> (bundle, its tasks without a result from it); a result for a task
+        # counts here even when another bundle delivered that task's result first.
+        self._in_flight: dict[int, tuple[Bundle, set[int]]] = {}
         # Bundle numbers are never reused, even across restarts (remote claims are per number).
         self._next_bundle = first_bundle
 
@@ -163,7 +165,7 @@ class Dispatcher:
                                self.backend.target_bundle_seconds)
             bundle = job.take_bundle(self._next_bundle, size)
             self._next_bundle += 1
-            self._in_flight[bundle.bundle] = (bundle, len(bundle.ids))
+            self._in_flight[bundle.bundle] = (bundle, set(bundle.ids))
             self.backend.submit(bundle)
             if job.undispatched:
                 self._ready.append(job)
@@ -173,10 +175,9 @@ class Dispatcher:
             job = self.jobs.get(batch.job)
             fresh = job.keep_new(batch) if job is not None else batch
             if batch.bundle in self._in_flight:
-                bundle, due = self._in_flight[batch.bundle]
-                if due - len(fresh) > 0:
-                    self._in_flight[batch.bundle] = (bundle, due - len(fresh))
-                else:
+                due = self._in_flight[batch.bundle][1]
+                due.difference_update(batch.ids)
+                if not due:
                     del self._in_flight[batch.bundle]
             if job is None or not fresh.ids:
                 continue

@@ -154,3 +154,31 @@ def test_least_privilege_policies_cover_every_call_made(remote, workload):
     sched.stop()
     assert _operations(worker_log) <= _allowed("worker")  # the scheduler created queue and table
     assert _operations(sched.proc.stderr.read()) <= _allowed("scheduler")
+
+
+def test_killed_remote_scheduler_resumes_its_jobs_from_dynamodb(remote, workload, tmp_path):
+    ran = tmp_path / "ran"
+    tasks = [f"echo {i} >> {ran}; echo out{i}" for i in range(30)]
+    tasks += [f"sleep 1; echo {i} >> {ran}; echo out{i}" for i in range(30, 36)]
+    state = ["--state", f"resume-{remote.table}", "--jobs-table", f"jobs-{remote.table}"]
+    sched = remote.scheduler(*state)
+    remote.worker("-t", "2")
+    client = start_client("-s", sched.address, "-w", workload(tasks))
+    wait_until(lambda: ran.exists() and len(ran.read_text().split()) >= 31, timeout=60)
+    time.sleep(0.5)  # past the journal's write delay
+    sched.proc.kill()
+    sched.proc.wait()
+    _, stderr = client.communicate(timeout=30)
+    assert client.returncode == 2
+    job = re.search(r"job ([0-9a-f]{16})", stderr).group(1)
+
+    again = remote.scheduler(*state)  # same name: same response queue, where results kept arriving
+    out = tmp_path / "results.jsonl"
+    fetched = run_client("-s", again.address, "--cursor", job, "-o", str(out))
+    assert fetched.returncode == 0, fetched.stderr
+    assert [r["output"] for r in read_results(out)] == [f"out{i}\n" for i in range(36)]
+    runs = {i: ran.read_text().split().count(str(i)) for i in range(36)}
+    assert all(runs[i] == 1 for i in range(30)), runs  # finished before the kill: not run again
+    assert all(runs[i] >= 1 for i in range(30, 36)), runs
+    assert again.stop() == 0
+    assert "1 unfinished resumed" in again.proc.stderr.read()
