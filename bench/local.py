@@ -4,8 +4,11 @@
     python bench/local.py --quick    # a tenth of the sizes
 
 Experiments (medians of --repeat runs, real scheduler and client processes):
-  throughput  1,000,000 `sleep 0` tasks, client file to summary, scheduler --local 2;
-              baseline: a raw multiprocessing pool of 2 doing the same with JSON both ways.
+  throughput  1,000,000 `sleep 0` tasks, client file to summary, scheduler --local 2 with its
+              job store (an SQLite file, the default); baseline: a raw multiprocessing pool of
+              2 doing the same with JSON both ways.
+  store cost  the same runs against a scheduler with --no-state (jobs in memory only),
+              interleaved with the ones above.
   efficiency  ideal time / measured time for sleep 10 (8 workers x 1,000 tasks), sleep 1
               (16 x 1,000) and sleep 1000 (8 x 4); baseline: the same sleeps in bare
               processes, no framework (what the OS itself loses to timer overshoot).
@@ -46,10 +49,11 @@ def machine() -> str:
 
 
 class Scheduler:
-    def __init__(self, workers: int) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "scheduler.py"), "--local", str(workers), "--port", "0", "-q"],
-            stdout=subprocess.PIPE, text=True)
+    def __init__(self, workers: int, state: str | None) -> None:
+        """A scheduler with ``workers`` local workers, its job store at ``state`` (None: --no-state)."""
+        store = ["--state", state] if state else ["--no-state"]
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "scheduler.py"), "--local", str(workers),
+                                      "--port", "0", "-q", *store], stdout=subprocess.PIPE, text=True)
         self.address = self.proc.stdout.readline().strip().removeprefix("listening on ")
         time.sleep(0.5)  # workers are up; not part of any measurement
 
@@ -142,13 +146,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         n = 1_000_000 // scale
         zero = write_workload(tmp, "zero.txt", ["sleep 0"] * n)
-        sched = Scheduler(2)
-        runs = [run_client(sched.address, zero) for _ in range(args.repeat)]
+        state = os.path.join(tmp, "jobs.sqlite")
+        sched, in_memory = Scheduler(2, state), Scheduler(2, None)
+        runs, unstored = [], []
+        for _ in range(args.repeat):
+            runs.append(run_client(sched.address, zero))
+            unstored.append(run_client(in_memory.address, zero)[0])
         scheduler_rss = sched.peak_rss_mb()
         sched.stop()
+        in_memory.stop()
         pool = statistics.median(raw_pool_rate(n) for _ in range(args.repeat))
-        record(f"throughput {n:,} x sleep 0", n / statistics.median(w for w, _ in runs), pool,
+        stored_rate = n / statistics.median(w for w, _ in runs)
+        record(f"throughput {n:,} x sleep 0", stored_rate, pool,
                "tasks/s", "raw multiprocessing pool, JSON both ways")
+        record("  with the job store vs without", stored_rate, n / statistics.median(unstored),
+               "tasks/s", "--no-state")
+        print(f"  job store after {args.repeat} runs: {os.path.getsize(state) / 1e6:,.0f} MB "
+              "(+ its write-ahead log)")
         rows.append({"experiment": f"peak RSS at {n:,} tasks", "cloudkon": round(scheduler_rss, 1),
                      "baseline": round(max(r for _, r in runs), 1), "ratio": "", "unit": "MB",
                      "baseline_is": "scheduler / client"})
@@ -159,7 +173,7 @@ def main() -> None:
             per_worker = max(per_worker // scale, 4) if ms < 1000 else per_worker
             path = write_workload(tmp, f"sleep{ms}.txt", [f"sleep {ms}"] * (workers * per_worker))
             ideal = per_worker * ms / 1000
-            sched = Scheduler(workers)
+            sched = Scheduler(workers, os.path.join(tmp, f"jobs{ms}.sqlite"))
             walls = [run_client(sched.address, path)[0] for _ in range(args.repeat)]
             sched.stop()
             bare = statistics.median(bare_sleep_efficiency(workers, per_worker, ms)
@@ -168,7 +182,7 @@ def main() -> None:
                    "ideal/measured", "bare sleeping processes")
 
         shell = write_workload(tmp, "true.txt", ["true"] * (5000 // scale))
-        sched = Scheduler(2)
+        sched = Scheduler(2, os.path.join(tmp, "jobs-shell.sqlite"))
         ours = statistics.median(run_client(sched.address, shell)[0] for _ in range(args.repeat))
         sched.stop()
         xargs = []
