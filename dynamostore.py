@@ -18,7 +18,6 @@ back unprocessed; a Query returns one partition's items in sort-key order, a pag
 from __future__ import annotations
 
 import json
-import secrets
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -49,9 +48,9 @@ _RETRY_PAUSE_SECONDS = 0.2
 class DynamoJobStore(JobStore):
     """Jobs of the scheduler named ``name`` in table ``table`` (created if missing)."""
 
-    def __init__(self, table: str, name: str | None = None) -> None:
+    def __init__(self, table: str, name: str) -> None:
         self.table = table
-        self.name = name or secrets.token_hex(4)
+        self.name = name
         self._dynamodb = aws.client("dynamodb")
         aws.ensure_table(self._dynamodb, table, [("job", "HASH"), ("part", "RANGE")])
         self._meta: dict[str, dict[str, Any]] = {}  # job id -> its "job" item

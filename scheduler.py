@@ -587,7 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="local mode: SQLite file of jobs and results (default: "
                             "$XDG_DATA_HOME/cloudkon/jobs.sqlite; ':memory:' keeps them in memory); "
                             "remote mode: this scheduler's name in the jobs table, also naming its "
-                            "response queue (default: a new random name, not resumable)")
+                            "response queue (default: a new random name, logged at start)")
     state.add_argument("--jobs-table", default="cloudkon-jobs",
                        help="remote mode: DynamoDB table of jobs and results (default: cloudkon-jobs)")
     state.add_argument("--no-state", action="store_true",
@@ -625,13 +625,17 @@ def default_state_path() -> Path:
     return Path(data_home) / "cloudkon" / "jobs.sqlite"
 
 
-def create_journal(args: argparse.Namespace) -> Journal | None:
+def create_journal(args: argparse.Namespace, backend: Backend) -> Journal | None:
     """The job store chosen by --state / --no-state / --jobs-table, behind its journal."""
     if args.no_state:
         return None
     if args.remote:
+        from aws import RESPONSE_QUEUE_PREFIX
         from dynamostore import DynamoJobStore  # boto3 is loaded in remote mode only
-        store: JobStore = DynamoJobStore(args.jobs_table, args.state)
+        # Without --state, the name of the response queue SQSBackend made up: a restart
+        # with --state NAME then finds the results that kept arriving there.
+        name = args.state or backend.response_queue.removeprefix(RESPONSE_QUEUE_PREFIX)
+        store: JobStore = DynamoJobStore(args.jobs_table, name)
     else:
         store = SQLiteJobStore(args.state or str(default_state_path()))
     log.info("job store: %s", store.describe())
@@ -679,7 +683,7 @@ def main(argv: list[str] | None = None) -> int:
             fleet.remove_resources()
             return 0
         backend = create_backend(args)
-        journal = create_journal(args)
+        journal = create_journal(args, backend)
         # Bundle numbers of each start are apart, so a restart never reuses one (remote
         # claims are per job and bundle number).
         first_bundle = journal.call(journal.store.start).result() << 32 if journal else 0

@@ -106,7 +106,8 @@ class SQSBackend(Backend):
         self._in_flight = in_flight
         self._request_url = aws.ensure_queue(self._sqs, request_queue, visibility_timeout)
         self._owns_response_queue = response_queue is None
-        response_queue = response_queue or f"{aws.RESPONSE_QUEUE_PREFIX}{secrets.token_hex(6)}"
+        self.response_queue = response_queue or f"{aws.RESPONSE_QUEUE_PREFIX}{secrets.token_hex(6)}"
+        response_queue = self.response_queue
         self._response_url = aws.ensure_queue(self._sqs, response_queue, visibility_timeout)
         aws.ensure_claim_table(dynamodb, claim_table)
         self._outbox: queue.SimpleQueue[Bundle | None] = queue.SimpleQueue()
