@@ -116,6 +116,7 @@ class Dispatcher:
         self._in_flight: dict[int, tuple[Bundle, set[int]]] = {}
         # Bundle numbers are never reused, even across restarts (remote claims are per number).
         self._next_bundle = first_bundle
+        self._held = False  # shutting down: no more bundles
 
     @property
     def idle(self) -> bool:
@@ -159,7 +160,7 @@ class Dispatcher:
     def pump(self) -> None:
         """Submit bundles, one job's at a time in turn, until the backend holds enough."""
         capacity = self.backend.capacity()
-        while self._ready and len(self._in_flight) < capacity:
+        while self._ready and len(self._in_flight) < capacity and not self._held:
             job = self._ready.popleft()
             size = bundle_size(job.avg_task_us(), job.undispatched, capacity,
                                self.backend.target_bundle_seconds)
@@ -185,6 +186,10 @@ class Dispatcher:
             if job.finished:
                 self._finish(job)
         self.pump()
+
+    def hold(self) -> None:
+        """Submit no more bundles (shutting down with a store that keeps the rest)."""
+        self._held = True
 
     def fail_undispatched(self, reason: str) -> None:
         """Report every task not yet given to the backend as failed (shutting down)."""

@@ -189,24 +189,33 @@ class Scheduler:
             self._force.set()
 
     async def _drain(self) -> bool:
-        """Stop intake, let in-flight bundles finish (or fail them), flush every client.
+        """Stop intake, let in-flight bundles finish, flush every client.
 
-        True if everything in flight finished; False if some of it was failed instead.
+        Without a job store, the tasks that cannot finish are reported failed; with one,
+        they stay in the store for the next start.  True if everything in flight finished.
         """
         self._stopping = True
+        kept = "" if self.journal is None else " (the tasks received are kept and run when it starts again)"
         for peer in self._peers:
             for job in list(peer.open_jobs.values()):
                 peer.send(protocol.encode(protocol.error_message(
-                    "shutting_down", f"scheduler is shutting down; job {job.id} was not accepted")))
+                    "shutting_down", f"scheduler is shutting down; job {job.id} was not accepted{kept}")))
                 del peer.open_jobs[job.id]
                 self.dispatcher.close_job(job)
-        self.dispatcher.fail_undispatched("scheduler shut down before this task started")
+        if self.journal is None:
+            self.dispatcher.fail_undispatched("scheduler shut down before this task started")
+        else:
+            self.dispatcher.hold()
         deadline = time.monotonic() + self._grace
         while not self.dispatcher.idle and not self._force.is_set() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         finished = self.dispatcher.idle
-        if not finished:
+        if not finished and self.journal is None:
             self.dispatcher.fail_in_flight("scheduler stopped before this task finished")
+        for job_id, peer in list(self._subscribers.items()):  # only with a store: jobs left unfinished
+            peer.send(protocol.encode(protocol.error_message(
+                "shutting_down", f"scheduler is shutting down; job {job_id} is kept in its job store and "
+                f"resumes when the scheduler starts again (then fetch it with --cursor {job_id})")))
         await asyncio.gather(*(peer.close() for peer in list(self._peers)))
         return finished
 
@@ -699,6 +708,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         backend.close(wait=False)
         print(f"scheduler.py: error: cannot listen on {args.host}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except CloudKonError as exc:  # the job store could not be read back
+        backend.close(wait=False)
+        print(f"scheduler.py: error: {exc}", file=sys.stderr)
         return 2
     finally:
         if journal is not None:

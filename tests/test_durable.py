@@ -49,6 +49,23 @@ def test_killed_scheduler_resumes_the_job_without_rerunning_finished_tasks(start
     assert "unfinished resumed" in log
 
 
+def test_sigterm_keeps_unfinished_jobs_for_the_next_start(start_scheduler, workload, tmp_path):
+    state = tmp_path / "jobs.sqlite"
+    sched = start_scheduler("--local", "2", "--state", str(state))
+    client = start_client("-s", sched.address, "-w", workload([f"sleep 0.3; echo {i}" for i in range(20)]))
+    time.sleep(1.5)
+    assert sched.stop() == 0  # finishes the tasks in flight, starts no more
+    _, stderr = client.communicate(timeout=30)
+    assert client.returncode == 2 and "is kept in its job store" in stderr
+    job = _job_id(stderr)
+
+    again = start_scheduler("--local", "2", "--state", str(state))
+    out = tmp_path / "results.jsonl"
+    fetched = run_client("-s", again.address, "--cursor", job, "-o", str(out))
+    assert fetched.returncode == 0, fetched.stderr
+    assert [r["output"] for r in read_results(out)] == [f"{i}\n" for i in range(20)]
+
+
 def test_http_cursor_survives_a_restart(start_scheduler, tmp_path):
     state = tmp_path / "jobs.sqlite"
     sched = start_scheduler("--local", "1", "--state", str(state), "--http-port", "0")

@@ -145,8 +145,9 @@ def test_small_job_is_not_stuck_behind_a_big_one(start_scheduler, workload, tmp_
     big.stderr.close()
 
 
-def test_sigterm_finishes_in_flight_and_fails_the_rest(start_scheduler, workload, tmp_path):
-    sched = start_scheduler("--local", "2")
+def test_sigterm_without_a_store_finishes_in_flight_and_fails_the_rest(start_scheduler, workload,
+                                                                         tmp_path):
+    sched = start_scheduler("--local", "2", "--no-state")
     out = tmp_path / "r.jsonl"
     client = start_client("-s", sched.address, "-w", workload(["sleep 300"] * 40), "-o", str(out))
     time.sleep(1)
@@ -163,7 +164,7 @@ def test_sigterm_finishes_in_flight_and_fails_the_rest(start_scheduler, workload
 
 
 def test_second_signal_stops_at_once(start_scheduler, workload, tmp_path):
-    sched = start_scheduler("--local", "2")
+    sched = start_scheduler("--local", "2", "--no-state")
     out = tmp_path / "r.jsonl"
     client = start_client("-s", sched.address, "-w", workload(["sleep 60000"] * 4), "-o", str(out))
     wait_until(lambda: len(sched.worker_pids()) == 2)
