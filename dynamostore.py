@@ -137,15 +137,17 @@ class DynamoJobStore(JobStore):
             self._meta.pop(job_id, None)
             self._results_written.pop(job_id, None)
             self._batch_write([{"DeleteRequest": {"Key": _key(job_id, item["part"]["S"])}}
-                               for item in self._query(job_id, "", keys_only=True)])
+                               for item in self._query(job_id, keys_only=True)])
 
     def close(self) -> None:
         """Nothing to release: the client holds no connection between calls."""
 
-    def _query(self, job_id: str, prefix: str, keys_only: bool = False) -> Iterator[dict[str, Any]]:
-        options: dict[str, Any] = {
-            "TableName": self.table, "KeyConditionExpression": "job = :job AND begins_with(part, :prefix)",
-            "ExpressionAttributeValues": {":job": {"S": job_id}, ":prefix": {"S": prefix}}}
+    def _query(self, job_id: str, prefix: str = "", keys_only: bool = False) -> Iterator[dict[str, Any]]:
+        options: dict[str, Any] = {"TableName": self.table, "KeyConditionExpression": "job = :job",
+                                   "ExpressionAttributeValues": {":job": {"S": job_id}}}
+        if prefix:  # (DynamoDB refuses an empty one)
+            options["KeyConditionExpression"] += " AND begins_with(part, :prefix)"
+            options["ExpressionAttributeValues"][":prefix"] = {"S": prefix}
         if keys_only:
             options["ProjectionExpression"] = "job, part"
         with aws_errors(f"reading job {job_id}"):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import hmac
 import ipaddress
 import logging
@@ -265,7 +266,8 @@ class Scheduler:
             log.info("job %s: results expired", job.id)
             self._forget(job)
         if expired and self.journal is not None:
-            self.journal.call(self.journal.store.remove, [job.id for job in expired])
+            removal = self.journal.call(self.journal.store.remove, [job.id for job in expired])
+            removal.add_done_callback(_log_failure)
 
     # --- connections --------------------------------------------------------------
 
@@ -484,6 +486,11 @@ class Scheduler:
         self.dispatcher.forget(job)
         self._subscribers.pop(job.id, None)
         self._callbacks.pop(job.id, None)
+
+
+def _log_failure(future: concurrent.futures.Future[Any]) -> None:
+    if future.exception() is not None:
+        log.error("%s", future.exception())
 
 
 def check_tasks(tasks: list[Any], already: int) -> None:

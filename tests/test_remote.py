@@ -52,9 +52,13 @@ def test_worker_killed_mid_task_its_bundle_runs_again(remote, workload, tmp_path
     client.stderr.close()
 
 
+def _emulator_client(service: str, env: dict[str, str]):
+    return boto3.client(service, endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                        aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
 def test_duplicate_delivery_runs_the_bundle_once(remote, tmp_path):
-    sqs = boto3.client("sqs", endpoint_url=remote.env["AWS_ENDPOINT_URL"], region_name="us-east-1",
-                       aws_access_key_id="testing", aws_secret_access_key="testing")
+    sqs = _emulator_client("sqs", remote.env)
     request_url = sqs.create_queue(QueueName=remote.request_queue)["QueueUrl"]
     reply_url = sqs.create_queue(QueueName=remote.request_queue + "-replies")["QueueUrl"]
     ran = tmp_path / "ran"
@@ -182,3 +186,22 @@ def test_killed_remote_scheduler_resumes_its_jobs_from_dynamodb(remote, workload
     assert all(runs[i] >= 1 for i in range(30, 36)), runs
     assert again.stop() == 0
     assert "1 unfinished resumed" in again.proc.stderr.read()
+
+
+def test_remote_results_expire_from_the_jobs_table(remote, workload):
+    table = f"jobs-{remote.table}"
+    sched = remote.scheduler("--jobs-table", table, "--result-ttl", "1")
+    remote.worker("-t", "2")
+    submitted = run_client("-s", sched.address, "-w", workload(["echo a", "echo b"]))
+    assert submitted.returncode == 0
+    job = re.search(r"job ([0-9a-f]{16})", submitted.stderr).group(1)
+    dynamodb = _emulator_client("dynamodb", remote.env)
+
+    def items() -> list[str]:
+        answer = dynamodb.query(TableName=table, KeyConditionExpression="job = :job",
+                                ExpressionAttributeValues={":job": {"S": job}})
+        return sorted(item["part"]["S"] for item in answer["Items"])
+    assert items()[:2] == ["job", "r#000000000000"] and items()[-1] == "t#000000000000"
+    wait_until(lambda: not items(), timeout=15, interval=0.5)
+    gone = run_client("-s", sched.address, "--cursor", job)
+    assert gone.returncode == 2 and "unknown_job" in gone.stderr
