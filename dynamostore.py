@@ -95,7 +95,9 @@ class DynamoJobStore(JobStore):
         items: dict[tuple[str, str], dict[str, Any]] = {}
         for record in records:
             for item in self._items(record):
-                items[(item["job"]["S"], item["part"]["S"])] = item
+                key = (item["job"]["S"], item["part"]["S"])
+                items.pop(key, None)  # a job's finished marker goes after its results
+                items[key] = item
         self._batch_write([{"PutRequest": {"Item": item}} for item in items.values()])
 
     def _items(self, record: Record) -> Iterator[dict[str, Any]]:

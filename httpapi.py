@@ -16,6 +16,7 @@ the same jobs as over the TCP protocol, with the same cursors and the same store
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hmac
 import json
 import logging
@@ -32,6 +33,13 @@ log = logging.getLogger("cloudkon.http")
 # Largest request body accepted, checked against Content-Length before reading:
 # about a million short tasks.
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
+# Requests handled at once (each may hold a body of up to MAX_REQUEST_BYTES); more are
+# answered 503 at once rather than queued.
+MAX_CONCURRENT_REQUESTS = 8
+# A client this slow to send its request (or silent on a kept-alive connection) is dropped.
+SOCKET_TIMEOUT_SECONDS = 60
+# Longest wait for the scheduler's answer (reading a big job's results from the store).
+ANSWER_TIMEOUT_SECONDS = 300
 
 # A job's counts ("total", "done", "failed"), tasks (None until it has finished) and results.
 JobReport = tuple[dict[str, int], list[str] | None, list[ResultBatch]]
@@ -67,6 +75,7 @@ class HttpApi:
         self.token = token
         self.service = service
         self.loop = loop
+        self.slots = threading.BoundedSemaphore(MAX_CONCURRENT_REQUESTS)
         handler = type("Handler", (_Handler,), {"api": self})
         self._server = ThreadingHTTPServer((host, port), handler)
         self._server.daemon_threads = True
@@ -83,13 +92,19 @@ class HttpApi:
 
     def call(self, coroutine: Any) -> Any:
         """Run a service coroutine on the scheduler's loop and wait for its answer."""
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        try:
+            return future.result(ANSWER_TIMEOUT_SECONDS)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise BackendError(f"the scheduler did not answer within {ANSWER_TIMEOUT_SECONDS} s") from None
 
 
 class _Handler(BaseHTTPRequestHandler):
     api: HttpApi
     protocol_version = "HTTP/1.1"
     server_version = "CloudKon"
+    timeout = SOCKET_TIMEOUT_SECONDS
 
     def do_POST(self) -> None:  # noqa: N802 (the name http.server calls)
         self._answer(self._submit if self.path == "/tasks/submit" else self._no_route)
@@ -107,13 +122,21 @@ class _Handler(BaseHTTPRequestHandler):
     do_PUT = do_DELETE = do_PATCH = _method_not_allowed  # noqa: N815
 
     def _answer(self, route: Any) -> None:
+        slot = self.api.slots.acquire(blocking=False)
         try:
+            if not slot:
+                self.close_connection = True  # its body, if any, is left unread
+                raise _Failure(HTTPStatus.SERVICE_UNAVAILABLE,
+                               f"busy: {MAX_CONCURRENT_REQUESTS} requests in progress; try again")
             self._check_token()
             status, body = route()
         except _Failure as failure:
             status, body = failure.status, {"status": "failed", "error": str(failure)}
         except BackendError as exc:
             status, body = HTTPStatus.SERVICE_UNAVAILABLE, {"status": "failed", "error": str(exc)}
+        finally:
+            if slot:
+                self.api.slots.release()
         data = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -129,7 +152,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         given = self.headers.get("Authorization", "")
         if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), token.encode())):
-            self._discard_body()
+            self.close_connection = True  # a stranger's body is not worth reading
             raise _Failure(HTTPStatus.UNAUTHORIZED, "missing or wrong token (Authorization: Bearer TOKEN)")
 
     def _no_route(self) -> tuple[HTTPStatus, dict[str, Any]]:
@@ -168,7 +191,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _read_json(self) -> Any:
         length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
+        if length is None or not (length.isascii() and length.isdigit()):
             raise _Failure(HTTPStatus.LENGTH_REQUIRED, "a request body needs a Content-Length")
         if int(length) > MAX_REQUEST_BYTES:
             self.close_connection = True  # the body is left unread
@@ -179,10 +202,12 @@ class _Handler(BaseHTTPRequestHandler):
             return json.loads(data)
         except (UnicodeDecodeError, ValueError) as exc:
             raise _Failure(HTTPStatus.BAD_REQUEST, f"the body is not JSON: {exc}") from None
+        except RecursionError:
+            raise _Failure(HTTPStatus.BAD_REQUEST, "the body is JSON nested too deeply") from None
 
     def _discard_body(self) -> None:
         length = self.headers.get("Content-Length", "0")
-        if length.isdigit() and int(length) <= MAX_REQUEST_BYTES:
+        if length.isascii() and length.isdigit() and int(length) <= MAX_REQUEST_BYTES:
             self.rfile.read(int(length))
         else:
             self.close_connection = True

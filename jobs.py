@@ -88,6 +88,8 @@ class Job:
             batch = batch.select(fresh)
         for i in batch.ids:
             done[i] = 1
+        if batch.ids and max(batch.ids) >= self.next_task:  # not from a bundle of ours: after a restart
+            self.undispatched -= sum(1 for i in batch.ids if i >= self.next_task)
         self.done_count += len(batch)
         self.failed_count += batch.failed_count()
         self.elapsed_total_us += sum(batch.elapsed_us)
@@ -162,6 +164,8 @@ class Dispatcher:
         capacity = self.backend.capacity()
         while self._ready and len(self._in_flight) < capacity and not self._held:
             job = self._ready.popleft()
+            if not job.undispatched:  # its last tasks got results from an earlier start's bundles
+                continue
             size = bundle_size(job.avg_task_us(), job.undispatched, capacity,
                                self.backend.target_bundle_seconds)
             bundle = job.take_bundle(self._next_bundle, size)

@@ -118,7 +118,7 @@ def restore_job(job_id: str, created_at: float, timeout: float | None, commands:
     job.results = None
     job.add_tasks(commands)
     for batch in batches:
-        job.undispatched -= len(job.keep_new(batch))
+        job.keep_new(batch)
     job.closed = True
     return job
 
@@ -315,16 +315,16 @@ class Journal:
             return
         try:
             self.store.write(records)
-        except (sqlite3.Error, BackendError, OSError) as exc:
+        except Exception as exc:  # any: the thread must live on to answer every waiter
             log.error("job store failed: %s (jobs from now on are not durable)", exc)
             self._failure = exc
 
     def _answer(self, call: _Call) -> None:
-        if call.function is None and self._failure is not None:
+        if self._failure is not None:  # what it would read or promise is incomplete
             call.future.set_exception(BackendError(f"job store failed: {self._failure}"))
             return
         try:
             call.future.set_result(call.function(*call.args) if call.function else None)
-        except (sqlite3.Error, BackendError, OSError) as exc:
+        except Exception as exc:  # a corrupt row, a lost connection: the caller reports it
             call.future.set_exception(BackendError(f"job store: {exc}"))
 

@@ -324,7 +324,7 @@ class Scheduler:
                 raise BadRequest("count_mismatch", f"job {job.id}: client sent {message['count']} "
                                  f"tasks, scheduler received {job.total}")
             del peer.open_jobs[job.id]
-            peer.send(self._accepted(job))
+            peer.send(self._once_written({"type": "job_accepted", "job": job.id, "count": job.total}))
             self.dispatcher.close_job(job)
         elif kind == "fetch":
             job = self.dispatcher.jobs.get(message["job"])
@@ -380,9 +380,9 @@ class Scheduler:
         if self.journal is not None:
             await asyncio.wrap_future(self.journal.written())
 
-    def _accepted(self, job: Job) -> Outgoing:
-        """``job_accepted``, held back until the job's tasks are in the store."""
-        frame = protocol.encode({"type": "job_accepted", "job": job.id, "count": job.total})
+    def _once_written(self, message: dict[str, Any]) -> Outgoing:
+        """``message``, held back until what it promises (a job's tasks or results) is in the store."""
+        frame = protocol.encode(message)
         if self.journal is None:
             return frame
 
@@ -430,7 +430,7 @@ class Scheduler:
             job.release()  # the store has it all, and fetches read it from there
         peer = self._subscribers.pop(job.id, None)
         if peer is not None:
-            peer.send(protocol.encode(_done_message(job)))
+            peer.send(self._once_written(_done_message(job)))
             if self.journal is None:
                 peer.send(lambda: self._forget(job))  # delivered: nothing left to keep
         for waiter in self._fetchers.pop(job.id, []):

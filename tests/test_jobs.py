@@ -1,8 +1,8 @@
 """Job bookkeeping: exactly one result per task, whatever a backend delivers twice."""
 
-from backend import MAX_BUNDLE_TASKS, bundle_size
-from jobs import Job
-from tasks import ResultBatch
+from backend import MAX_BUNDLE_TASKS, Backend, bundle_size
+from jobs import Dispatcher, Job
+from tasks import Bundle, ResultBatch
 
 
 def _job(n: int) -> Job:
@@ -27,3 +27,41 @@ def test_bundle_size_rule():
     assert bundle_size(10_000, 10**6, 8, 0.02) == 2  # 10 ms tasks: 20 ms worth
     assert bundle_size(1_000, 40, 16, 0.02) == 3  # near the end: an even share of what is left
     assert bundle_size(1_000, 5, 16, 0.02) == 2  # but not under an eighth of the target
+
+
+class RecordingBackend(Backend):
+    """Keeps what the dispatcher submits: the dispatcher's decisions are what is tested here."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.submitted: list[Bundle] = []
+
+    def workers(self) -> int:
+        return 1
+
+    def submit(self, bundle: Bundle) -> None:
+        self.submitted.append(bundle)
+
+    def receive(self, timeout: float) -> list[ResultBatch]:
+        return []
+
+    def close(self, wait: bool = True) -> None:
+        pass
+
+
+def _ok(job: str, bundle: int, ids: list[int]) -> ResultBatch:
+    return ResultBatch(job, bundle, ids, [0] * len(ids), [""] * len(ids), [1] * len(ids), [None] * len(ids))
+
+
+def test_tasks_with_results_from_an_earlier_start_are_not_bundled_again():
+    backend = RecordingBackend()
+    dispatcher = Dispatcher(backend, lambda job, batch: None, lambda job: None)
+    job = dispatcher.open_job()
+    dispatcher.add_tasks(job, ["true"] * 6)  # two one-task bundles fill the backend
+    dispatcher.close_job(job)
+    dispatcher.handle_results([_ok(job.id, 7, [2, 3, 4, 5])])  # a bundle of the previous start
+    for bundle in list(backend.submitted):
+        dispatcher.handle_results([_ok(job.id, bundle.bundle, bundle.ids)])
+    assert [bundle.ids for bundle in backend.submitted] == [[0], [1]]
+    assert job.finished and dispatcher.idle and job.undispatched == 0
