@@ -336,7 +336,7 @@ def report(args: argparse.Namespace, tasks: list[str], results: Results, wall: f
     if args.output:
         _write_output(results, tasks, args.output)
     if not args.quiet:
-        timing = "" if args.cursor else f", {wall:.2f} s wall, {results.total / wall:,.0f} tasks/s"
+        timing = "" if args.cursor else f", {wall:.3f} s wall, {results.total / wall:,.0f} tasks/s"
         print(f"{results.total} tasks: {results.total - results.failed} succeeded, {results.failed} "
               f"failed{timing}", file=sys.stderr)
     return EXIT_TASKS_FAILED if results.failed else EXIT_OK
