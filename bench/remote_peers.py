@@ -44,9 +44,8 @@ from types import TracebackType
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
-from local import machine  # noqa: E402
+from local import SUMMARY, machine  # noqa: E402
 
-SUMMARY = re.compile(r"(\d+) tasks: (\d+) succeeded, (\d+) failed, ([\d.]+) s wall")
 # Longer than an SQS long poll (20 s), so that a waiting ReceiveMessage is not cut off.
 UPSTREAM_TIMEOUT_SECONDS = 60
 # Per connection, not end to end: neither side may add, drop or reinterpret these.
