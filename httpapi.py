@@ -6,7 +6,8 @@ limits, authentication and the JSON shapes, documented in docs/openapi.json:
     POST /tasks/submit            {"count": 2, "tasks": ["sleep 10", "echo hi"]}
                                   -> {"status": "ok", "cursor": "..."}
     GET  /tasks/result/{cursor}   -> {"status": "completed", "tasks": [...]} once every
-                                     task is done, {"status": "not completed", ...} before
+                                     task is done, {"status": "not completed", ...} before;
+                                     ?offset=N&limit=M for a page of the tasks of a big job
 
 The server is the standard library's threading HTTP server; its threads hand every
 request to the scheduler's event loop (a ``JobService``), so jobs submitted here are
@@ -21,6 +22,7 @@ import hmac
 import json
 import logging
 import threading
+import urllib.parse
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
@@ -111,8 +113,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802
         prefix = "/tasks/result/"
-        if self.path.startswith(prefix) and "/" not in self.path[len(prefix):]:
-            self._answer(lambda: self._result(self.path[len(prefix):]))
+        path, _, query = self.path.partition("?")
+        if path.startswith(prefix) and "/" not in path[len(prefix):]:
+            self._answer(lambda: self._result(path[len(prefix):], urllib.parse.parse_qs(query)))
         else:
             self._answer(self._no_route)
 
@@ -179,7 +182,8 @@ class _Handler(BaseHTTPRequestHandler):
         log.info("job %s: %d tasks submitted over HTTP", cursor, count)
         return HTTPStatus.OK, {"status": "ok", "cursor": cursor}
 
-    def _result(self, cursor: str) -> tuple[HTTPStatus, dict[str, Any]]:
+    def _result(self, cursor: str, query: dict[str, list[str]]) -> tuple[HTTPStatus, dict[str, Any]]:
+        offset, limit = _query_number(query, "offset", 0), _query_number(query, "limit", None)
         report = self.api.call(self.api.service.job_report(cursor))
         if report is None:
             raise _Failure(HTTPStatus.NOT_FOUND, f"no job with cursor {cursor!r} (never submitted, "
@@ -187,7 +191,11 @@ class _Handler(BaseHTTPRequestHandler):
         counts, tasks, batches = report
         if tasks is None:
             return HTTPStatus.OK, {"status": "not completed", "tasks": [], **counts}
-        return HTTPStatus.OK, {"status": "completed", "tasks": task_reports(tasks, batches), **counts}
+        end = len(tasks) if limit is None else min(len(tasks), offset + limit)
+        page = {} if offset == 0 and end == len(tasks) else \
+            {"offset": offset, "next_offset": end if end < len(tasks) else None}
+        return HTTPStatus.OK, {"status": "completed", "tasks": task_reports(tasks, batches, offset, end),
+                               **counts, **page}
 
     def _read_json(self) -> Any:
         length = self.headers.get("Content-Length")
@@ -216,13 +224,24 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("%s %s", self.address_string(), format % args)
 
 
-def task_reports(tasks: list[str], batches: list[ResultBatch]) -> list[dict[str, Any]]:
-    """One object per task, in submission order."""
-    reports: list[dict[str, Any]] = [{"id": i, "command": command} for i, command in enumerate(tasks)]
+def _query_number(query: dict[str, list[str]], name: str, default: int | None) -> int | None:
+    values = query.get(name)
+    if not values:
+        return default
+    if len(values) > 1 or not (values[0].isascii() and values[0].isdigit()):
+        raise _Failure(HTTPStatus.BAD_REQUEST, f"{name} must be one whole number")
+    return int(values[0])
+
+
+def task_reports(tasks: list[str], batches: list[ResultBatch], start: int, end: int) -> list[dict[str, Any]]:
+    """One object for each task from ``start`` to ``end`` (not included), in submission order."""
+    reports: list[dict[str, Any]] = [{"id": i, "command": tasks[i]} for i in range(start, end)]
     for batch in batches:
         for task_id, code, output, elapsed, error in zip(batch.ids, batch.exit_codes, batch.outputs,
                                                          batch.elapsed_us, batch.errors, strict=True):
-            report = reports[task_id]
+            if not start <= task_id < end:
+                continue
+            report = reports[task_id - start]
             report.update(result="success" if is_success(code, error) else "failed", exit_code=code,
                           output=output, elapsed_ms=elapsed / 1000)
             if error is not None:

@@ -207,6 +207,7 @@ def main() -> None:
     import report
     report.write(summary, machine(), date.today().isoformat(), repeat, per_worker, args.quick,
                  platform.python_version())
+    print((RESULTS / "compare.md").read_text().split("\n## How each system was run")[0])
     print(f"wrote {RESULTS / 'compare.csv'}, {RESULTS / 'compare.md'} and the plots", flush=True)
 
 

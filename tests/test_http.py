@@ -144,3 +144,21 @@ def test_the_token_is_required_as_a_bearer(start_scheduler):
     assert call("GET", f"{url}/tasks/result/{accepted['cursor']}")[0] == 401
     report = poll(url, accepted["cursor"], headers={"Authorization": "Bearer s3cret"})
     assert report["tasks"][0]["output"] == "ok\n"
+
+
+def test_a_completed_job_can_be_read_in_pages(start_scheduler):
+    _, url = start_http(start_scheduler)
+    _, accepted = submit(url, [f"echo {i}" for i in range(6)])
+    whole = poll(url, accepted["cursor"])
+    assert "offset" not in whole and [t["output"] for t in whole["tasks"]] == [f"{i}\n" for i in range(6)]
+    pages, offset = [], 0
+    while offset is not None:
+        status, page = call("GET", f"{url}/tasks/result/{accepted['cursor']}?offset={offset}&limit=4",
+                            operation=("/tasks/result/{cursor}", "get"))
+        assert status == 200 and page["offset"] == offset
+        pages.append([t["id"] for t in page["tasks"]])
+        offset = page["next_offset"]
+    assert pages == [[0, 1, 2, 3], [4, 5]]
+    status, answer = call("GET", f"{url}/tasks/result/{accepted['cursor']}?limit=-1",
+                          operation=("/tasks/result/{cursor}", "get"))
+    assert status == 400 and "limit must be" in answer["error"]
