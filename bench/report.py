@@ -147,7 +147,8 @@ def write(rows: list[Any], machine: str, day: str, repeat: int, per_worker: int,
             for r in _select(rows, workload="remote")]
     out += ["", "The emulator takes milliseconds per call where AWS takes tens of them, and slows down as "
             "messages queue up: compare calls per task; tasks/s mostly measures the emulator.", "",
-            "## How each system was run", ""]
+            "## How each system was run", "",
+            "As run at the first worker count; every column changes only the worker count (1 above).", ""]
     seen: dict[str, str] = {}
     for row in rows:
         seen.setdefault(row.system, row.settings)
