@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import protocol
-from errors import CloudKonError, ConfigError, MalformedMessage, ProtocolError
+from errors import CloudKonError, ConfigError, IncompleteFrame, MalformedMessage, ProtocolError
 from tasks import ResultBatch, is_success, parse_workload
 
 log = logging.getLogger("cloudkon.client")
@@ -355,6 +355,11 @@ def submit_and_collect(host: str, port: int, token: str | None, tasks: list[str]
         progress = Progress(enabled=not args.quiet and sys.stderr.isatty())
         try:
             conn.collect(job, results, progress)
+        except (IncompleteFrame, ConnectionError) as exc:
+            if not args.scheduler:
+                raise
+            raise CloudKonError(f"{exc}: the scheduler went away; if it restarts on its job store, "
+                                f"fetch the results with --cursor {job}") from exc
         finally:
             progress.clear()
         return results
