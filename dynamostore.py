@@ -9,6 +9,9 @@ sort key ``part`` tells them apart:
     job=<id>  part=r#<n>          a results message (the protocol's JSON), the n-th of the job
     job=scheduler#<name> part=starts   how many times that scheduler started
 
+Items carry ``expires_at`` for DynamoDB's TTL (see BACKSTOP_SECONDS); the scheduler
+removes a job itself once its results expire.
+
 DynamoDB behaviour relied on: an item is at most 400 KB (items here stay under
 MAX_SQS_MESSAGE_BYTES); BatchWriteItem takes 25 puts or deletes and may hand some
 back unprocessed; a Query returns one partition's items in sort-key order, a page
@@ -40,6 +43,10 @@ from sqsbackend import response_bodies
 from tasks import ResultBatch
 
 BATCH_WRITE_ITEMS = 25
+# Every item also expires by DynamoDB's own TTL this long after --result-ttl from its
+# writing: a backstop for a scheduler that never comes back to remove its jobs.  A job
+# still running that long after its last write could not be resumed.
+BACKSTOP_SECONDS = 30 * 24 * 3600
 # Bytes of task commands per item: well under the item limit, with room for the keys.
 TASK_ITEM_BYTES = 300_000
 _RETRY_PAUSE_SECONDS = 0.2
@@ -48,11 +55,13 @@ _RETRY_PAUSE_SECONDS = 0.2
 class DynamoJobStore(JobStore):
     """Jobs of the scheduler named ``name`` in table ``table`` (created if missing)."""
 
-    def __init__(self, table: str, name: str) -> None:
+    def __init__(self, table: str, name: str, result_ttl: float) -> None:
         self.table = table
         self.name = name
+        self._lifetime = int(result_ttl) + BACKSTOP_SECONDS
         self._dynamodb = aws.client("dynamodb")
-        aws.ensure_table(self._dynamodb, table, [("job", "HASH"), ("part", "RANGE")])
+        aws.ensure_table(self._dynamodb, table, [("job", "HASH"), ("part", "RANGE")],
+                         ttl_attribute="expires_at")
         self._meta: dict[str, dict[str, Any]] = {}  # job id -> its "job" item
         self._results_written: dict[str, int] = {}  # job id -> r# items so far
 
@@ -93,8 +102,10 @@ class DynamoJobStore(JobStore):
     def write(self, records: list[Record]) -> None:
         # BatchWriteItem takes one write per item: the last one wins.
         items: dict[tuple[str, str], dict[str, Any]] = {}
+        expires_at = {"N": str(int(time.time()) + self._lifetime)}
         for record in records:
             for item in self._items(record):
+                item["expires_at"] = expires_at
                 key = (item["job"]["S"], item["part"]["S"])
                 items.pop(key, None)  # a job's finished marker goes after its results
                 items[key] = item

@@ -651,7 +651,7 @@ def create_journal(args: argparse.Namespace, backend: Backend) -> Journal | None
         # Without --state, the name of the response queue SQSBackend made up: a restart
         # with --state NAME then finds the results that kept arriving there.
         name = args.state or backend.response_queue.removeprefix(RESPONSE_QUEUE_PREFIX)
-        store: JobStore = DynamoJobStore(args.jobs_table, name)
+        store: JobStore = DynamoJobStore(args.jobs_table, name, args.result_ttl)
     else:
         store = SQLiteJobStore(args.state or str(default_state_path()))
     log.info("job store: %s", store.describe())

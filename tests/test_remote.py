@@ -197,11 +197,15 @@ def test_remote_results_expire_from_the_jobs_table(remote, workload):
     job = re.search(r"job ([0-9a-f]{16})", submitted.stderr).group(1)
     dynamodb = _emulator_client("dynamodb", remote.env)
 
-    def items() -> list[str]:
-        answer = dynamodb.query(TableName=table, KeyConditionExpression="job = :job",
-                                ExpressionAttributeValues={":job": {"S": job}})
-        return sorted(item["part"]["S"] for item in answer["Items"])
-    assert items()[:2] == ["job", "r#000000000000"] and items()[-1] == "t#000000000000"
+    def items() -> list[dict]:
+        return dynamodb.query(TableName=table, KeyConditionExpression="job = :job",
+                              ExpressionAttributeValues={":job": {"S": job}})["Items"]
+    parts = sorted(item["part"]["S"] for item in items())
+    assert parts[:2] == ["job", "r#000000000000"] and parts[-1] == "t#000000000000"
+    # DynamoDB's own TTL is the backstop should the scheduler never come back.
+    assert all(int(item["expires_at"]["N"]) > time.time() + 86400 for item in items())
+    ttl = dynamodb.describe_time_to_live(TableName=table)["TimeToLiveDescription"]
+    assert (ttl["TimeToLiveStatus"], ttl["AttributeName"]) == ("ENABLED", "expires_at")
     wait_until(lambda: not items(), timeout=15, interval=0.5)
     gone = run_client("-s", sched.address, "--cursor", job)
     assert gone.returncode == 2 and "unknown_job" in gone.stderr
