@@ -534,8 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="scheduler.py", description="Run CloudKon tasks sent by clients on worker processes.",
         epilog="Prints 'listening on HOST:PORT' on stdout when ready; logs go to stderr. "
-               "SIGINT/SIGTERM: stop taking jobs, finish tasks in flight, exit 0; a second one "
-               "stops at once.")
+               "SIGINT/SIGTERM: stop taking jobs, finish tasks in flight (the rest stay in the job "
+               "store for the next start; with --no-state they are reported failed), exit 0; a second "
+               "one stops at once.")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--local", type=int, metavar="N", default=None,
                       help="run tasks in N local worker processes (the default, with N = the CPU count)")
