@@ -64,12 +64,13 @@ class Job:
         """Up to ``size`` undispatched tasks in a row (fewer if they are long) as bundle ``number``."""
         start = self.done.find(0, self.next_task)
         stop = self.done.find(1, start, start + size)
-        end = min(start + size, self.total) if stop < 0 else stop
+        run_end = min(start + size, self.total) if stop < 0 else stop  # before a task with a result
+        end = run_end
         commands = self.commands[start:end]
         if end - start > 1 and sum(map(len, commands)) > MAX_BUNDLE_COMMAND_BYTES:
             end = start + 1
             budget = len(commands[0])
-            while end < start + size and budget + len(self.commands[end]) <= MAX_BUNDLE_COMMAND_BYTES:
+            while end < run_end and budget + len(self.commands[end]) <= MAX_BUNDLE_COMMAND_BYTES:
                 budget += len(self.commands[end])
                 end += 1
             commands = self.commands[start:end]
