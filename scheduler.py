@@ -352,15 +352,18 @@ class Scheduler:
     def add_tasks(self, job: Job, tasks: list[Any]) -> None:
         """Check and add tasks to an open job, recording them in the store."""
         check_tasks(tasks, job.total)
+        self._add_checked_tasks(job, tasks)
+
+    def _add_checked_tasks(self, job: Job, tasks: list[str]) -> None:
         if self.journal is not None and tasks:
             self.journal.record(TasksAdded(job.id, job.total, tasks))
         self.dispatcher.add_tasks(job, tasks)
 
     async def submit_job(self, tasks: list[Any]) -> str:
         """A whole job at once (the HTTP API): its cursor, once its tasks are stored."""
-        check_tasks(tasks, 0)
+        check_tasks(tasks, 0)  # before the job exists: a refused submission leaves nothing behind
         job = self.open_job()
-        self.add_tasks(job, tasks)
+        self._add_checked_tasks(job, tasks)
         self.dispatcher.close_job(job)
         await self.written()
         return job.id
