@@ -13,6 +13,10 @@ Contract, as the contract tests check it for every backend:
     possibly spread over several batches (and, for remote backends, possibly more
     than once: the caller keeps the first).  A task whose worker died is re-run or
     reported failed, never lost.
+  - ``cancel(job)`` stops a job's work: its queued tasks never start, its running
+    ones are stopped within seconds; they still get results (status cancelled, or what
+    they reached first).  It may block briefly (a remote backend records the cancel
+    durably before it returns) and may be called from any thread.
   - ``close(wait=True)`` lets workers finish what they hold; ``wait=False`` stops them now.
 """
 
@@ -72,6 +76,10 @@ class Backend(ABC):
     @abstractmethod
     def receive(self, timeout: float) -> list[ResultBatch]:
         """Result batches that arrived within ``timeout`` seconds (empty list if none)."""
+
+    @abstractmethod
+    def cancel(self, job: str) -> None:
+        """Stop the tasks of ``job``: drop the queued ones, stop the running ones."""
 
     @abstractmethod
     def close(self, wait: bool = True) -> None:

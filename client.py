@@ -4,7 +4,10 @@ Owns the user's side of a run: the command line, reading the workload, talking t
 scheduler through protocol.py (starting an embedded one when no ``-s`` is given),
 progress on a terminal, the results file, the summary and the exit code:
 0 every task succeeded, 1 some task failed, 2 usage, workload, connection or
-protocol error, 130 interrupted.
+protocol error, 3 the job was cancelled, 130 interrupted.  Also the job commands:
+``--cancel JOB`` and ``--jobs``, and Ctrl-C during a run (cancel, or leave the job
+running on its scheduler).  ``--remote`` embeds a remote-mode scheduler instead of a
+local one: the client alone then drives SQS (and, with ``--provision``, EC2).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -25,11 +29,12 @@ from typing import Any, TextIO
 
 import protocol
 from errors import CloudKonError, ConfigError, IncompleteFrame, MalformedMessage, ProtocolError
-from tasks import ResultBatch, is_success, parse_workload
+from scheduler import REMOTE_GROUP_TITLES, add_remote_arguments
+from tasks import ResultBatch, parse_workload, task_status
 
 log = logging.getLogger("cloudkon.client")
 
-EXIT_OK, EXIT_TASKS_FAILED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_TASKS_FAILED, EXIT_ERROR, EXIT_CANCELLED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 CONNECT_TIMEOUT_SECONDS = 10.0
 EMBEDDED_START_TIMEOUT_SECONDS = 60.0
@@ -48,7 +53,8 @@ class Results:
         self.errors: list[str | None] = [None] * total
         self._seen = bytearray(total)
         self.received = 0
-        self.failed = 0
+        self.failed = 0  # cancelled tasks included
+        self.cancelled = 0
 
     def add(self, batch: ResultBatch) -> None:
         seen, total = self._seen, self.total
@@ -64,6 +70,7 @@ class Results:
             self.errors[task_id] = error
         self.received += len(batch)
         self.failed += batch.failed_count()
+        self.cancelled += batch.cancelled_count()
 
     @property
     def complete(self) -> bool:
@@ -74,8 +81,7 @@ class Results:
         dumps = json.dumps
         for task_id, command in enumerate(commands):
             code, error = self.exit_codes[task_id], self.errors[task_id]
-            record = {"id": task_id, "command": command,
-                      "status": "success" if is_success(code, error) else "failed",
+            record = {"id": task_id, "command": command, "status": task_status(code, error),
                       "exit_code": code, "output": self.outputs[task_id],
                       "elapsed_ms": self.elapsed_us[task_id] / 1000}
             if error is not None:
@@ -146,6 +152,26 @@ class SchedulerConnection:
                 protocol.raise_if_error(message, "results")
 
 
+def request(host: str, port: int, token: str | None, message: dict[str, Any], answer: str) -> dict[str, Any]:
+    """Send one request on a connection of its own; the answer of type ``answer``."""
+    conn = SchedulerConnection(host, port, token)
+    try:
+        conn.send(message)
+        return conn.expect(answer)
+    finally:
+        conn.close()
+
+
+def cancel_job(host: str, port: int, token: str | None, job: str) -> dict[str, Any]:
+    """Cancel a job: the scheduler's ``cancelled`` answer (``count``: tasks stopped; ``state``)."""
+    return request(host, port, token, {"type": "cancel", "job": job}, "cancelled")
+
+
+def list_jobs(host: str, port: int, token: str | None) -> list[dict[str, Any]]:
+    """The jobs a scheduler holds, with their task counts by state."""
+    return request(host, port, token, {"type": "list_jobs"}, "jobs")["jobs"]
+
+
 def fetch_job(host: str, port: int, token: str | None, job: str,
               commands: bool = False) -> tuple[list[str], Results]:
     """A job's tasks (if ``commands``) and all its results, once it is finished."""
@@ -195,13 +221,11 @@ def run_with_callback(host: str, port: int, token: str | None, tasks: list[str],
 
 
 @contextmanager
-def embedded_scheduler(workers: int | None) -> Iterator[tuple[str, int, str]]:
-    """A scheduler process of our own on a free loopback port: (host, port, token)."""
+def embedded_scheduler(options: list[str]) -> Iterator[tuple[str, int, str]]:
+    """A scheduler process of our own on a free loopback port, with ``options``: (host, port, token)."""
     token = secrets.token_hex(16)
     command = [sys.executable, str(Path(__file__).with_name("scheduler.py")), "--port", "0",
-               "--no-state", "--quiet", "--exit-with-parent", str(os.getpid())]
-    if workers is not None:
-        command += ["--local", str(workers)]
+               "--no-state", "--quiet", "--exit-with-parent", str(os.getpid()), *options]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
                             env={**os.environ, "CLOUDKON_TOKEN": token}, start_new_session=True)
     try:
@@ -263,17 +287,49 @@ class Progress:
             sys.stderr.flush()
 
 
+def _confirm(question: str) -> bool:
+    """Ask a yes/no question on the terminal; False without one (or on end of input)."""
+    if not sys.stdin.isatty():
+        return False
+    sys.stderr.write(question)
+    sys.stderr.flush()
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
+
+
+@contextmanager
+def on_interrupt(handler: Callable[[], None]) -> Iterator[None]:
+    """Call ``handler`` on Ctrl-C (SIGINT) inside the block instead of raising KeyboardInterrupt.
+
+    A blocked socket read resumes after ``handler`` returns (PEP 475), so a frame half
+    read is not lost; ``handler`` raises KeyboardInterrupt to leave instead.
+    """
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: handler())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="client.py", description="Run a CloudKon workload (one task per line) and collect every result.",
-        epilog="Without -s, an embedded local scheduler runs the job. Exit codes: 0 every task "
-               "succeeded, 1 some task failed, 2 usage/workload/connection/protocol error, 130 interrupted.")
+        epilog="Without -s, an embedded scheduler runs the job (local worker processes, or with --remote "
+               "SQS and remote workers). Ctrl-C during a run on a scheduler (-s) asks whether to cancel the "
+               "job or leave it running there (-y: cancel without asking). Exit codes: 0 every task "
+               "succeeded, 1 some task failed, 2 usage/workload/connection/protocol error, 3 the job was "
+               "cancelled, 130 interrupted.")
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("-w", "--workload", metavar="FILE",
                       help="tasks, one per line: 'sleep N' sleeps N ms, anything else runs in /bin/sh")
     what.add_argument("--cursor", metavar="JOB",
                       help="fetch the results of a job submitted earlier (its id, printed at submission), "
                            "waiting for it to finish if needed; needs -s")
+    what.add_argument("--cancel", metavar="JOB",
+                      help="cancel a job: its tasks not started never start, its running ones are "
+                           "stopped, each gets the result 'cancelled'; needs -s")
+    what.add_argument("--jobs", action="store_true",
+                      help="list the scheduler's jobs with their tasks queued, running, succeeded, failed "
+                           "and cancelled; needs -s")
     parser.add_argument("-s", "--scheduler", metavar="HOST:PORT",
                         help="scheduler to submit to (default: start an embedded local one)")
     parser.add_argument("-o", "--output", metavar="RESULTS.jsonl",
@@ -287,18 +343,47 @@ def build_parser() -> argparse.ArgumentParser:
                         help="worker processes of the embedded scheduler (default: the CPU count)")
     parser.add_argument("--task-timeout", type=float, metavar="SECONDS",
                         help="kill a task's process group after this long and report it failed")
+    parser.add_argument("-y", "--yes", action="store_true",
+                        help="on Ctrl-C, cancel the job without asking")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress line and no summary")
+    parser.add_argument("--remote", action="store_true",
+                        help="no scheduler to run: the client drives SQS itself (scheduler.py --remote "
+                             "embedded); the remote options below apply")
+    add_remote_arguments(parser)
     return parser
+
+
+def embedded_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
+    """The command line options of the embedded scheduler: --local N, or --remote and what was given."""
+    if not args.remote:
+        return [] if args.local is None else ["--local", str(args.local)]
+    options = ["--remote"]
+    for group in parser._action_groups:
+        if group.title not in REMOTE_GROUP_TITLES:
+            continue
+        for action in group._group_actions:
+            value = getattr(args, action.dest)
+            if value in (action.default, None, False):
+                continue
+            for item in value if isinstance(value, list) else [value]:
+                options += [action.option_strings[-1]] + ([] if item is True else [str(item)])
+    return options
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="client.py: %(message)s", stream=sys.stderr)
-    if args.local is not None and args.scheduler:
-        parser.error("--local applies only to the embedded scheduler (no -s)")
-    if args.cursor and not args.scheduler:
-        parser.error("--cursor needs -s HOST:PORT (the scheduler that holds the job)")
+    if args.local is not None and (args.scheduler or args.remote):
+        parser.error("--local applies only to the embedded local scheduler (no -s, no --remote)")
+    if args.remote and args.scheduler:
+        parser.error("--remote embeds a scheduler: it does not go with -s")
+    if not args.remote and any(o != "--remote" for o in embedded_options(
+            argparse.Namespace(**{**vars(args), "remote": True}), parser)):
+        parser.error("the remote mode and provisioning options go with --remote")
+    for option, given in (("--cursor", args.cursor), ("--cancel", args.cancel), ("--jobs", args.jobs)):
+        if given and not args.scheduler:
+            parser.error(f"{option} needs -s HOST:PORT (the scheduler that holds the job)")
     if args.cursor and args.listen is not None:
         parser.error("--cursor and -l do not go together")
     if args.local is not None and args.local < 1:
@@ -306,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.task_timeout is not None and args.task_timeout <= 0:
         parser.error("--task-timeout must be positive")
     try:
-        return run(args)
+        return run(args, embedded_options(args, parser))
     except KeyboardInterrupt:
         print("client.py: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -315,20 +400,40 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, embedded: list[str]) -> int:
     start = time.monotonic()
-    if args.cursor:
+    if args.scheduler:
         host, port = parse_address(args.scheduler)
+    if args.cancel:
+        answer = cancel_job(host, port, args.token, args.cancel)
+        if answer.get("state") == "finished":
+            print(f"job {args.cancel} had finished already: nothing to cancel", file=sys.stderr)
+        else:
+            print(f"job {args.cancel} cancelled: {answer['count']} task(s) stopped", file=sys.stderr)
+        return EXIT_OK
+    if args.jobs:
+        print_jobs(list_jobs(host, port, args.token))
+        return EXIT_OK
+    if args.cursor:
         tasks, results = fetch_job(host, port, args.token, args.cursor, commands=bool(args.output))
         return report(args, tasks, results, time.monotonic() - start)
     tasks = parse_workload(args.workload)
     if args.scheduler:
-        host, port = parse_address(args.scheduler)
         results = submit_and_collect(host, port, args.token, tasks, args)
     else:
-        with embedded_scheduler(args.local) as (host, port, token):
+        with embedded_scheduler(embedded) as (host, port, token):
             results = submit_and_collect(host, port, token, tasks, args)
     return report(args, tasks, results, time.monotonic() - start)
+
+
+def print_jobs(jobs: list[dict[str, Any]]) -> None:
+    columns = ("queued", "running", "succeeded", "failed", "cancelled")
+    print(f"{'JOB':<16}  {'STATE':<9}  {'CREATED':<19}  {'TOTAL':>9}  "
+          + "  ".join(f"{c.upper():>9}" for c in columns))
+    for job in jobs:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job["created_at"]))
+        print(f"{job['job']:<16}  {job['state']:<9}  {created:<19}  {job['total']:>9}  "
+              + "  ".join(f"{job[c]:>9}" for c in columns))
 
 
 def report(args: argparse.Namespace, tasks: list[str], results: Results, wall: float) -> int:
@@ -337,8 +442,11 @@ def report(args: argparse.Namespace, tasks: list[str], results: Results, wall: f
         _write_output(results, tasks, args.output)
     if not args.quiet:
         timing = "" if args.cursor else f", {wall:.3f} s wall, {results.total / wall:,.0f} tasks/s"
-        print(f"{results.total} tasks: {results.total - results.failed} succeeded, {results.failed} "
-              f"failed{timing}", file=sys.stderr)
+        cancelled = f", {results.cancelled} cancelled" if results.cancelled else ""
+        print(f"{results.total} tasks: {results.total - results.failed} succeeded, "
+              f"{results.failed - results.cancelled} failed{cancelled}{timing}", file=sys.stderr)
+    if results.cancelled:
+        return EXIT_CANCELLED
     return EXIT_TASKS_FAILED if results.failed else EXIT_OK
 
 
@@ -353,8 +461,23 @@ def submit_and_collect(host: str, port: int, token: str | None, tasks: list[str]
             print(f"client.py: job {job} (its results again: --cursor {job})", file=sys.stderr)
         results = Results(len(tasks))
         progress = Progress(enabled=not args.quiet and sys.stderr.isatty())
+
+        def interrupted() -> None:
+            progress.clear()
+            if not args.scheduler:  # an embedded scheduler's job ends with this client: stop its tasks
+                _cancel_quietly(host, port, token, job)
+                raise KeyboardInterrupt
+            if not (args.yes or _confirm(f"cancel job {job}? [y/N] ")):
+                print(f"client.py: job {job} keeps running on {args.scheduler} (its results: --cursor {job}; "
+                      f"to cancel it: --cancel {job})", file=sys.stderr)
+                raise KeyboardInterrupt
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C leaves at once
+            answer = cancel_job(host, port, token, job)
+            print(f"client.py: job {job} cancelled: {answer['count']} task(s) stopped", file=sys.stderr)
+
         try:
-            conn.collect(job, results, progress)
+            with on_interrupt(interrupted):
+                conn.collect(job, results, progress)
         except (IncompleteFrame, ConnectionError) as exc:
             if not args.scheduler:
                 raise
@@ -365,6 +488,13 @@ def submit_and_collect(host: str, port: int, token: str | None, tasks: list[str]
         return results
     finally:
         conn.close()
+
+
+def _cancel_quietly(host: str, port: int, token: str | None, job: str) -> None:
+    try:
+        cancel_job(host, port, token, job)
+    except (CloudKonError, OSError) as exc:
+        log.warning("could not cancel job %s: %s", job, exc)
 
 
 def _write_output(results: Results, tasks: list[str], path: str) -> None:

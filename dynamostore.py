@@ -4,7 +4,7 @@ Owns the table's layout.  Every item of a job shares its partition key ``job``; 
 sort key ``part`` tells them apart:
 
     job=<id>  part=job            owner (the scheduler's --state name), created_at, timeout,
-                                  and once finished: total, finished_at, succeeded, failed
+                                  and once finished: total, finished_at, succeeded, failed, cancelled
     job=<id>  part=t#<first id>   tasks, a JSON list, split so that an item stays small
     job=<id>  part=r#<n>          a results message (the protocol's JSON), the n-th of the job
     job=scheduler#<name> part=starts   how many times that scheduler started
@@ -92,7 +92,8 @@ class DynamoJobStore(JobStore):
                 expired.append(job_id)
             elif finished_at is not None:
                 jobs.append(finished_job(job_id, created_at, int(meta["total"]["N"]), finished_at,
-                                         int(meta["succeeded"]["N"]), int(meta["failed"]["N"])))
+                                         int(meta["succeeded"]["N"]), int(meta["failed"]["N"]),
+                                         int(_number(meta, "cancelled") or 0)))
             else:
                 jobs.append(restore_job(job_id, created_at, _number(meta, "timeout"),
                                         self.read_commands(job_id), self.read_results(job_id)))
@@ -130,7 +131,8 @@ class DynamoJobStore(JobStore):
         elif isinstance(record, JobFinished):
             meta = {**self._meta.pop(record.job), "total": {"N": str(record.total)},
                     "finished_at": {"N": repr(record.finished_at)},
-                    "succeeded": {"N": str(record.succeeded)}, "failed": {"N": str(record.failed)}}
+                    "succeeded": {"N": str(record.succeeded)}, "failed": {"N": str(record.failed)},
+                    "cancelled": {"N": str(record.cancelled)}}
             self._results_written.pop(record.job, None)
             yield meta
 

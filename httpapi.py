@@ -28,7 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 
 from errors import BackendError, BadRequest
-from tasks import ResultBatch, is_success
+from tasks import ResultBatch, task_status
 
 log = logging.getLogger("cloudkon.http")
 
@@ -242,7 +242,7 @@ def task_reports(tasks: list[str], batches: list[ResultBatch], start: int, end: 
             if not start <= task_id < end:
                 continue
             report = reports[task_id - start]
-            report.update(result="success" if is_success(code, error) else "failed", exit_code=code,
+            report.update(result=task_status(code, error), exit_code=code,
                           output=output, elapsed_ms=elapsed / 1000)
             if error is not None:
                 report["error"] = error

@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 
 from backend import MAX_BUNDLE_COMMAND_BYTES, Backend, bundle_size
-from tasks import Bundle, ResultBatch, failed_batch
+from tasks import CANCELLED, Bundle, ResultBatch, failed_batch
 
 log = logging.getLogger("cloudkon.jobs")
 
@@ -41,7 +41,9 @@ class Job:
         self.undispatched = 0  # tasks in no bundle and without a result
         self.done = bytearray()  # 1 for each task with a result
         self.done_count = 0
-        self.failed_count = 0
+        self.failed_count = 0  # results that are not a success, cancelled ones included
+        self.cancelled_count = 0
+        self.cancelled = False
         self.results: list[ResultBatch] | None = []  # None: a store keeps them instead
         self.elapsed_total_us = 0
         self.created_at = time.time() if created_at is None else created_at
@@ -50,6 +52,25 @@ class Job:
     @property
     def finished(self) -> bool:
         return self.closed and self.done_count == self.total
+
+    @property
+    def succeeded_count(self) -> int:
+        return self.done_count - self.failed_count
+
+    def state(self) -> str:
+        """open (tasks still arriving), running, finished or cancelled."""
+        if self.cancelled:
+            return "cancelled"
+        if self.finished:
+            return "finished"
+        return "running" if self.closed else "open"
+
+    def counts(self) -> dict[str, int]:
+        """Its tasks by where they are: queued (in no bundle), running (in a bundle out), and done."""
+        return {"total": self.total, "queued": self.undispatched,
+                "running": self.total - self.done_count - self.undispatched,
+                "succeeded": self.succeeded_count, "failed": self.failed_count - self.cancelled_count,
+                "cancelled": self.cancelled_count}
 
     def avg_task_us(self) -> float | None:
         return self.elapsed_total_us / self.done_count if self.done_count else None
@@ -93,6 +114,7 @@ class Job:
             self.undispatched -= sum(1 for i in batch.ids if i >= self.next_task)
         self.done_count += len(batch)
         self.failed_count += batch.failed_count()
+        self.cancelled_count += batch.cancelled_count()
         self.elapsed_total_us += sum(batch.elapsed_us)
         if batch.ids and self.results is not None:
             self.results.append(batch)
@@ -147,10 +169,31 @@ class Dispatcher:
     def add_tasks(self, job: Job, commands: list[str]) -> None:
         if not commands:
             return
+        if job.cancelled:  # still arriving after a cancel: each gets its result at once
+            first = job.total
+            job.add_tasks(commands)
+            job.next_task, job.undispatched = job.total, 0
+            self.handle_results([failed_batch(job.id, None, list(range(first, job.total)), CANCELLED)])
+            return
         if job.undispatched == 0:
             self._ready.append(job)
         job.add_tasks(commands)
         self.pump()
+
+    def cancel(self, job: Job) -> int:
+        """Give every task of ``job`` still without a result the result CANCELLED; how many.
+
+        The backend is told separately (Backend.cancel) to stop the ones it holds; what
+        they report later is a duplicate and dropped.  A finished job is left alone (0).
+        """
+        if job.finished:
+            return 0
+        job.cancelled = True
+        pending = [i for i in range(job.total) if not job.done[i]]
+        job.next_task, job.undispatched = job.total, 0
+        log.info("job %s cancelled: %d task(s) without a result", job.id, len(pending))
+        self.handle_results([failed_batch(job.id, None, pending, CANCELLED)])
+        return len(pending)
 
     def close_job(self, job: Job) -> None:
         job.closed = True

@@ -64,7 +64,8 @@ class JobFinished(NamedTuple):
     total: int
     finished_at: float
     succeeded: int
-    failed: int
+    failed: int  # cancelled tasks included
+    cancelled: int = 0
 
 
 Record = JobOpened | TasksAdded | ResultsAdded | JobFinished
@@ -124,12 +125,13 @@ def restore_job(job_id: str, created_at: float, timeout: float | None, commands:
 
 
 def finished_job(job_id: str, created_at: float, total: int, finished_at: float,
-                 succeeded: int, failed: int) -> Job:
+                 succeeded: int, failed: int, cancelled: int) -> Job:
     """A finished job as the scheduler keeps it until its results expire: counts only."""
     job = Job(job_id, None, created_at)
     job.release()
     job.total, job.closed, job.finished_at = total, True, finished_at
     job.done_count, job.failed_count = succeeded + failed, failed
+    job.cancelled_count, job.cancelled = cancelled, cancelled > 0
     return job
 
 
@@ -147,7 +149,7 @@ class SQLiteJobStore(JobStore):
     _SCHEMA = """
         CREATE TABLE IF NOT EXISTS starts (n INTEGER PRIMARY KEY AUTOINCREMENT, at REAL);
         CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, created_at REAL, timeout REAL,
-            total INTEGER, finished_at REAL, succeeded INTEGER, failed INTEGER);
+            total INTEGER, finished_at REAL, succeeded INTEGER, failed INTEGER, cancelled INTEGER);
         CREATE TABLE IF NOT EXISTS tasks (job TEXT, start INTEGER, commands TEXT,
             PRIMARY KEY (job, start));
         CREATE TABLE IF NOT EXISTS results (n INTEGER PRIMARY KEY AUTOINCREMENT, job TEXT, batch BLOB);
@@ -165,6 +167,8 @@ class SQLiteJobStore(JobStore):
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(self._SCHEMA)
+            if "cancelled" not in {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}:
+                self._db.execute("ALTER TABLE jobs ADD COLUMN cancelled INTEGER")  # made before cancel
         except sqlite3.Error as exc:
             raise ConfigError(f"cannot use {path} as the job store: {exc}") from exc
 
@@ -178,10 +182,12 @@ class SQLiteJobStore(JobStore):
             "SELECT id FROM jobs WHERE finished_at < ?", (finished_since,))]
         self.remove(expired)
         jobs = []
-        for job_id, created_at, timeout, total, finished_at, succeeded, failed in db.execute(
-                "SELECT * FROM jobs ORDER BY created_at").fetchall():
+        for job_id, created_at, timeout, total, finished_at, succeeded, failed, cancelled in db.execute(
+                "SELECT id, created_at, timeout, total, finished_at, succeeded, failed, cancelled "
+                "FROM jobs ORDER BY created_at").fetchall():
             if finished_at is not None:
-                jobs.append(finished_job(job_id, created_at, total, finished_at, succeeded, failed))
+                jobs.append(finished_job(job_id, created_at, total, finished_at, succeeded, failed,
+                                         cancelled or 0))
             else:
                 jobs.append(restore_job(job_id, created_at, timeout, self.read_commands(job_id),
                                         self.read_results(job_id)))
@@ -202,9 +208,10 @@ class SQLiteJobStore(JobStore):
                     db.execute("INSERT OR REPLACE INTO jobs (id, created_at, timeout) VALUES (?, ?, ?)",
                                (record.job, record.created_at, record.timeout))
                 else:
-                    db.execute("UPDATE jobs SET total = ?, finished_at = ?, succeeded = ?, failed = ? "
-                               "WHERE id = ?", (record.total, record.finished_at, record.succeeded,
-                                                record.failed, record.job))
+                    db.execute("UPDATE jobs SET total = ?, finished_at = ?, succeeded = ?, failed = ?, "
+                               "cancelled = ? WHERE id = ?", (record.total, record.finished_at,
+                                                              record.succeeded, record.failed,
+                                                              record.cancelled, record.job))
 
     def read_commands(self, job_id: str) -> list[str]:
         commands: list[str] = []

@@ -14,8 +14,10 @@ pipes, the process sentinels and a wakeup pipe together (as concurrent.futures
 does), so a worker killed with SIGKILL is noticed at once rather than hanging the
 job.  A dead worker's tasks are re-queued; the one it was running (known from a
 shared progress slot the worker writes before each task) is retried once, then
-reported failed.  Frames on the pipes are protocol.py's JSON: nothing is pickled
-after start-up.
+reported failed.  ``cancel(job)`` drops the job's queued bundles and sends a
+``cancel`` frame to each worker holding one of its bundles: the worker kills the job's
+running task and skips its other tasks.  Frames on the pipes are protocol.py's
+JSON: nothing is pickled after start-up.
 """
 
 from __future__ import annotations
@@ -34,8 +36,10 @@ import protocol
 from backend import Backend
 from errors import BackendError
 from tasks import (
+    CANCELLED,
     OUTPUT_CAP_BYTES,
     Bundle,
+    Cancellations,
     ResultBatch,
     failed_batch,
     kill_running_tasks,
@@ -84,6 +88,7 @@ class LocalBackend(Backend):
             self._context.set_forkserver_preload(["localworkers"])
         self._output_cap = output_cap
         self._queue: deque[Bundle] = deque()
+        self._cancels: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._wakeup_read, self._wakeup_write = os.pipe()
         os.set_blocking(self._wakeup_write, False)
         self._deaths: dict[tuple[str, int], int] = {}
@@ -98,8 +103,13 @@ class LocalBackend(Backend):
         self._queue.append(bundle)
         self._wake()
 
+    def cancel(self, job: str) -> None:
+        self._cancels.put(job)
+        self._wake()
+
     def receive(self, timeout: float) -> list[ResultBatch]:
         results: list[ResultBatch] = []
+        self._apply_cancels(results)
         self._hand_out()
         by_fd = {slot.conn: slot for slot in self._slots}
         by_sentinel = {slot.process.sentinel: slot for slot in self._slots}
@@ -108,6 +118,7 @@ class LocalBackend(Backend):
         for obj in ready:
             if obj == self._wakeup_read:
                 os.read(self._wakeup_read, 4096)
+                self._apply_cancels(results)
             elif obj in by_fd:
                 self._read_results(by_fd[obj], results)
             else:
@@ -154,6 +165,24 @@ class LocalBackend(Backend):
         process.start()
         child_end.close()
         return _WorkerSlot(process, parent_end, progress)
+
+    def _apply_cancels(self, results: list[ResultBatch]) -> None:
+        """Drop cancelled jobs' queued bundles (reporting them), and tell their workers."""
+        while True:
+            try:
+                job = self._cancels.get_nowait()
+            except queue.Empty:
+                return
+            for bundle in [b for b in self._queue if b.job == job]:
+                self._queue.remove(bundle)
+                results.append(failed_batch(job, bundle.bundle, bundle.ids, CANCELLED))
+            frame = protocol.encode_body({"type": "cancel", "job": job})
+            for slot in self._slots:
+                if not slot.dead and any(b.job == job for b in slot.held):
+                    try:
+                        slot.conn.send_bytes(frame)
+                    except OSError:
+                        pass  # the worker is dying; its sentinel will fire
 
     def _hand_out(self) -> None:
         """Give queued bundles to the live workers holding the fewest."""
@@ -236,20 +265,21 @@ def _worker_main(conn: multiprocessing.connection.Connection, progress: object,
     signal.signal(signal.SIGTERM, _stop_now)
     reduce_timer_slack()
     inbox: queue.SimpleQueue[Bundle | None] = queue.SimpleQueue()
-    threading.Thread(target=_read_bundles, args=(conn, inbox), daemon=True).start()
+    cancellations = Cancellations()
+    threading.Thread(target=_read_bundles, args=(conn, inbox, cancellations), daemon=True).start()
 
     def mark_running(task_id: int) -> None:
         progress[1] = task_id  # type: ignore[index]
 
     while (bundle := inbox.get()) is not None:
         progress[0] = bundle.bundle  # type: ignore[index]
-        for batch in run_bundle(bundle, output_cap, mark_running):
+        for batch in run_bundle(bundle, output_cap, mark_running, cancellations):
             conn.send_bytes(protocol.encode_body(protocol.results_message(batch)))
         progress[1] = _NO_TASK  # type: ignore[index]
 
 
 def _read_bundles(conn: multiprocessing.connection.Connection,
-                  inbox: queue.SimpleQueue[Bundle | None]) -> None:
+                  inbox: queue.SimpleQueue[Bundle | None], cancellations: Cancellations) -> None:
     while True:
         try:
             data = conn.recv_bytes()
@@ -258,7 +288,11 @@ def _read_bundles(conn: multiprocessing.connection.Connection,
         if data == _STOP:
             inbox.put(None)
             return
-        inbox.put(protocol.bundle_from_message(protocol.decode(data)))
+        message = protocol.decode(data)
+        if message["type"] == "cancel":
+            cancellations.cancel(message["job"])
+        else:
+            inbox.put(protocol.bundle_from_message(message))
 
 
 def _stop_now(signum: int | None = None, frame: object = None) -> None:

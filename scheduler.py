@@ -47,6 +47,8 @@ DEFAULT_GRACE_SECONDS = 30.0
 HELLO_TIMEOUT_SECONDS = 30.0
 # Tasks in one job: bounds the memory one client can make the scheduler hold.
 MAX_JOB_TASKS = 10_000_000
+# Jobs a list_jobs answers with unless it asks for another limit (the newest ones).
+DEFAULT_LISTED_JOBS = 1000
 # How long the receiving thread waits in backend.receive before checking for shutdown
 # (for SQS, one long poll: at most one idle API call a second).
 RECEIVE_POLL_SECONDS = 1.0
@@ -327,14 +329,55 @@ class Scheduler:
             peer.send(self._once_written({"type": "job_accepted", "job": job.id, "count": job.total}))
             self.dispatcher.close_job(job)
         elif kind == "fetch":
-            job = self.dispatcher.jobs.get(message["job"])
-            if job is None:
-                raise BadRequest("unknown_job", f"no job {message['job']!r} "
-                                 "(never submitted, or its results expired"
-                                 f"{'' if self.journal else ' or were delivered'})")
+            job = self._known_job(message["job"])
             asyncio.create_task(self._send_when_finished(peer, job, message.get("commands") is True))
+        elif kind == "cancel":
+            asyncio.create_task(self._answer_cancel(peer, self._known_job(message["job"])))
+        elif kind == "list_jobs":
+            limit = message.get("limit", DEFAULT_LISTED_JOBS)
+            if type(limit) is not int or limit < 1:
+                raise BadRequest("bad_request", "limit must be a positive integer")
+            peer.send(protocol.encode({"type": "jobs", "jobs": self.job_list(limit)}))
         else:
             raise BadRequest("bad_request", f"a client does not send {kind!r}")
+
+    def _known_job(self, job_id: str) -> Job:
+        job = self.dispatcher.jobs.get(job_id)
+        if job is None:
+            raise BadRequest("unknown_job", f"no job {job_id!r} (never submitted, or its results expired"
+                             f"{'' if self.journal else ' or were delivered'})")
+        return job
+
+    async def cancel_job(self, job: Job) -> int | None:
+        """Cancel a job: how many of its tasks it stopped, or None if it had finished already.
+
+        The backend hears of it first (a remote one records it durably), then every task
+        without a result gets the result cancelled; the answer waits for the job store.
+        """
+        if job.finished and not job.cancelled:
+            return None
+        await asyncio.get_running_loop().run_in_executor(None, self.backend.cancel, job.id)
+        if job.finished and not job.cancelled:  # it finished while the backend was told
+            return None
+        count = self.dispatcher.cancel(job)
+        await self.written()
+        return count
+
+    async def _answer_cancel(self, peer: _Peer, job: Job) -> None:
+        try:
+            count = await self.cancel_job(job)
+        except BackendError as exc:
+            log.error("job %s: cancel failed: %s", job.id, exc)
+            peer.send(protocol.encode(protocol.error_message("cancel_failed", f"job {job.id}: {exc}")))
+            return
+        peer.send(protocol.encode({"type": "cancelled", "job": job.id, "count": count or 0,
+                                   "state": job.state()}))
+
+    def job_list(self, limit: int) -> list[dict[str, Any]]:
+        """The newest ``limit`` jobs this scheduler holds, oldest first, with their task counts."""
+        jobs = sorted(self.dispatcher.jobs.values(), key=lambda job: job.created_at)[-limit:]
+        return [{"job": job.id, "state": job.state(), **job.counts(), "created_at": job.created_at,
+                 "finished_at": job.finished_at} for job in jobs]
 
     def open_job(self, timeout: object = None) -> Job:
         """A new job, recorded in the store; BadRequest if none can be opened."""
@@ -428,8 +471,8 @@ class Scheduler:
 
     def _on_finished(self, job: Job) -> None:
         if self.journal is not None:
-            succeeded = job.done_count - job.failed_count
-            self.journal.record(JobFinished(job.id, job.total, job.finished_at, succeeded, job.failed_count))
+            self.journal.record(JobFinished(job.id, job.total, job.finished_at, job.succeeded_count,
+                                            job.failed_count, job.cancelled_count))
             job.release()  # the store has it all, and fetches read it from there
         peer = self._subscribers.pop(job.id, None)
         if peer is not None:
@@ -508,8 +551,9 @@ def check_tasks(tasks: list[Any], already: int) -> None:
 
 
 def _done_message(job: Job) -> dict[str, Any]:
-    return {"type": "job_done", "job": job.id, "total": job.total,
-            "succeeded": job.done_count - job.failed_count, "failed": job.failed_count}
+    counts = job.counts()
+    return {"type": "job_done", "job": job.id, "total": job.total, "succeeded": counts["succeeded"],
+            "failed": counts["failed"], "cancelled": counts["cancelled"]}
 
 
 def _valid_callback(callback: object) -> bool:
@@ -533,19 +577,14 @@ def is_loopback(host: str) -> bool:
 
 # --- command line -------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="scheduler.py", description="Run CloudKon tasks sent by clients on worker processes.",
-        epilog="Prints 'listening on HOST:PORT' on stdout when ready; logs go to stderr. "
-               "SIGINT/SIGTERM: stop taking jobs, finish tasks in flight (the rest stay in the job "
-               "store for the next start; with --no-state they are reported failed), exit 0; a second "
-               "one stops at once.")
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--local", type=int, metavar="N", default=None,
-                      help="run tasks in N local worker processes (the default, with N = the CPU count)")
-    mode.add_argument("--remote", action="store_true",
-                      help="run tasks on remote workers (worker.py) through SQS, with a DynamoDB claim table")
-    remote = parser.add_argument_group("remote mode (AWS settings come from boto3's standard chain)")
+# Titles of the option groups that a client with --remote forwards to its embedded scheduler.
+REMOTE_GROUP_TITLES = ("remote mode (AWS settings come from boto3's standard chain)",
+                       "provisioning of EC2 workers (remote mode)")
+
+
+def add_remote_arguments(parser: argparse.ArgumentParser) -> None:
+    """The remote mode and provisioning options (shared with client.py --remote)."""
+    remote = parser.add_argument_group(REMOTE_GROUP_TITLES[0])
     remote.add_argument("--request-queue",
                         help="SQS queue shared with the workers (default: cloudkon-requests)")
     remote.add_argument("--response-queue", default=None,
@@ -557,11 +596,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="bundles kept queued or running on the workers (default: 32)")
     remote.add_argument("--visibility-timeout", type=int, metavar="SECONDS",
                         help="visibility timeout of queues this scheduler creates (default: 60)")
-    fleet = parser.add_argument_group("provisioning of EC2 workers (remote mode)")
+    remote.add_argument("--control-topic",
+                        help="SNS topic of control messages to the workers (cancel, drain, shutdown; "
+                             "default: cloudkon-control)")
+    fleet = parser.add_argument_group(REMOTE_GROUP_TITLES[1])
     fleet.add_argument("--provision", action="store_true",
                        help="launch EC2 worker instances while bundles wait; they terminate when idle")
-    fleet.add_argument("--cleanup", action="store_true",
-                       help="terminate every instance of the fleet, delete its queues and tables, and exit")
     fleet.add_argument("--ami", help="image made with ami_setup.sh (required with --provision)")
     fleet.add_argument("--instance-type", default="t3.micro", help="(default: t3.micro)")
     fleet.add_argument("--max-workers", type=int, default=16, metavar="N", help="(default: 16)")
@@ -588,6 +628,28 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: 300)")
     fleet.add_argument("--scale-interval", type=float, default=5, metavar="SECONDS",
                        help="how often to check the backlog and the fleet (default: 5)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="scheduler.py", description="Run CloudKon tasks sent by clients on worker processes.",
+        epilog="Prints 'listening on HOST:PORT' on stdout when ready; logs go to stderr. "
+               "SIGINT/SIGTERM: stop taking jobs, finish tasks in flight (the rest stay in the job "
+               "store for the next start; with --no-state they are reported failed), exit 0; a second "
+               "one stops at once.")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--local", type=int, metavar="N", default=None,
+                      help="run tasks in N local worker processes (the default, with N = the CPU count)")
+    mode.add_argument("--remote", action="store_true",
+                      help="run tasks on remote workers (worker.py) through SQS, with a DynamoDB claim table")
+    add_remote_arguments(parser)
+    commands = parser.add_argument_group("fleet commands (remote mode; each does its work and exits)")
+    commands.add_argument("--cleanup", action="store_true",
+                          help="terminate every instance of the fleet, delete its queues, tables, control "
+                               "topic and any worker control queues left behind, and exit")
+    commands.add_argument("--drain", action="store_true",
+                          help="tell every worker (over the control topic) to finish the bundles it holds, "
+                               "take no new one and exit; wait until they have (up to --grace seconds)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT,
                         help=f"TCP port (default: {DEFAULT_PORT}; 0 picks a free one)")

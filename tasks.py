@@ -11,8 +11,13 @@ Task semantics:
   process spawned: the CloudKon benchmark task.  Any other line runs as
   ``/bin/sh -c LINE`` in its own process group, stdout and stderr captured together
   (the first ``output_cap`` bytes kept).  Exit status 0 is success.  ``exit_code``
-  is None when no process ran to completion (timeout, signal, spawn failure), and
-  ``error`` then says why.
+  is None when no process ran to completion (timeout, signal, spawn failure,
+  cancellation), and ``error`` then says why; the error CANCELLED marks a task of a
+  cancelled job, whose status is ``cancelled`` rather than ``failed``.
+
+A job can be cancelled while this process runs its tasks (``Cancellations``): the
+tasks not started are skipped, a running shell command's process group is killed,
+and a long ``sleep N`` wakes up early.
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from errors import WorkloadError
@@ -45,12 +52,20 @@ RESULT_FLUSH_SECONDS = 0.05
 # the protocol's frame limit even after JSON escaping (at most 6 bytes per byte).
 RESULT_FLUSH_OUTPUT_BYTES = 1024 * 1024
 
+# The ``error`` of a task whose job was cancelled before it ran or while it ran.
+CANCELLED = "cancelled"
+
+# ``sleep N`` tasks at least this long wait on their job's cancellation instead of
+# sleeping blindly; shorter ones are not worth the (small) extra cost per task.
+INTERRUPTIBLE_SLEEP_MS = 100
+
 _SLEEP_PREFIX = "sleep "
 _PR_SET_TIMERSLACK = 29
 
-# Process groups of the shell commands this process is running (one per thread), so
-# that a worker being stopped can take them down with it (each runs in its own session).
-_running_groups: set[int] = set()
+# Process groups of the shell commands this process is running (one per thread), each
+# with its job's cancellation event, so that a worker being stopped, or a job being
+# cancelled, can take them down (each runs in its own session).
+_running_groups: dict[int, threading.Event | None] = {}
 
 
 @dataclass
@@ -104,8 +119,12 @@ class ResultBatch:
         )
 
     def failed_count(self) -> int:
+        """Tasks that did not succeed, cancelled ones included."""
         pairs = zip(self.exit_codes, self.errors, strict=True)
         return len(self.ids) - sum(1 for code, error in pairs if is_success(code, error))
+
+    def cancelled_count(self) -> int:
+        return self.errors.count(CANCELLED)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -113,6 +132,13 @@ class ResultBatch:
 
 def is_success(exit_code: int | None, error: str | None) -> bool:
     return exit_code == 0 and error is None
+
+
+def task_status(exit_code: int | None, error: str | None) -> str:
+    """``success``, ``failed`` or ``cancelled``: what a result says of its task."""
+    if error == CANCELLED:
+        return "cancelled"
+    return "success" if is_success(exit_code, error) else "failed"
 
 
 def failed_batch(job: str, bundle: int | None, ids: list[int], error: str) -> ResultBatch:
@@ -175,38 +201,110 @@ def native_sleep_ms(command: str) -> int | None:
     return None
 
 
-def run_task(command: str, timeout: float | None = None,
-             output_cap: int = OUTPUT_CAP_BYTES) -> tuple[int | None, str, int, str | None]:
-    """Run one task: ``(exit_code, output, elapsed_us, error)``."""
+class Cancellations:
+    """The cancelled jobs this process has heard of, and an event per job it is running.
+
+    ``cancel`` may come from any thread: it sets the job's event (a running bundle
+    skips the rest of its tasks, a long sleep wakes) and kills the job's running shell
+    commands.  A cancelled job is remembered, so its later bundles run no task.
+    """
+
+    def __init__(self) -> None:
+        self._events: dict[str, threading.Event] = {}
+        self._running: dict[str, int] = {}  # job -> bundles running now
+        self._lock = threading.Lock()
+
+    def cancel(self, job: str) -> None:
+        with self._lock:
+            event = self._events.setdefault(job, threading.Event())
+        event.set()
+        for group, cancelled in list(_running_groups.items()):
+            if cancelled is event:
+                _kill_group(group)
+
+    def is_cancelled(self, job: str) -> bool:
+        event = self._events.get(job)
+        return event is not None and event.is_set()
+
+    @contextmanager
+    def running(self, job: str) -> Iterator[threading.Event]:
+        """The job's cancellation event, while one of its bundles runs."""
+        with self._lock:
+            event = self._events.setdefault(job, threading.Event())
+            self._running[job] = self._running.get(job, 0) + 1
+        try:
+            yield event
+        finally:
+            with self._lock:
+                self._running[job] -= 1
+                if not self._running[job]:
+                    del self._running[job]
+                    if not event.is_set():  # only cancelled jobs need remembering
+                        del self._events[job]
+
+
+def run_task(command: str, timeout: float | None = None, output_cap: int = OUTPUT_CAP_BYTES,
+             cancelled: threading.Event | None = None) -> tuple[int | None, str, int, str | None]:
+    """Run one task: ``(exit_code, output, elapsed_us, error)``.
+
+    Once ``cancelled`` is set the task stops (a shell command's process group is
+    killed) and a task that did not succeed reports the error CANCELLED.
+    """
     start = time.perf_counter_ns()
     ms = native_sleep_ms(command)
     if ms is not None:
-        if timeout is not None and ms > timeout * 1000:
-            time.sleep(timeout)
-            return None, "", (time.perf_counter_ns() - start) // 1000, _timed_out(timeout)
-        if ms:
-            time.sleep(ms / 1000)
-        return 0, "", (time.perf_counter_ns() - start) // 1000, None
-    exit_code, output, error = _run_shell(command, timeout, output_cap)
+        exit_code, error = _sleep(ms, timeout, cancelled)
+        return exit_code, "", (time.perf_counter_ns() - start) // 1000, error
+    exit_code, output, error = _run_shell(command, timeout, output_cap, cancelled)
+    if cancelled is not None and cancelled.is_set() and not is_success(exit_code, error):
+        exit_code, error = None, CANCELLED
     return exit_code, output, (time.perf_counter_ns() - start) // 1000, error
 
 
+def _sleep(ms: int, timeout: float | None,
+           cancelled: threading.Event | None) -> tuple[int | None, str | None]:
+    seconds = ms / 1000 if timeout is None else min(ms / 1000, timeout)
+    if cancelled is not None and ms >= INTERRUPTIBLE_SLEEP_MS:
+        if cancelled.wait(seconds):
+            return None, CANCELLED
+    elif seconds:
+        time.sleep(seconds)
+    if timeout is not None and ms > timeout * 1000:
+        return None, _timed_out(timeout)
+    return 0, None
+
+
 def run_bundle(bundle: Bundle, output_cap: int = OUTPUT_CAP_BYTES,
-               on_task_start: Callable[[int], None] | None = None) -> Iterator[ResultBatch]:
+               on_task_start: Callable[[int], None] | None = None,
+               cancellations: Cancellations | None = None) -> Iterator[ResultBatch]:
     """Run a bundle's tasks in order, yielding their results in batches.
 
     A batch is yielded every RESULT_FLUSH_SECONDS, or once it holds
     RESULT_FLUSH_OUTPUT_BYTES of output, and at the end.  ``on_task_start(task_id)``
     is called before each task (the local backend uses it to know which task a
-    worker that died was running).
+    worker that died was running).  Once the bundle's job is in ``cancellations``,
+    the running task stops and the rest report CANCELLED without running.
     """
+    if cancellations is None:
+        yield from _run_bundle(bundle, output_cap, on_task_start, None)
+        return
+    with cancellations.running(bundle.job) as cancelled:
+        yield from _run_bundle(bundle, output_cap, on_task_start, cancelled)
+
+
+def _run_bundle(bundle: Bundle, output_cap: int, on_task_start: Callable[[int], None] | None,
+                cancelled: threading.Event | None) -> Iterator[ResultBatch]:
     batch = ResultBatch(bundle.job, bundle.bundle)
     output_bytes = 0
     flush_at = time.monotonic() + RESULT_FLUSH_SECONDS
-    for task_id, command in zip(bundle.ids, bundle.commands, strict=True):
+    for position, (task_id, command) in enumerate(zip(bundle.ids, bundle.commands, strict=True)):
+        if cancelled is not None and cancelled.is_set():
+            for skipped in bundle.ids[position:]:
+                batch.add(skipped, None, "", 0, CANCELLED)
+            break
         if on_task_start is not None:
             on_task_start(task_id)
-        exit_code, output, elapsed_us, error = run_task(command, bundle.timeout, output_cap)
+        exit_code, output, elapsed_us, error = run_task(command, bundle.timeout, output_cap, cancelled)
         batch.add(task_id, exit_code, output, elapsed_us, error)
         if output:
             output_bytes += len(output)
@@ -223,8 +321,8 @@ def _timed_out(timeout: float) -> str:
     return f"timed out after {timeout:g} s"
 
 
-def _run_shell(command: str, timeout: float | None,
-               output_cap: int) -> tuple[int | None, str, str | None]:
+def _run_shell(command: str, timeout: float | None, output_cap: int,
+               cancelled: threading.Event | None) -> tuple[int | None, str, str | None]:
     try:
         proc = subprocess.Popen(
             ["/bin/sh", "-c", command], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -232,7 +330,9 @@ def _run_shell(command: str, timeout: float | None,
         )
     except (OSError, ValueError) as exc:
         return None, "", f"could not start /bin/sh: {exc}"
-    _running_groups.add(proc.pid)
+    _running_groups[proc.pid] = cancelled
+    if cancelled is not None and cancelled.is_set():  # cancelled while it was starting
+        _kill_group(proc.pid)
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
         with proc:
@@ -241,7 +341,7 @@ def _run_shell(command: str, timeout: float | None,
                 _kill_group(proc.pid)
             returncode = proc.wait()
     finally:
-        _running_groups.discard(proc.pid)
+        _running_groups.pop(proc.pid, None)
     output = kept.decode("utf-8", "replace")
     if dropped:
         output += f"\n[cloudkon: output truncated, {dropped} more bytes not kept]"

@@ -2,7 +2,7 @@
 
 from backend import MAX_BUNDLE_TASKS, Backend, bundle_size
 from jobs import Dispatcher, Job
-from tasks import Bundle, ResultBatch
+from tasks import CANCELLED, Bundle, ResultBatch
 
 
 def _job(n: int) -> Job:
@@ -46,6 +46,9 @@ class RecordingBackend(Backend):
     def receive(self, timeout: float) -> list[ResultBatch]:
         return []
 
+    def cancel(self, job: str) -> None:
+        pass
+
     def close(self, wait: bool = True) -> None:
         pass
 
@@ -65,3 +68,37 @@ def test_tasks_with_results_from_an_earlier_start_are_not_bundled_again():
         dispatcher.handle_results([_ok(job.id, bundle.bundle, bundle.ids)])
     assert [bundle.ids for bundle in backend.submitted] == [[0], [1]]
     assert job.finished and dispatcher.idle and job.undispatched == 0
+
+
+def test_cancel_gives_every_task_without_a_result_one_cancelled_result():
+    backend = RecordingBackend()
+    delivered: dict[str, list[tuple[int, str | None]]] = {}
+    finished: list[str] = []
+    dispatcher = Dispatcher(backend, lambda job, batch: delivered.setdefault(job.id, []).extend(
+        zip(batch.ids, batch.errors)), lambda job: finished.append(job.id))
+    doomed, other = dispatcher.open_job(), dispatcher.open_job()
+    dispatcher.add_tasks(doomed, ["true"] * 5)
+    dispatcher.add_tasks(other, ["true"] * 2)
+    first = backend.submitted[0]  # doomed's first bundle; the backend holds two
+    dispatcher.handle_results([_ok(doomed.id, first.bundle, first.ids)])
+
+    assert dispatcher.cancel(doomed) == 4
+    submitted_before = len(backend.submitted)
+    dispatcher.add_tasks(doomed, ["true"] * 2)  # still arriving after the cancel
+    dispatcher.close_job(doomed)
+    assert doomed.finished and finished == [doomed.id]
+    assert sorted(delivered[doomed.id]) == [(0, None)] + [(i, CANCELLED) for i in range(1, 7)]
+    assert doomed.counts() == {"total": 7, "queued": 0, "running": 0, "succeeded": 1, "failed": 0,
+                               "cancelled": 6}
+    assert dispatcher.cancel(doomed) == 0  # a second cancel changes nothing
+
+    # What the backend still held of the cancelled job reports later: dropped, and the
+    # other job's tasks are bundled as before.
+    for bundle in list(backend.submitted):
+        dispatcher.handle_results([_ok(bundle.job, bundle.bundle, bundle.ids)])
+    for bundle in list(backend.submitted):
+        dispatcher.handle_results([_ok(bundle.job, bundle.bundle, bundle.ids)])
+    dispatcher.close_job(other)
+    assert len(delivered[doomed.id]) == 7
+    assert other.finished and other.counts()["succeeded"] == 2 and dispatcher.idle
+    assert {bundle.job for bundle in backend.submitted[submitted_before:]} == {other.id}

@@ -197,7 +197,8 @@ def test_disconnected_client_job_runs_on_and_can_be_fetched(start_scheduler):
     while message["type"] == "results":
         results += message["outputs"]
         message = protocol.receive(again)
-    assert message == {"type": "job_done", "job": job, "total": 2, "succeeded": 2, "failed": 0}
+    assert message == {"type": "job_done", "job": job, "total": 2, "succeeded": 2, "failed": 0,
+                       "cancelled": 0}
     assert sorted(results) == ["", "kept\n"]
     again.close()
 
