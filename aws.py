@@ -77,6 +77,12 @@ def error_code(exc: BaseException) -> str | None:
     return None
 
 
+def is_missing_queue(exc: BaseException) -> bool:
+    """True if the AWS error behind ``exc`` says an SQS queue does not exist."""
+    code = error_code(exc) or ""
+    return "NonExistentQueue" in code or code == "QueueDoesNotExist"
+
+
 def clients() -> tuple[Any, Any]:
     """(sqs, dynamodb) clients from boto3's standard configuration."""
     return client("sqs"), client("dynamodb")
@@ -110,7 +116,7 @@ def ensure_queue(sqs: Any, name: str, visibility_timeout: int = DEFAULT_VISIBILI
         try:
             return sqs.get_queue_url(QueueName=name)["QueueUrl"]
         except botocore.exceptions.ClientError as exc:
-            if "NonExistentQueue" not in str(exc.response.get("Error", {}).get("Code")):
+            if not is_missing_queue(exc):
                 raise
         log.info("creating queue %s", name)
         return sqs.create_queue(QueueName=name, Attributes={

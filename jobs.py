@@ -260,6 +260,8 @@ class Dispatcher:
     def _finish(self, job: Job) -> None:
         job.finished_at = time.time()
         elapsed = job.finished_at - job.created_at
-        log.info("job %s finished: %d tasks, %d failed, %.2f s", job.id, job.total,
-                 job.failed_count, elapsed)
+        counts = job.counts()
+        log.info("job %s %s: %d tasks, %d failed, %d cancelled, %.2f s", job.id,
+                 "cancelled" if job.cancelled else "finished", job.total, counts["failed"],
+                 counts["cancelled"], elapsed)
         self._on_finished(job)

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import aws
+from control import DEFAULT_CONTROL_TOPIC
 from errors import BackendError
 
 log = logging.getLogger("cloudkon.fleet")
@@ -55,6 +56,7 @@ class WorkerSettings:
     idle_timeout: float = 300.0
     visibility_timeout: int = aws.DEFAULT_VISIBILITY_TIMEOUT
     heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS
+    control_topic: str = DEFAULT_CONTROL_TOPIC
 
     def to_user_data(self) -> str:
         return json.dumps({"cloudkon": asdict(self)})
@@ -245,16 +247,11 @@ class Instance:
     @classmethod
     def from_metadata(cls) -> Instance:
         """Read identity, region and user data from IMDSv2 (AWS_EC2_METADATA_SERVICE_ENDPOINT, if set)."""
-        base = os.environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT", _IMDS_DEFAULT_ENDPOINT).rstrip("/")
         try:
-            token = _imds(base, "/latest/api/token", method="PUT",
-                          headers={"X-aws-ec2-metadata-token-ttl-seconds": "21600"})
-            headers = {"X-aws-ec2-metadata-token": token}
-            instance_id = _imds(base, "/latest/meta-data/instance-id", headers=headers)
-            region = _imds(base, "/latest/meta-data/placement/region", headers=headers)
-            user_data = _imds(base, "/latest/user-data", headers=headers)
+            instance_id, region, user_data = _read_metadata(
+                "meta-data/instance-id", "meta-data/placement/region", "user-data")
         except OSError as exc:
-            raise BackendError(f"no EC2 instance metadata at {base} ({exc}): "
+            raise BackendError(f"no EC2 instance metadata at {_imds_base()} ({exc}): "
                                "is this an EC2 instance?") from None
         return cls(instance_id, region, WorkerSettings.from_user_data(user_data))
 
@@ -282,8 +279,30 @@ class Instance:
             aws.client("ec2", self.region).terminate_instances(InstanceIds=[self.id])
 
 
-def _imds(base: str, path: str, method: str = "GET", headers: dict[str, str] | None = None) -> str:
-    request = urllib.request.Request(base + path, method=method, headers=headers or {})
+def metadata_instance_id() -> str | None:
+    """This machine's EC2 instance id from IMDSv2; None off EC2, or with AWS_EC2_METADATA_DISABLED=true
+    (boto's own switch, honoured here too)."""
+    if os.environ.get("AWS_EC2_METADATA_DISABLED", "").lower() == "true":
+        return None
+    try:
+        return _read_metadata("meta-data/instance-id")[0]
+    except OSError:
+        return None
+
+
+def _imds_base() -> str:
+    return os.environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT", _IMDS_DEFAULT_ENDPOINT).rstrip("/")
+
+
+def _read_metadata(*paths: str) -> list[str]:
+    """Items of the instance metadata (paths under /latest/), read with an IMDSv2 session token."""
+    token = _imds("/latest/api/token", method="PUT",
+                  headers={"X-aws-ec2-metadata-token-ttl-seconds": "21600"})
+    return [_imds(f"/latest/{path}", headers={"X-aws-ec2-metadata-token": token}) for path in paths]
+
+
+def _imds(path: str, method: str = "GET", headers: dict[str, str] | None = None) -> str:
+    request = urllib.request.Request(_imds_base() + path, method=method, headers=headers or {})
     with urllib.request.urlopen(request, timeout=_IMDS_TIMEOUT_SECONDS) as response:
         return response.read().decode()
 

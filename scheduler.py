@@ -693,7 +693,7 @@ def create_backend(args: argparse.Namespace) -> Backend:
             response_queue = f"{RESPONSE_QUEUE_PREFIX}{args.state}"  # a restart finds results sent meanwhile
         options = {"request_queue": args.request_queue, "response_queue": response_queue,
                    "claim_table": args.table, "in_flight": args.in_flight,
-                   "visibility_timeout": args.visibility_timeout}
+                   "visibility_timeout": args.visibility_timeout, "control_topic": args.control_topic}
         return SQSBackend(**{name: value for name, value in options.items() if value is not None})
     from localworkers import LocalBackend
     workers = args.local if args.local is not None else (os.cpu_count() or 1)
@@ -736,12 +736,34 @@ def create_fleet(args: argparse.Namespace) -> Any:
     settings = WorkerSettings(fleet=args.fleet, fleet_table=args.fleet_table, threads=args.worker_threads,
                               idle_timeout=args.worker_idle_timeout, heartbeat_seconds=args.heartbeat_seconds)
     for name, value in (("request_queue", args.request_queue), ("claim_table", args.table),
-                        ("visibility_timeout", args.visibility_timeout)):
+                        ("visibility_timeout", args.visibility_timeout),
+                        ("control_topic", args.control_topic)):
         if value is not None:
             setattr(settings, name, value)
     launch = LaunchOptions(args.ami, args.instance_type, args.key_name, args.subnet, args.security_group,
                            args.instance_profile) if args.provision else None
     return Fleet(settings, launch, args.max_workers, args.heartbeat_timeout, args.boot_timeout)
+
+
+def run_fleet_command(args: argparse.Namespace) -> int:
+    """--drain (0 once every worker has left, 1 on timeout) or --cleanup (0)."""
+    if not args.remote:
+        raise ConfigError("--drain and --cleanup go with --remote")
+    if args.drain and args.cleanup:
+        raise ConfigError("--drain and --cleanup are two commands: one at a time")
+    import aws  # boto3 is loaded in remote mode only
+    from control import DEFAULT_CONTROL_TOPIC, ControlTopic
+    try:
+        topic = ControlTopic(args.control_topic or DEFAULT_CONTROL_TOPIC)
+        if args.drain:
+            return 0 if topic.drain(args.grace) else 1
+        fleet = create_fleet(args)
+        fleet.cleanup()
+        fleet.remove_resources()
+        topic.remove()
+        return 0
+    finally:
+        aws.log_api_calls()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -759,11 +781,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.token and not is_loopback(args.host):
             raise ConfigError(f"refusing to listen on {args.host} without --token "
                               "(or $CLOUDKON_TOKEN): anyone who can reach it could run commands")
+        if args.drain or args.cleanup:
+            return run_fleet_command(args)
         fleet = create_fleet(args)
-        if args.cleanup:
-            fleet.cleanup()
-            fleet.remove_resources()
-            return 0
         backend = create_backend(args)
         journal = create_journal(args, backend)
         # Bundle numbers of each start are apart, so a restart never reuses one (remote

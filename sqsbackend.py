@@ -11,6 +11,9 @@ URL); a response message is a protocol ``results`` with its ``bundle``.  Both ar
 kept within MAX_SQS_MESSAGE_BYTES here, whatever the emulator accepts: a bundle that
 encodes too large is split, a result whose output alone is too large is trimmed.
 Response messages are deleted once the results are handed to the scheduler.
+``cancel(job)`` marks the job cancelled in the claim table (durable: every worker
+reads it before running a bundle), then tells the workers over the control topic
+(control.py) so that running tasks stop at once.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import aws
 import protocol
 from aws import MAX_SQS_MESSAGE_BYTES, aws_errors
 from backend import Backend
+from control import DEFAULT_CONTROL_TOPIC, ControlTopic, mark_cancelled
 from errors import BackendError, FrameTooLarge, MalformedMessage
 from tasks import Bundle, ResultBatch, failed_batch
 
@@ -101,15 +105,18 @@ class SQSBackend(Backend):
 
     def __init__(self, request_queue: str = aws.DEFAULT_REQUEST_QUEUE, response_queue: str | None = None,
                  claim_table: str = aws.DEFAULT_CLAIM_TABLE, in_flight: int = DEFAULT_IN_FLIGHT,
-                 visibility_timeout: int = aws.DEFAULT_VISIBILITY_TIMEOUT) -> None:
-        self._sqs, dynamodb = aws.clients()
+                 visibility_timeout: int = aws.DEFAULT_VISIBILITY_TIMEOUT,
+                 control_topic: str = DEFAULT_CONTROL_TOPIC) -> None:
+        self._sqs, self._dynamodb = aws.clients()
+        self._claim_table = claim_table
         self._in_flight = in_flight
         self._request_url = aws.ensure_queue(self._sqs, request_queue, visibility_timeout)
         self._owns_response_queue = response_queue is None
         self.response_queue = response_queue or f"{aws.RESPONSE_QUEUE_PREFIX}{secrets.token_hex(6)}"
         response_queue = self.response_queue
         self._response_url = aws.ensure_queue(self._sqs, response_queue, visibility_timeout)
-        aws.ensure_claim_table(dynamodb, claim_table)
+        aws.ensure_claim_table(self._dynamodb, claim_table)
+        self._control = ControlTopic(control_topic)
         self._outbox: queue.SimpleQueue[Bundle | None] = queue.SimpleQueue()
         self._undeliverable: queue.SimpleQueue[ResultBatch] = queue.SimpleQueue()
         self._sender = threading.Thread(target=self._send_loop, name="cloudkon-sqs-send", daemon=True)
@@ -136,6 +143,13 @@ class SQSBackend(Backend):
                 log.error("dropping a malformed message on the response queue: %s", exc)
         aws.delete_messages(self._sqs, self._response_url, [m["ReceiptHandle"] for m in messages])
         return results
+
+    def cancel(self, job: str) -> None:
+        mark_cancelled(self._dynamodb, self._claim_table, job)
+        try:
+            self._control.publish({"type": "cancel", "job": job})
+        except BackendError as exc:  # workers still see the mark, at their next bundle or lease renewal
+            log.warning("job %s: cancel not broadcast: %s", job, exc)
 
     def close(self, wait: bool = True) -> None:
         self._outbox.put(None)

@@ -14,6 +14,13 @@ For each request message, in ``-t`` threads:
   4. mark the claim ``done``, then delete the message.
 A worker that dies mid-bundle stops renewing: its message reappears after the
 visibility timeout, its lease has run out, and another worker runs the bundle.
+
+Control (control.py): the worker subscribes its own queue to the fleet's control
+topic and obeys ``cancel`` (stop the job's tasks), ``drain`` (finish the bundles held,
+take no new one, exit) and ``shutdown`` (stop now, handing the bundles held back to
+the queue).  Before running a bundle, and while it runs, it also reads the job's
+durable cancellation mark, so a cancel it never heard still stops the job's tasks.
+Its identity (logs, claims, control queue) is its EC2 instance id when IMDSv2 has one.
 """
 
 from __future__ import annotations
@@ -27,13 +34,23 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import aws
+from control import DEFAULT_CONTROL_TOPIC, ControlQueue, cancelled_jobs
 from errors import BackendError, CloudKonError, MalformedMessage
-from provisioning import Instance, send_heartbeats
+from provisioning import Instance, metadata_instance_id, send_heartbeats
 from sqsbackend import parse_request, response_bodies
-from tasks import Bundle, kill_running_tasks, reduce_timer_slack, run_bundle
+from tasks import (
+    CANCELLED,
+    Cancellations,
+    ResultBatch,
+    failed_batch,
+    kill_running_tasks,
+    reduce_timer_slack,
+    run_bundle,
+)
 
 log = logging.getLogger("cloudkon.worker")
 
@@ -100,6 +117,19 @@ class Claims:
                 ExpressionAttributeValues={":until": {"N": f"{time.time() + self._lease:.3f}"},
                                            ":me": {"S": self._owner}})
 
+    def release(self, key: str) -> None:
+        """Give up a lease this worker holds, so another worker may run the bundle at once."""
+        try:
+            with aws.aws_errors("releasing a claim"):
+                self._dynamodb.delete_item(
+                    TableName=self._table, Key={"claim": {"S": key}},
+                    ConditionExpression="#owner = :me AND #state = :running",
+                    ExpressionAttributeNames={"#owner": "owner", "#state": "state"},
+                    ExpressionAttributeValues={":me": {"S": self._owner}, ":running": {"S": "running"}})
+        except BackendError as exc:
+            if aws.error_code(exc) != "ConditionalCheckFailedException":
+                raise
+
     def finish(self, key: str) -> None:
         with aws.aws_errors("marking a bundle done"):
             self._dynamodb.update_item(
@@ -112,12 +142,18 @@ class Worker:
     """Runs bundles from the request queue in ``threads`` threads until stopped or idle."""
 
     def __init__(self, request_queue: str, claim_table: str, threads: int, idle_timeout: float | None,
-                 visibility_timeout: int) -> None:
+                 visibility_timeout: int, identity: str, control_topic: str = DEFAULT_CONTROL_TOPIC,
+                 instance: Instance | None = None) -> None:
         self.sqs, self.dynamodb = aws.clients()
         self.request_url = aws.ensure_queue(self.sqs, request_queue, visibility_timeout)
         aws.ensure_claim_table(self.dynamodb, claim_table)
-        self.identity = f"{socket.gethostname()}:{os.getpid()}"
+        self.identity = identity
+        self.instance = instance
+        self.claim_table = claim_table
         self.claims = Claims(self.dynamodb, claim_table, self.identity, visibility_timeout)
+        self.cancellations = Cancellations()
+        self.control = ControlQueue(self.sqs, control_topic, identity)
+        self.leaving: str | None = None  # "drain" or "shutdown", once a control message says so
         self.threads = threads
         self.idle_timeout = idle_timeout
         self.visibility_timeout = visibility_timeout
@@ -133,6 +169,7 @@ class Worker:
         """
         log.info("worker %s: %d threads on %s", self.identity, self.threads, self.request_url)
         threading.Thread(target=self._keep_leases, name="cloudkon-leases", daemon=True).start()
+        threading.Thread(target=self._follow_control, name="cloudkon-control", daemon=True).start()
         failures = 0
         with concurrent.futures.ThreadPoolExecutor(self.threads) as pool:
             while not self.stopping.is_set():
@@ -178,6 +215,12 @@ class Worker:
                 log.error("deleting a malformed request message: %s", exc)
                 aws.delete_messages(self.sqs, self.request_url, [receipt])
                 return
+            if self._cancelled(bundle.job):
+                log.info("job %s is cancelled: skipping bundle %d", bundle.job, bundle.bundle)
+                skipped = failed_batch(bundle.job, bundle.bundle, bundle.ids, CANCELLED)
+                self._send(bundle.job, reply_to, [skipped])
+                aws.delete_messages(self.sqs, self.request_url, [receipt])
+                return
             key = f"{bundle.job}:{bundle.bundle}"
             claim = self.claims.claim(key)
             if claim == "done":
@@ -190,7 +233,9 @@ class Worker:
             else:
                 with self._lock:
                     self._held[message["MessageId"]] = (receipt, key)
-                self._report(bundle, reply_to)
+                self._send(bundle.job, reply_to, run_bundle(bundle, cancellations=self.cancellations))
+                if self.leaving == "shutdown":  # its results were not sent: the bundle runs again elsewhere
+                    return
                 self.claims.finish(key)
                 aws.delete_messages(self.sqs, self.request_url, [receipt])
         except CloudKonError as exc:
@@ -202,18 +247,88 @@ class Worker:
                 self._held.pop(message["MessageId"], None)
             self._last_work = time.monotonic()
 
-    def _report(self, bundle: Bundle, reply_to: str) -> None:
-        """Run the bundle and send its results, as few messages as fit."""
-        bodies = [body for batch in run_bundle(bundle) for body in response_bodies(batch)]
+    def _send(self, job: str, reply_to: str, batches: Iterable[ResultBatch]) -> None:
+        """Send results (once all are in: a bundle's results go in as few messages as fit)."""
+        bodies = [body for batch in batches for body in response_bodies(batch)]
+        if self.leaving == "shutdown":
+            return
         try:
             aws.send_messages(self.sqs, reply_to, bodies)
         except BackendError as exc:
-            if aws.error_code(exc) != "AWS.SimpleQueueService.NonExistentQueue":
+            if not aws.is_missing_queue(exc):
                 raise
-            log.warning("job %s: its scheduler's queue is gone; results dropped", bundle.job)
+            log.warning("job %s: its scheduler's queue is gone; results dropped", job)
+
+    def _cancelled(self, job: str) -> bool:
+        """True if ``job`` is cancelled, by what this worker heard or by its durable mark."""
+        if self.cancellations.is_cancelled(job):
+            return True
+        if cancelled_jobs(self.dynamodb, self.claim_table, {job}):
+            self.cancellations.cancel(job)
+            return True
+        return False
+
+    def _follow_control(self) -> None:
+        """Obey the control messages of the fleet's topic (runs in a thread for the worker's life)."""
+        while True:
+            try:
+                messages = self.control.receive(aws.SQS_MAX_WAIT_SECONDS)
+            except BackendError as exc:
+                if self.stopping.is_set():
+                    return  # the control queue is being deleted
+                log.warning("control queue: %s (retrying in %g s)", exc, RECEIVE_BACKOFF_SECONDS)
+                time.sleep(RECEIVE_BACKOFF_SECONDS)
+                continue
+            for message in messages:
+                if message["type"] == "cancel":
+                    log.info("job %s cancelled: stopping its tasks", message["job"])
+                    self.cancellations.cancel(message["job"])
+                elif message["type"] == "drain":
+                    self._drain()
+                elif message["type"] == "shutdown":
+                    self._shut_down()
+                else:
+                    log.error("ignoring a control message of type %r", message["type"])
+
+    def _drain(self) -> None:
+        if self.stopping.is_set():
+            return
+        log.info("drain: finishing the bundles held, taking no new one")
+        self.leaving = "drain"
+        # As a first SIGTERM does: the main thread leaves its long poll and waits for the pool.
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+
+    def _shut_down(self) -> None:
+        """Stop at once: hand the bundles held back to the queue, kill their tasks, exit."""
+        log.warning("shutdown: stopping now; the bundles held go back to the queue")
+        self.leaving = "shutdown"
+        self.stopping.set()
+        with self._lock:
+            held = list(self._held.values())
+        for receipt, key in held:
+            try:
+                with aws.aws_errors("handing a bundle back"):
+                    self.sqs.change_message_visibility(QueueUrl=self.request_url, ReceiptHandle=receipt,
+                                                       VisibilityTimeout=0)
+                if key:
+                    self.claims.release(key)
+            except BackendError as exc:
+                log.warning("%s (it comes back after its visibility timeout)", exc)
+        kill_running_tasks()
+        self.leave(retire=True)
+        os._exit(0)
+
+    def leave(self, retire: bool) -> None:
+        """Unsubscribe from control, log the API calls made, and (on EC2, if ``retire``) terminate."""
+        self.stopping.set()
+        self.control.close()
+        aws.log_api_calls()  # now: the instance may be gone a moment after it retires
+        if retire and self.instance is not None:
+            self.instance.retire(self.dynamodb)
 
     def _keep_leases(self) -> None:
-        """Extend visibility and lease of every running bundle, a third of the timeout ahead."""
+        """Extend visibility and lease of every running bundle, a third of the timeout ahead,
+        and stop the tasks of any of their jobs marked cancelled meanwhile."""
         while not self.stopping.wait(self.visibility_timeout / 3):
             with self._lock:
                 running = [(receipt, key) for receipt, key in self._held.values() if key]
@@ -225,6 +340,16 @@ class Worker:
                     self.claims.renew(key)
                 except BackendError as exc:
                     log.warning("bundle %s: %s", key, exc)
+            jobs = {key.split(":")[0] for _, key in running}
+            try:
+                cancelled = cancelled_jobs(self.dynamodb, self.claim_table,
+                                           {job for job in jobs if not self.cancellations.is_cancelled(job)})
+            except BackendError as exc:
+                log.warning("%s", exc)
+                continue
+            for job in cancelled:
+                log.info("job %s is marked cancelled: stopping its tasks", job)
+                self.cancellations.cancel(job)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -243,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--visibility-timeout", type=int, default=aws.DEFAULT_VISIBILITY_TIMEOUT,
                         metavar="SECONDS", help="lease on a bundle, renewed while it runs; a dead "
                         f"worker's bundles run again after it (default: {aws.DEFAULT_VISIBILITY_TIMEOUT})")
+    parser.add_argument("--control-topic", default=DEFAULT_CONTROL_TOPIC,
+                        help="SNS topic of the fleet's control messages: cancel, drain, shutdown "
+                             f"(default: {DEFAULT_CONTROL_TOPIC})")
     parser.add_argument("--ec2", action="store_true",
                         help="run as an instance launched by 'scheduler.py --provision': settings and "
                              "identity from the instance metadata service (IMDSv2), heartbeats to the "
@@ -271,9 +399,17 @@ def main(argv: list[str] | None = None) -> int:
             args.request_queue, args.table, args.threads = (settings.request_queue, settings.claim_table,
                                                             settings.threads)
             args.idle_timeout, args.visibility_timeout = settings.idle_timeout, settings.visibility_timeout
-            log.info("instance %s of fleet %s", instance.id, settings.fleet)
+            args.control_topic = settings.control_topic
+            identity = instance.id
+        else:
+            identity = f"{metadata_instance_id() or socket.gethostname()}:{os.getpid()}"
+        named = logging.Formatter(f"%(asctime)s worker {identity} %(levelname)s %(message)s")
+        for handler in logging.getLogger().handlers:  # every line names this worker
+            handler.setFormatter(named)
+        if instance is not None:
+            log.info("instance %s of fleet %s", instance.id, instance.settings.fleet)
         worker = Worker(args.request_queue, args.table, args.threads, args.idle_timeout,
-                        args.visibility_timeout)
+                        args.visibility_timeout, identity, args.control_topic, instance)
     except CloudKonError as exc:
         print(f"worker.py: error: {exc}", file=sys.stderr)
         return 2
@@ -293,23 +429,20 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    status = 0
     try:
         idle = worker.run()
     except _Stopping:
         idle = False
     except CloudKonError as exc:
         log.error("%s", exc)
+        idle, status = False, 1
+    try:
+        worker.leave(retire=idle or worker.leaving == "drain")
+    except CloudKonError as exc:
+        log.error("%s", exc)
         return 1
-    finally:
-        worker.stopping.set()
-        aws.log_api_calls()  # now: the instance may be gone a moment after it retires
-    if idle and instance is not None:
-        try:
-            instance.retire(worker.dynamodb)
-        except CloudKonError as exc:
-            log.error("%s", exc)
-            return 1
-    return 0
+    return status
 
 
 if __name__ == "__main__":

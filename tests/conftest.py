@@ -141,6 +141,7 @@ def aws_env():
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_EC2_METADATA_DISABLED": "true",
            "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"}
 
     def up():
@@ -161,24 +162,25 @@ def remote(aws_env, start_scheduler):
     """Start remote schedulers and workers on queues and a table of this test's own."""
     import uuid
     suffix = uuid.uuid4().hex[:8]
-    names = {"request_queue": f"req-{suffix}", "table": f"claims-{suffix}"}
+    names = {"request_queue": f"req-{suffix}", "table": f"claims-{suffix}", "topic": f"control-{suffix}"}
     workers: list[subprocess.Popen] = []
 
     class Remote:
         env = aws_env
         request_queue = names["request_queue"]
         table = names["table"]
+        topic = names["topic"]
+        options = ("--request-queue", names["request_queue"], "--table", names["table"],
+                   "--control-topic", names["topic"])
 
         @staticmethod
         def scheduler(*args: str) -> SchedulerProcess:
-            return start_scheduler("--remote", "--request-queue", names["request_queue"],
-                                   "--table", names["table"], *args, env=aws_env)
+            return start_scheduler("--remote", *Remote.options, *args, env=aws_env)
 
         @staticmethod
         def worker(*args: str) -> subprocess.Popen:
             proc = subprocess.Popen(
-                [sys.executable, str(ROOT / "worker.py"), "--request-queue", names["request_queue"],
-                 "--table", names["table"], *args],
+                [sys.executable, str(ROOT / "worker.py"), *Remote.options, *args],
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, **aws_env})
             workers.append(proc)
             return proc

@@ -75,7 +75,7 @@ def test_cancel_gives_every_task_without_a_result_one_cancelled_result():
     delivered: dict[str, list[tuple[int, str | None]]] = {}
     finished: list[str] = []
     dispatcher = Dispatcher(backend, lambda job, batch: delivered.setdefault(job.id, []).extend(
-        zip(batch.ids, batch.errors)), lambda job: finished.append(job.id))
+        zip(batch.ids, batch.errors, strict=True)), lambda job: finished.append(job.id))
     doomed, other = dispatcher.open_job(), dispatcher.open_job()
     dispatcher.add_tasks(doomed, ["true"] * 5)
     dispatcher.add_tasks(other, ["true"] * 2)

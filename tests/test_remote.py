@@ -4,10 +4,12 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 
 import boto3
-from conftest import read_results, run_client, start_client, wait_until
+from conftest import ROOT, read_results, run_client, start_client, wait_until
 
 import protocol
 from aws import MAX_SQS_MESSAGE_BYTES
@@ -151,13 +153,26 @@ def _allowed(policy: str) -> set[str]:
 
 def test_least_privilege_policies_cover_every_call_made(remote, workload):
     sched = remote.scheduler()
-    worker = remote.worker("-t", "2")
+    worker = remote.worker("-t", "2", "--visibility-timeout", "3")
     assert run_client("-s", sched.address, "-w", workload(["echo a", "sleep 5"] * 20)).returncode == 0
-    worker.send_signal(signal.SIGTERM)
+    cancelled = start_client("-s", sched.address, "-w", workload(["sleep 60000"] * 3))
+    job = wait_until(lambda: re.search(r"job ([0-9a-f]+)", cancelled.stderr.readline()))[1]
+    assert run_client("-s", sched.address, "--cancel", job).returncode == 0
+    assert cancelled.wait(30) == 3
+    drain = _scheduler_command(remote, "--drain")
+    assert drain.returncode == 0, drain.stderr
     _, worker_log = worker.communicate(timeout=60)
     sched.stop()
     assert _operations(worker_log) <= _allowed("worker")  # the scheduler created queue and table
     assert _operations(sched.proc.stderr.read()) <= _allowed("scheduler")
+    assert _operations(drain.stderr) <= _allowed("scheduler")
+    for stream in (cancelled.stdout, cancelled.stderr):
+        stream.close()
+
+
+def _scheduler_command(remote, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scheduler.py"), "--remote", *remote.options, *args],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, **remote.env})
 
 
 def test_killed_remote_scheduler_resumes_its_jobs_from_dynamodb(remote, workload, tmp_path):
