@@ -94,9 +94,10 @@ def run_client(*args: str, timeout: float = 120, env: dict[str, str] | None = No
                           text=True, timeout=timeout, env={**os.environ, **(env or {})}, **kwargs)
 
 
-def start_client(*args: str) -> subprocess.Popen:
+def start_client(*args: str, env: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(ROOT / "client.py"), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})}, **kwargs)
 
 
 def read_results(path: Path) -> list[dict]:

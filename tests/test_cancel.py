@@ -1,0 +1,127 @@
+"""Cancelling a job on the local backend: through the client, its job list, and Ctrl-C."""
+
+import os
+import pty
+import re
+import signal
+import time
+
+from conftest import read_results, run_client, start_client, wait_until
+
+
+def _job_id(client) -> str:
+    """The job id a client run with -s prints first on stderr."""
+    return re.search(r"job ([0-9a-f]+) ", client.stderr.readline())[1]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_cancel_stops_running_and_queued_tasks_not_other_jobs(start_scheduler, workload, tmp_path):
+    sched = start_scheduler("--local", "2")
+    pidfile, ran = tmp_path / "pid", tmp_path / "ran"
+    doomed_tasks = ["sleep 60000", f"echo $$ > {pidfile}; exec sleep 60"] + [f"echo {i} >> {ran}"
+                                                                            for i in range(20)]
+    out = tmp_path / "doomed.jsonl"
+    doomed = start_client("-s", sched.address, "-w", workload(doomed_tasks), "-o", str(out))
+    job = _job_id(doomed)
+    pid = int(wait_until(lambda: pidfile.exists() and pidfile.read_text().strip()))
+    other = start_client("-s", sched.address, "-w", workload([f"echo other {i}" for i in range(50)]))
+
+    done = run_client("-s", sched.address, "--cancel", job)
+    assert done.returncode == 0 and f"job {job} cancelled: 20 task(s) stopped" in done.stderr
+    assert doomed.wait(10) == 3, doomed.stderr.read()
+    assert "22 tasks: 0 succeeded, 0 failed, 22 cancelled" in doomed.stderr.read()
+    results = read_results(out)
+    assert [r["id"] for r in results] == list(range(22))
+    assert {(r["status"], r["error"]) for r in results} == {("cancelled", "cancelled")}
+    assert not ran.exists(), "a queued task of the cancelled job ran"
+    wait_until(lambda: _gone(pid), timeout=5)  # the running shell command's process group is killed
+
+    assert other.wait(30) == 0 and "50 tasks: 50 succeeded" in other.stderr.read()
+    # Both workers are free again: the native 60 s sleep was interrupted, not waited for.
+    assert run_client("-s", sched.address, "-w", workload(["sleep 0"] * 2), timeout=10).returncode == 0
+    for client in (doomed, other):
+        client.stdout.close()
+        client.stderr.close()
+
+
+def test_cancel_of_a_finished_job_is_a_no_op_and_an_unknown_job_is_an_error(start_scheduler, workload):
+    sched = start_scheduler("--local", "1")
+    finished = run_client("-s", sched.address, "-w", workload(["echo a"]))
+    job = re.search(r"job ([0-9a-f]+) ", finished.stderr)[1]
+    done = run_client("-s", sched.address, "--cancel", job)
+    assert done.returncode == 0 and f"job {job} had finished already: nothing to cancel" in done.stderr
+    assert run_client("-s", sched.address, "--cursor", job).returncode == 0  # its results unchanged
+    unknown = run_client("-s", sched.address, "--cancel", "0123456789abcdef")
+    assert unknown.returncode == 2 and "no job '0123456789abcdef'" in unknown.stderr
+    assert "Traceback" not in unknown.stderr
+    assert run_client("--cancel", job).returncode == 2  # which scheduler?
+
+
+def test_jobs_lists_each_job_with_its_tasks_by_state(start_scheduler, workload):
+    sched = start_scheduler("--local", "1")
+    finished = run_client("-s", sched.address, "-w", workload(["true", "false"]))
+    first = re.search(r"job ([0-9a-f]+) ", finished.stderr)[1]
+    running = start_client("-s", sched.address, "-w", workload(["sleep 60000"] + ["true"] * 9))
+    second = _job_id(running)
+    listing = run_client("-s", sched.address, "--jobs")
+    assert listing.returncode == 0
+    rows = {line.split()[0]: line.split() for line in listing.stdout.splitlines()[1:]}
+    # JOB STATE DATE TIME TOTAL QUEUED RUNNING SUCCEEDED FAILED CANCELLED
+    assert rows[first][1] == "finished" and rows[first][4:] == ["2", "0", "0", "1", "1", "0"]
+    assert rows[second][1] == "running" and rows[second][4] == "10"
+    assert int(rows[second][5]) + int(rows[second][6]) == 10  # none done yet: queued or running
+    assert run_client("-s", sched.address, "--cancel", second).returncode == 0
+    assert running.wait(10) == 3
+    rows = {line.split()[0]: line.split() for line in run_client(
+        "-s", sched.address, "--jobs").stdout.splitlines()[1:]}
+    assert rows[second][1] == "cancelled" and rows[second][4:] == ["10", "0", "0", "0", "0", "10"]
+    running.stdout.close()
+    running.stderr.close()
+
+
+def test_ctrl_c_with_yes_cancels_and_without_a_terminal_leaves_the_job_running(start_scheduler, workload):
+    sched = start_scheduler("--local", "2")
+    client = start_client("-s", sched.address, "-y", "-w", workload(["sleep 60000"] * 4))
+    job = _job_id(client)
+    time.sleep(0.5)
+    client.send_signal(signal.SIGINT)
+    assert client.wait(10) == 3
+    assert f"job {job} cancelled: 4 task(s) stopped" in client.stderr.read()
+
+    client = start_client("-s", sched.address, "-w", workload(["sleep 1500", "echo kept"]))
+    job = _job_id(client)
+    time.sleep(0.5)
+    client.send_signal(signal.SIGINT)  # no terminal to ask on: the job is left to run
+    assert client.wait(10) == 130
+    assert f"job {job} keeps running" in client.stderr.read()
+    fetched = run_client("-s", sched.address, "--cursor", job)
+    assert fetched.returncode == 0 and "2 tasks: 2 succeeded" in fetched.stderr
+    for stream in (client.stdout, client.stderr):
+        stream.close()
+
+
+def test_ctrl_c_asks_on_the_terminal_before_cancelling(start_scheduler, workload):
+    sched = start_scheduler("--local", "1")
+    terminal, stdin = pty.openpty()
+    client = start_client("-s", sched.address, "-w", workload(["sleep 60000"] * 2), stdin=stdin)
+    os.close(stdin)
+    job = _job_id(client)
+    time.sleep(0.5)
+    client.send_signal(signal.SIGINT)
+    prompt = ""
+    while "[y/N]" not in prompt:
+        prompt += client.stderr.read(1)
+    assert f"cancel job {job}? [y/N]" in prompt
+    os.write(terminal, b"y\n")
+    assert client.wait(10) == 3
+    assert "2 cancelled" in client.stderr.read()
+    os.close(terminal)
+    client.stdout.close()
+    client.stderr.close()
