@@ -168,6 +168,7 @@ def remote(aws_env, start_scheduler):
 
     class Remote:
         env = aws_env
+        full_env = {**os.environ, **aws_env}
         request_queue = names["request_queue"]
         table = names["table"]
         topic = names["topic"]

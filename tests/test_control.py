@@ -1,0 +1,125 @@
+"""Control of remote work on the emulator: cancel through SQS/SNS/DynamoDB, drain, scheduler-less runs."""
+
+import re
+import subprocess
+import sys
+
+import boto3
+import pytest
+from conftest import ROOT, read_results, run_client, start_client, wait_until
+
+
+@pytest.fixture
+def aws(remote):
+    """boto3 clients on the emulator, and the depth of this test's request queue."""
+    settings = {"endpoint_url": remote.env["AWS_ENDPOINT_URL"], "region_name": "us-east-1",
+                "aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+
+    class Aws:
+        sqs = boto3.client("sqs", **settings)
+
+        @staticmethod
+        def requests(kind: str = "") -> int:
+            """Messages on the request queue: all of them, or only ``NotVisible`` ones (taken)."""
+            url = Aws.sqs.get_queue_url(QueueName=remote.request_queue)["QueueUrl"]
+            names = ["ApproximateNumberOfMessagesNotVisible"] + (["ApproximateNumberOfMessages"] * (not kind))
+            attributes = Aws.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=names)["Attributes"]
+            return sum(int(value) for value in attributes.values())
+
+    return Aws
+
+
+def _job_id(client) -> str:
+    return re.search(r"job ([0-9a-f]+) ", client.stderr.readline())[1]
+
+
+def _scheduler_command(remote, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scheduler.py"), "--remote", *remote.options, *args],
+                          capture_output=True, text=True, timeout=120, env=remote.full_env)
+
+
+def test_remote_cancel_stops_the_running_task_and_skips_the_queued_ones(remote, aws, workload, tmp_path):
+    sched = remote.scheduler()
+    worker = remote.worker("-t", "1")
+    ran = tmp_path / "ran"
+    out = tmp_path / "r.jsonl"
+    client = start_client("-s", sched.address, "-w", workload(["sleep 60000"] + [f"echo {i} >> {ran}"
+                                                                              for i in range(10)]),
+                          "-o", str(out))
+    job = _job_id(client)
+    wait_until(lambda: aws.requests() == 11, timeout=20)  # each task alone: nothing is known of them
+    wait_until(lambda: aws.requests("NotVisible") == 1, timeout=20)  # the worker runs the sleep
+    assert run_client("-s", sched.address, "--cancel", job).returncode == 0
+    assert client.wait(10) == 3
+    assert {r["status"] for r in read_results(out)} == {"cancelled"} and len(read_results(out)) == 11
+    # The worker heard it over SNS: the 60 s sleep stops and the queued bundles are skipped, not run.
+    wait_until(lambda: aws.requests() == 0, timeout=20)
+    assert not ran.exists()
+    assert run_client("-s", sched.address, "-w", workload(["echo after"]), timeout=15).returncode == 0
+    worker.terminate()
+    log = worker.communicate(timeout=30)[1]
+    assert f"job {job} cancelled: stopping its tasks" in log
+    client.stdout.close()
+    client.stderr.close()
+
+
+def test_a_worker_that_missed_the_cancel_message_reads_it_from_dynamodb(remote, aws, workload, tmp_path):
+    sched = remote.scheduler()
+    worker = remote.worker("-t", "1")
+    busy = start_client("-s", sched.address, "-w", workload(["sleep 3000"]))
+    wait_until(lambda: aws.requests("NotVisible") == 1, timeout=20)  # the worker runs it
+    control = wait_until(lambda: aws.sqs.list_queues(QueueNamePrefix="cloudkon-control-").get("QueueUrls"))
+    for url in control:
+        aws.sqs.delete_queue(QueueUrl=url)  # the worker never hears the broadcast
+    ran = tmp_path / "ran"
+    doomed = start_client("-s", sched.address, "-w", workload([f"echo {i} >> {ran}" for i in range(5)]))
+    job = _job_id(doomed)
+    assert run_client("-s", sched.address, "--cancel", job).returncode == 0
+    assert doomed.wait(10) == 3
+    assert busy.wait(30) == 0  # the other job was not disturbed
+    wait_until(lambda: aws.requests() == 0, timeout=30)  # the worker took the bundles and skipped them
+    assert not ran.exists()
+    worker.terminate()
+    assert f"job {job} is cancelled: skipping bundle" in worker.communicate(timeout=30)[1]
+    for client in (busy, doomed):
+        client.stdout.close()
+        client.stderr.close()
+
+
+def test_drain_lets_workers_finish_what_they_hold_and_loses_nothing(remote, aws, workload, tmp_path):
+    sched = remote.scheduler()
+    workers = [remote.worker("-t", "1") for _ in range(2)]
+    ran = tmp_path / "ran"
+    out = tmp_path / "r.jsonl"
+    tasks = [f"sleep 1; echo {i} >> {ran}; echo {i}" for i in range(8)]
+    client = start_client("-s", sched.address, "-w", workload(tasks), "-o", str(out))
+    wait_until(lambda: aws.requests() == 8, timeout=20)
+    wait_until(lambda: ran.exists(), timeout=20)  # both workers are running a task by now, or soon
+    drain = _scheduler_command(remote, "--drain")
+    assert drain.returncode == 0, drain.stderr
+    assert "every worker has drained" in drain.stderr
+    for worker in workers:
+        assert worker.wait(30) == 0
+        assert "drain: finishing the bundles held" in worker.stderr.read()
+    finished_before = len(ran.read_text().split())
+    assert client.poll() is None and finished_before < 8, "the drained workers took no new bundles"
+    remote.worker("-t", "2")
+    assert client.wait(60) == 0
+    assert [r["output"] for r in read_results(out)] == [f"{i}\n" for i in range(8)]
+    assert sorted(map(int, ran.read_text().split())) == list(range(8)), "each task ran exactly once"
+    client.stdout.close()
+    client.stderr.close()
+
+
+def test_scheduler_less_remote_runs_keep_two_clients_results_apart(remote, workload, tmp_path):
+    remote.worker("-t", "2")
+    remote.worker("-t", "2")
+    outs = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    clients = [start_client("--remote", *remote.options, "-o", str(out),
+                            "-w", workload([f"echo {name}{i}" for i in range(1000)]), env=remote.env)
+               for name, out in zip("ab", outs, strict=True)]
+    for name, client, out in zip("ab", clients, outs, strict=True):
+        _, stderr = client.communicate(timeout=180)
+        assert client.returncode == 0, stderr
+        assert "1000 tasks: 1000 succeeded" in stderr
+        assert [r["output"] for r in read_results(out)] == [f"{name}{i}\n" for i in range(1000)]
