@@ -41,7 +41,7 @@ done
 
 source_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # What worker.py imports, directly or not.
-modules=(worker.py aws.py backend.py errors.py protocol.py provisioning.py sqsbackend.py tasks.py)
+modules=(worker.py aws.py backend.py control.py errors.py protocol.py provisioning.py sqsbackend.py tasks.py)
 app_dir=/opt/cloudkon
 log_file=/var/log/cloudkon-worker.log
 

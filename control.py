@@ -108,20 +108,20 @@ class ControlTopic:
             log.info("removed %d subscription(s) of workers gone without cleaning up", pruned)
         return pruned
 
-    def drain(self, timeout: float, poll_seconds: float = 2.0) -> bool:
-        """Tell every worker to drain, then wait until none is subscribed; False on timeout."""
+    def stop_workers(self, how: str, timeout: float, poll_seconds: float = 1.0) -> bool:
+        """Publish ``drain`` or ``shutdown``, then wait until no worker is subscribed; False on timeout."""
         self.prune()
-        self.publish({"type": "drain"})
+        self.publish({"type": how})
         deadline = time.monotonic() + timeout
         while True:
             left = len(self.subscribers())
             if not left:
-                log.info("every worker has drained")
+                log.info("every worker has left (%s)", how)
                 return True
             if time.monotonic() >= deadline:
                 log.error("%d worker(s) still subscribed after %g s", left, timeout)
                 return False
-            log.info("waiting for %d worker(s) to finish what they hold", left)
+            log.info("%s: waiting for %d worker(s) to leave", how, left)
             time.sleep(poll_seconds)
 
     def remove(self) -> None:

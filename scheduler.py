@@ -650,6 +650,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_argument("--drain", action="store_true",
                           help="tell every worker (over the control topic) to finish the bundles it holds, "
                                "take no new one and exit; wait until they have (up to --grace seconds)")
+    commands.add_argument("--shutdown", action="store_true",
+                          help="tell every worker to stop now, handing the bundles it holds back to the "
+                               "request queue; wait until they have exited (up to --grace seconds)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT,
                         help=f"TCP port (default: {DEFAULT_PORT}; 0 picks a free one)")
@@ -746,17 +749,17 @@ def create_fleet(args: argparse.Namespace) -> Any:
 
 
 def run_fleet_command(args: argparse.Namespace) -> int:
-    """--drain (0 once every worker has left, 1 on timeout) or --cleanup (0)."""
+    """--drain or --shutdown (0 once every worker has left, 1 on timeout) or --cleanup (0)."""
     if not args.remote:
-        raise ConfigError("--drain and --cleanup go with --remote")
-    if args.drain and args.cleanup:
-        raise ConfigError("--drain and --cleanup are two commands: one at a time")
+        raise ConfigError("--drain, --shutdown and --cleanup go with --remote")
+    if args.drain + args.shutdown + args.cleanup > 1:
+        raise ConfigError("--drain, --shutdown and --cleanup are separate commands: one at a time")
     import aws  # boto3 is loaded in remote mode only
     from control import DEFAULT_CONTROL_TOPIC, ControlTopic
     try:
         topic = ControlTopic(args.control_topic or DEFAULT_CONTROL_TOPIC)
-        if args.drain:
-            return 0 if topic.drain(args.grace) else 1
+        if args.drain or args.shutdown:
+            return 0 if topic.stop_workers("drain" if args.drain else "shutdown", args.grace) else 1
         fleet = create_fleet(args)
         fleet.cleanup()
         fleet.remove_resources()
@@ -781,7 +784,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.token and not is_loopback(args.host):
             raise ConfigError(f"refusing to listen on {args.host} without --token "
                               "(or $CLOUDKON_TOKEN): anyone who can reach it could run commands")
-        if args.drain or args.cleanup:
+        if args.drain or args.shutdown or args.cleanup:
             return run_fleet_command(args)
         fleet = create_fleet(args)
         backend = create_backend(args)

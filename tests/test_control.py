@@ -97,7 +97,7 @@ def test_drain_lets_workers_finish_what_they_hold_and_loses_nothing(remote, aws,
     wait_until(lambda: ran.exists(), timeout=20)  # both workers are running a task by now, or soon
     drain = _scheduler_command(remote, "--drain")
     assert drain.returncode == 0, drain.stderr
-    assert "every worker has drained" in drain.stderr
+    assert "every worker has left (drain)" in drain.stderr
     for worker in workers:
         assert worker.wait(30) == 0
         assert "drain: finishing the bundles held" in worker.stderr.read()
@@ -123,3 +123,23 @@ def test_scheduler_less_remote_runs_keep_two_clients_results_apart(remote, workl
         assert client.returncode == 0, stderr
         assert "1000 tasks: 1000 succeeded" in stderr
         assert [r["output"] for r in read_results(out)] == [f"{name}{i}\n" for i in range(1000)]
+
+
+def test_shutdown_stops_workers_now_and_their_bundles_run_elsewhere(remote, aws, workload, tmp_path):
+    sched = remote.scheduler()
+    first = remote.worker("-t", "1")
+    out = tmp_path / "r.jsonl"
+    client = start_client("-s", sched.address, "-w", workload(["sleep 3; echo late", "echo quick"]),
+                          "-o", str(out))
+    wait_until(lambda: aws.requests("NotVisible") >= 1, timeout=20)
+    stop = _scheduler_command(remote, "--shutdown")
+    assert stop.returncode == 0, stop.stderr
+    assert first.wait(10) == 0 and "shutdown: stopping now" in first.stderr.read()
+    assert client.poll() is None
+    # What it held is back on the queue at once (no visibility timeout, no lease to wait for).
+    wait_until(lambda: aws.requests("NotVisible") == 0, timeout=5)
+    remote.worker("-t", "2")
+    assert client.wait(60) == 0
+    assert [r["output"] for r in read_results(out)] == ["late\n", "quick\n"]
+    client.stdout.close()
+    client.stderr.close()
