@@ -349,7 +349,7 @@ class Scheduler:
         return job
 
     async def cancel_job(self, job: Job) -> int | None:
-        """Cancel a job: how many of its tasks it stopped, or None if it had finished already.
+        """Cancel a job: how many of its tasks are cancelled, or None if it had finished already.
 
         The backend hears of it first (a remote one records it durably), then every task
         without a result gets the result cancelled; the answer waits for the job store.
@@ -359,9 +359,11 @@ class Scheduler:
         await asyncio.get_running_loop().run_in_executor(None, self.backend.cancel, job.id)
         if job.finished and not job.cancelled:  # it finished while the backend was told
             return None
-        count = self.dispatcher.cancel(job)
+        self.dispatcher.cancel(job)
         await self.written()
-        return count
+        # Not what dispatcher.cancel counted: the backend may have reported some queued tasks
+        # cancelled already, while it was being told.
+        return job.cancelled_count
 
     async def _answer_cancel(self, peer: _Peer, job: Job) -> None:
         try:

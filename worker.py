@@ -145,6 +145,10 @@ class Worker:
                  visibility_timeout: int, identity: str, control_topic: str = DEFAULT_CONTROL_TOPIC,
                  instance: Instance | None = None) -> None:
         self.sqs, self.dynamodb = aws.clients()
+        self.stopping = threading.Event()
+        if instance is not None:  # alive from now on, however long the set-up below takes
+            threading.Thread(target=send_heartbeats, args=(instance, self.dynamodb, self.stopping),
+                             name="cloudkon-heartbeat", daemon=True).start()
         self.request_url = aws.ensure_queue(self.sqs, request_queue, visibility_timeout)
         aws.ensure_claim_table(self.dynamodb, claim_table)
         self.identity = identity
@@ -157,7 +161,6 @@ class Worker:
         self.threads = threads
         self.idle_timeout = idle_timeout
         self.visibility_timeout = visibility_timeout
-        self.stopping = threading.Event()
         self._held: dict[str, tuple[str, str]] = {}  # message id -> (receipt handle, claim key)
         self._lock = threading.Lock()
         self._last_work = time.monotonic()
@@ -413,9 +416,6 @@ def main(argv: list[str] | None = None) -> int:
     except CloudKonError as exc:
         print(f"worker.py: error: {exc}", file=sys.stderr)
         return 2
-    if instance is not None:
-        threading.Thread(target=send_heartbeats, args=(instance, worker.dynamodb, worker.stopping),
-                         name="cloudkon-heartbeat", daemon=True).start()
 
     def on_signal(signum: int, frame: object) -> None:
         # First signal: set the flag and leave the (up to 20 s) long poll at once; the

@@ -34,7 +34,7 @@ def test_cancel_stops_running_and_queued_tasks_not_other_jobs(start_scheduler, w
     other = start_client("-s", sched.address, "-w", workload([f"echo other {i}" for i in range(50)]))
 
     done = run_client("-s", sched.address, "--cancel", job)
-    assert done.returncode == 0 and f"job {job} cancelled: 20 task(s) stopped" in done.stderr
+    assert done.returncode == 0 and f"job {job} cancelled: 22 task(s) stopped" in done.stderr
     assert doomed.wait(10) == 3, doomed.stderr.read()
     assert "22 tasks: 0 succeeded, 0 failed, 22 cancelled" in doomed.stderr.read()
     results = read_results(out)
