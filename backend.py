@@ -56,6 +56,9 @@ class Backend(ABC):
     """Runs bundles of tasks on workers and reports their results."""
 
     name: str = "backend"
+    # Where clients stage the files of job descriptions (an s3:// prefix), or None when the
+    # workers share the client's file system (sandbox.py).
+    staging: str | None = None
     # Work per bundle, by the job's average task time so far: long enough that the
     # per-bundle cost stays near 1%, short enough that a job submitted behind a big
     # one waits about this long at most.

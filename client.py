@@ -29,6 +29,7 @@ from typing import Any, TextIO
 
 import protocol
 from errors import CloudKonError, ConfigError, IncompleteFrame, MalformedMessage, ProtocolError
+from jdl import JobSpec, read_jdl, workload_specs
 from scheduler import REMOTE_GROUP_TITLES, add_remote_arguments
 from tasks import ResultBatch, parse_workload, task_status
 
@@ -52,6 +53,7 @@ class Results:
         self.elapsed_us: list[int] = [0] * total
         self.errors: list[str | None] = [None] * total
         self._seen = bytearray(total)
+        self.artifacts: dict[int, dict[str, Any]] = {}  # where a job description's outputs went
         self.received = 0
         self.failed = 0  # cancelled tasks included
         self.cancelled = 0
@@ -68,10 +70,18 @@ class Results:
             self.outputs[task_id] = output
             self.elapsed_us[task_id] = elapsed
             self.errors[task_id] = error
+        if batch.artifacts is not None:
+            self.artifacts.update((i, a) for i, a in zip(batch.ids, batch.artifacts, strict=True) if a)
         self.received += len(batch)
         self.failed += batch.failed_count()
         self.cancelled += batch.cancelled_count()
 
+    def fail(self, task_id: int, error: str) -> None:
+        """Turn a task's success into a failure the client found (its outputs did not arrive)."""
+        if task_status(self.exit_codes[task_id], self.errors[task_id]) == "success":
+            self.failed += 1
+        self.exit_codes[task_id], self.errors[task_id] = None, error
+        self.artifacts.pop(task_id, None)
     @property
     def complete(self) -> bool:
         return self.received == self.total
@@ -86,6 +96,8 @@ class Results:
                       "elapsed_ms": self.elapsed_us[task_id] / 1000}
             if error is not None:
                 record["error"] = error
+            if task_id in self.artifacts:
+                record["outputs"] = self.artifacts[task_id]
             out.write(dumps(record))
             out.write("\n")
 
@@ -116,8 +128,13 @@ class SchedulerConnection:
         self.sock.close()
 
     def submit(self, tasks: list[str], timeout: float | None = None, stream: bool = True,
-               callback: dict[str, Any] | None = None) -> str:
-        """Send a job's tasks; its id.  With ``stream``, results follow on this connection."""
+               callback: dict[str, Any] | None = None,
+               prepare: Callable[[str], list[str]] | None = None) -> str:
+        """Send a job's tasks; its id.  With ``stream``, results follow on this connection.
+
+        ``prepare(job)``, if given, turns the tasks into what is sent once the job's id is
+        known (staging the files of job descriptions).
+        """
         opening: dict[str, Any] = {"type": "job_open", "stream": stream}
         if timeout is not None:
             opening["timeout"] = timeout
@@ -125,6 +142,8 @@ class SchedulerConnection:
             opening["callback"] = callback
         self.send(opening)
         job = self.expect("job_opened")["job"]
+        if prepare is not None:
+            tasks = prepare(job)
         for message in protocol.task_messages(job, tasks):
             self.send(message)
         self.send({"type": "job_close", "job": job, "count": len(tasks)})
@@ -194,14 +213,15 @@ def get_task_result(host: str, port: int, token: str | None, job: str) -> Result
 
 
 def run_with_callback(host: str, port: int, token: str | None, tasks: list[str],
-                      listen_port: int, timeout: float | None) -> Results:
+                      listen_port: int, timeout: float | None, files: JobFiles) -> Results:
     """Submit, hang up, wait for the scheduler to call back at ``listen_port``, then fetch."""
     conn = SchedulerConnection(host, port, token)
     nonce = secrets.token_hex(16)
     with socket.create_server((conn.sock.getsockname()[0], listen_port)) as listener:
         callback = {"port": listener.getsockname()[1], "nonce": nonce}
         try:
-            job = conn.submit(tasks, timeout, stream=False, callback=callback)
+            job = conn.submit(tasks, timeout, stream=False, callback=callback,
+                              prepare=files.preparer(tasks, conn.welcome.get("staging")))
             conn.expect("job_accepted")
         finally:
             conn.close()
@@ -320,7 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
                "cancelled, 130 interrupted.")
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("-w", "--workload", metavar="FILE",
-                      help="tasks, one per line: 'sleep N' sleeps N ms, anything else runs in /bin/sh")
+                      help="tasks, one per line: 'sleep N' sleeps N ms, a line starting with '{' is a JSON "
+                           "job description with files (docs/jobs.md), anything else runs in /bin/sh")
+    what.add_argument("-j", "--jdl", metavar="FILE.jdl",
+                      help="one job in the classic JDL syntax (Executable, Arguments, InputSandbox, "
+                           "OutputSandbox, Prologue...; docs/jobs.md)")
     what.add_argument("--cursor", metavar="JOB",
                       help="fetch the results of a job submitted earlier (its id, printed at submission), "
                            "waiting for it to finish if needed; needs -s")
@@ -334,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="scheduler to submit to (default: start an embedded local one)")
     parser.add_argument("-o", "--output", metavar="RESULTS.jsonl",
                         help="write one JSON object per task, in workload order ('-' for stdout)")
+    parser.add_argument("--outputs", metavar="DIR",
+                        help="where the output sandbox of each job description goes: DIR/<task id>/")
     parser.add_argument("-l", "--listen", type=int, metavar="PORT",
                         help="submit, hang up, and wait on PORT for the scheduler to call back when "
                              "the job is done; then fetch every result in one request (0: any port)")
@@ -417,13 +443,67 @@ def run(args: argparse.Namespace, embedded: list[str]) -> int:
     if args.cursor:
         tasks, results = fetch_job(host, port, args.token, args.cursor, commands=bool(args.output))
         return report(args, tasks, results, time.monotonic() - start)
-    tasks = parse_workload(args.workload)
+    if args.jdl:
+        lines, specs = [f"# job description {args.jdl}"], {0: read_jdl(args.jdl)}
+    else:
+        lines = parse_workload(args.workload)
+        specs = workload_specs(args.workload, lines)
+    files = JobFiles(specs, args.outputs)
     if args.scheduler:
-        results = submit_and_collect(host, port, args.token, tasks, args)
+        results = submit_and_collect(host, port, args.token, lines, args, files)
     else:
         with embedded_scheduler(embedded) as (host, port, token):
-            results = submit_and_collect(host, port, token, tasks, args)
-    return report(args, tasks, results, time.monotonic() - start)
+            results = submit_and_collect(host, port, token, lines, args, files)
+    files.bring_back(results)
+    return report(args, lines, results, time.monotonic() - start)
+
+
+class JobFiles:
+    """The job descriptions of a submission: staged once the job's id is known, outputs brought back."""
+
+    def __init__(self, specs: dict[int, JobSpec], outputs: str | None) -> None:
+        if outputs is None and any(spec.outputs for spec in specs.values()):
+            raise ConfigError("a job description has an output sandbox: say where it goes with --outputs DIR")
+        self.specs = specs
+        self.outputs = Path(outputs).resolve() if outputs else None
+
+    def preparer(self, tasks: list[str], staging: str | None) -> Callable[[str], list[str]] | None:
+        """What SchedulerConnection.submit calls with the job's id; None if there is nothing to stage.
+
+        ``staging`` is the scheduler's (its welcome says): None for local workers, which read
+        the inputs where they are and move the outputs into place; an s3:// prefix for remote ones.
+        """
+        if not self.specs:
+            return None
+        from sandbox import staged_command
+
+        def prepare(job: str) -> list[str]:
+            commands = list(tasks)
+            uploader = None
+            if staging is not None:
+                from s3staging import InputUploader  # boto3 is needed for remote staging only
+                uploader = InputUploader(staging, job)
+            for task_id, spec in self.specs.items():
+                if uploader is not None:
+                    commands[task_id] = staged_command(spec, uploader.output_url(task_id),
+                                                       uploader.upload(spec))
+                else:
+                    deliver = str(self.outputs / str(task_id)) if self.outputs else ""
+                    commands[task_id] = staged_command(spec, deliver)
+            return commands
+        return prepare
+
+    def bring_back(self, results: Results) -> None:
+        """Download and check the output archives of remote tasks into DIR/<task id>/."""
+        remote = {task_id: a for task_id, a in results.artifacts.items() if "url" in a}
+        if not remote or self.outputs is None:
+            return
+        from s3staging import fetch_outputs
+        for task_id, artifact in sorted(remote.items()):
+            try:
+                fetch_outputs(artifact, self.outputs / str(task_id))
+            except CloudKonError as exc:
+                results.fail(task_id, f"outputs not brought back: {exc}")
 
 
 def print_jobs(jobs: list[dict[str, Any]]) -> None:
@@ -451,12 +531,13 @@ def report(args: argparse.Namespace, tasks: list[str], results: Results, wall: f
 
 
 def submit_and_collect(host: str, port: int, token: str | None, tasks: list[str],
-                       args: argparse.Namespace) -> Results:
+                       args: argparse.Namespace, files: JobFiles) -> Results:
     if args.listen is not None:
-        return run_with_callback(host, port, token, tasks, args.listen, args.task_timeout)
+        return run_with_callback(host, port, token, tasks, args.listen, args.task_timeout, files)
     conn = SchedulerConnection(host, port, token)
     try:
-        job = conn.submit(tasks, args.task_timeout)
+        job = conn.submit(tasks, args.task_timeout,
+                          prepare=files.preparer(tasks, conn.welcome.get("staging")))
         if args.scheduler and not args.quiet:  # an embedded scheduler keeps nothing after the run
             print(f"client.py: job {job} (its results again: --cursor {job})", file=sys.stderr)
         results = Results(len(tasks))

@@ -157,6 +157,8 @@ def results_message(batch: ResultBatch) -> dict[str, Any]:
                "elapsed_us": batch.elapsed_us, "errors": batch.errors}
     if batch.bundle is not None:
         message["bundle"] = batch.bundle
+    if batch.artifacts is not None:
+        message["artifacts"] = batch.artifacts
     return message
 
 
@@ -169,7 +171,11 @@ def results_from_message(message: dict[str, Any]) -> ResultBatch:
     bundle = message.get("bundle")
     if bundle is not None and (not isinstance(bundle, int) or isinstance(bundle, bool)):
         raise MalformedMessage("results: 'bundle' must be an integer")
-    return ResultBatch(message["job"], bundle, *columns)
+    artifacts = message.get("artifacts")
+    if artifacts is not None and (not isinstance(artifacts, list) or len(artifacts) != len(columns[0])
+                                  or not all(a is None or isinstance(a, dict) for a in artifacts)):
+        raise MalformedMessage("results: 'artifacts' must be a list of objects or nulls, one per id")
+    return ResultBatch(message["job"], bundle, *columns, artifacts)
 
 
 # --- reading and writing frames -------------------------------------------------

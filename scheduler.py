@@ -281,9 +281,11 @@ class Scheduler:
             if hello is None:
                 return
             self._check_hello(hello)
-            peer.send(protocol.encode({"type": "welcome", "version": protocol.PROTOCOL_VERSION,
-                                       "backend": self.backend.name,
-                                       "workers": self.backend.workers()}))
+            welcome = {"type": "welcome", "version": protocol.PROTOCOL_VERSION,
+                       "backend": self.backend.name, "workers": self.backend.workers()}
+            if self.backend.staging is not None:
+                welcome["staging"] = self.backend.staging
+            peer.send(protocol.encode(welcome))
             while (message := await protocol.read_message(reader)) is not None:
                 self._handle(peer, message)
         except ProtocolError as exc:

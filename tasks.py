@@ -10,7 +10,9 @@ Task semantics:
   ``sleep N`` (N a whole number) sleeps N milliseconds inside the worker, with no
   process spawned: the CloudKon benchmark task.  Any other line runs as
   ``/bin/sh -c LINE`` in its own process group, stdout and stderr captured together
-  (the first ``output_cap`` bytes kept).  Exit status 0 is success.  ``exit_code``
+  (the first ``output_cap`` bytes kept).  A line starting with ``{`` is a job
+  description with files, staged by the client and run in a sandbox (sandbox.py).
+  Exit status 0 is success.  ``exit_code``
   is None when no process ran to completion (timeout, signal, spawn failure,
   cancellation), and ``error`` then says why; the error CANCELLED marks a task of a
   cancelled job, whose status is ``cancelled`` rather than ``failed``.
@@ -33,6 +35,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from errors import WorkloadError
 
@@ -88,7 +91,8 @@ class ResultBatch:
 
     Task ``ids[i]`` ended with ``exit_codes[i]`` after ``elapsed_us[i]`` microseconds,
     printed ``outputs[i]``; ``errors[i]`` is the framework's reason when no process ran
-    to completion, else None.
+    to completion, else None.  ``artifacts`` (None unless some task has one) says where a
+    job description's output sandbox went (sandbox.py).
     """
 
     job: str
@@ -98,14 +102,19 @@ class ResultBatch:
     outputs: list[str] = field(default_factory=list)
     elapsed_us: list[int] = field(default_factory=list)
     errors: list[str | None] = field(default_factory=list)
+    artifacts: list[dict[str, Any] | None] | None = None
 
     def add(self, task_id: int, exit_code: int | None, output: str, elapsed_us: int,
-            error: str | None) -> None:
+            error: str | None, artifact: dict[str, Any] | None = None) -> None:
+        if artifact is not None and self.artifacts is None:
+            self.artifacts = [None] * len(self.ids)
         self.ids.append(task_id)
         self.exit_codes.append(exit_code)
         self.outputs.append(output)
         self.elapsed_us.append(elapsed_us)
         self.errors.append(error)
+        if self.artifacts is not None:
+            self.artifacts.append(artifact)
 
     def select(self, positions: list[int]) -> ResultBatch:
         """A batch of the rows at ``positions``."""
@@ -116,6 +125,7 @@ class ResultBatch:
             [self.outputs[p] for p in positions],
             [self.elapsed_us[p] for p in positions],
             [self.errors[p] for p in positions],
+            None if self.artifacts is None else [self.artifacts[p] for p in positions],
         )
 
     def failed_count(self) -> int:
@@ -304,10 +314,12 @@ def _run_bundle(bundle: Bundle, output_cap: int, on_task_start: Callable[[int], 
             break
         if on_task_start is not None:
             on_task_start(task_id)
-        exit_code, output, elapsed_us, error = run_task(command, bundle.timeout, output_cap, cancelled)
-        batch.add(task_id, exit_code, output, elapsed_us, error)
-        if output:
-            output_bytes += len(output)
+        if command.startswith("{"):
+            from sandbox import run_job  # sandbox.py builds on this module: imported when first needed
+            batch.add(task_id, *run_job(command, bundle.timeout, output_cap, cancelled))
+        else:
+            batch.add(task_id, *run_task(command, bundle.timeout, output_cap, cancelled))
+        output_bytes += len(batch.outputs[-1])
         if output_bytes >= RESULT_FLUSH_OUTPUT_BYTES or time.monotonic() >= flush_at:
             yield batch
             batch = ResultBatch(bundle.job, bundle.bundle)
@@ -323,13 +335,20 @@ def _timed_out(timeout: float) -> str:
 
 def _run_shell(command: str, timeout: float | None, output_cap: int,
                cancelled: threading.Event | None) -> tuple[int | None, str, str | None]:
+    return run_process(["/bin/sh", "-c", command], timeout, output_cap, cancelled)
+
+
+def run_process(argv: list[str], timeout: float | None, output_cap: int,
+                cancelled: threading.Event | None, cwd: str | None = None,
+                env: dict[str, str] | None = None) -> tuple[int | None, str, str | None]:
+    """Run ``argv`` in its own process group: ``(exit_code, output, error)``, as run_task reports them."""
     try:
         proc = subprocess.Popen(
-            ["/bin/sh", "-c", command], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, start_new_session=True,
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            start_new_session=True, cwd=cwd, env=env,
         )
     except (OSError, ValueError) as exc:
-        return None, "", f"could not start /bin/sh: {exc}"
+        return None, "", f"could not start {argv[0]}: {exc}"
     _running_groups[proc.pid] = cancelled
     if cancelled is not None and cancelled.is_set():  # cancelled while it was starting
         _kill_group(proc.pid)

@@ -1,0 +1,266 @@
+"""Job descriptions: what a task with files is, in its two written forms.
+
+Owns the JSON form (a workload line that starts with ``{``) and the classic JDL form
+(``-j FILE.jdl``: ``Executable = "x"; InputSandbox = {"a", "b"};``), both read into a
+``JobSpec`` and checked before anything is submitted: unknown fields, a missing
+executable, an input that does not exist, a sandbox over MAX_INPUT_SANDBOX_BYTES are
+WorkloadErrors naming the file and line.  How a spec runs (its sandbox, its staging)
+is sandbox.py's business; docs/jobs.md documents both forms.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from errors import WorkloadError
+
+# Bytes of local input files one task may stage (URL inputs are fetched by the worker).
+MAX_INPUT_SANDBOX_BYTES = 512 * 1024 * 1024
+
+_FIELDS = ("executable", "arguments", "input_sandbox", "output_sandbox", "prologue", "env", "timeout")
+# Classic JDL attribute names (case-insensitive) and their JSON field.
+_JDL_NAMES = {"executable": "executable", "arguments": "arguments", "inputsandbox": "input_sandbox",
+              "outputsandbox": "output_sandbox", "prologue": "prologue", "environment": "env",
+              "timeout": "timeout"}
+
+
+def is_url(item: str) -> bool:
+    return item.startswith(("http://", "https://", "s3://"))
+
+
+@dataclass
+class JobSpec:
+    """One job: its command, the files it needs in its sandbox, the files it leaves there to bring back.
+
+    Local inputs and prologue scripts are absolute paths (checked to exist); every input lands in
+    the sandbox under its own file name.
+    """
+
+    executable: str
+    arguments: list[str] = field(default_factory=list)
+    inputs: list[str] = field(default_factory=list)  # absolute local paths
+    urls: list[str] = field(default_factory=list)  # fetched by the worker
+    outputs: list[str] = field(default_factory=list)  # file names or globs, relative to the sandbox
+    prologue: list[str] = field(default_factory=list)  # absolute paths of scripts run first
+    env: dict[str, str] = field(default_factory=dict)
+    timeout: float | None = None
+
+    def input_bytes(self) -> int:
+        return sum(Path(path).stat().st_size for path in {*self.inputs, *self.prologue})
+
+
+def workload_specs(path: str, tasks: list[str]) -> dict[int, JobSpec]:
+    """The job descriptions among a workload's tasks, by task id (paths relative to the file)."""
+    if not any(task.startswith("{") for task in tasks):
+        return {}
+    base = Path(path).resolve().parent
+    with open(path, "rb") as f:  # tasks.parse_workload read it already: it is UTF-8, split on "\n"
+        lines = f.read().decode("utf-8").split("\n")
+    numbers = [n for n, line in enumerate(lines, 1) if line.strip() and not line.strip().startswith("#")]
+    return {task_id: parse_json_spec(task, base, (path, numbers[task_id]))
+            for task_id, task in enumerate(tasks) if task.startswith("{")}
+
+
+def read_jdl(path: str) -> JobSpec:
+    """The job of a classic JDL file."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")
+    except OSError as exc:
+        raise WorkloadError(f"cannot read job description: {exc.strerror or exc}", path) from exc
+    except UnicodeDecodeError as exc:
+        raise WorkloadError(f"not UTF-8 (byte offset {exc.start})", path) from None
+    return parse_jdl(text, Path(path).resolve().parent, path)
+
+
+def parse_json_spec(text: str, base: Path, where: tuple[str, int | None]) -> JobSpec:
+    """A JobSpec from a JSON workload line; paths are relative to ``base``."""
+    try:
+        values = json.loads(text)
+    except ValueError as exc:
+        raise WorkloadError(f"not a JSON job description: {exc}", *where) from None
+    if not isinstance(values, dict):
+        raise WorkloadError("a job description is a JSON object", *where)
+    return build_spec(values, base, where)
+
+
+def parse_jdl(text: str, base: Path, path: str) -> JobSpec:
+    """A JobSpec from the classic JDL syntax; errors name ``path`` and the line."""
+    values: dict[str, Any] = {}
+    lines: dict[str, int] = {}
+    tokens = _tokens(text, path)
+    position = 0
+    if tokens and tokens[0][0] == "[":
+        if tokens[-1][0] != "]":
+            raise WorkloadError("'[' without its closing ']'", path, tokens[0][2])
+        tokens = tokens[1:-1]
+    while position < len(tokens):
+        kind, name, line = tokens[position]
+        if kind != "name":
+            raise WorkloadError(f"expected an attribute name, found {name!r}", path, line)
+        if position + 1 >= len(tokens) or tokens[position + 1][0] != "=":
+            raise WorkloadError(f"expected '=' after {name}", path, line)
+        value, position = _value(tokens, position + 2, path, line)
+        if position >= len(tokens) or tokens[position][0] != ";":
+            raise WorkloadError(f"expected ';' after the value of {name}", path, line)
+        position += 1
+        key = _JDL_NAMES.get(name.lower())
+        if key is None:
+            raise WorkloadError(f"unknown attribute {name!r} (known: {', '.join(_jdl_spellings())})",
+                                path, line)
+        if key == "env":
+            value = _environment(value, path, line)
+        values[key], lines[key] = value, line
+    return build_spec(values, base, (path, None), lines)
+
+
+def build_spec(values: dict[str, Any], base: Path, where: tuple[str, int | None],
+               lines: dict[str, int] | None = None) -> JobSpec:
+    """Check the fields of a job description and resolve its local files against ``base``."""
+    file, line = where
+
+    def fail(message: str, key: str | None = None) -> WorkloadError:
+        return WorkloadError(message, file, (lines or {}).get(key, line) if key else line)
+
+    unknown = sorted(set(values) - set(_FIELDS))
+    if unknown:
+        raise fail(f"unknown field {unknown[0]!r} (known: {', '.join(_FIELDS)})")
+    executable = values.get("executable")
+    if not isinstance(executable, str) or not executable.strip():
+        raise fail("a job description needs an 'executable' (a non-empty string)", "executable")
+    arguments = values.get("arguments", [])
+    if isinstance(arguments, str):
+        try:
+            arguments = shlex.split(arguments)
+        except ValueError as exc:
+            raise fail(f"arguments: {exc}", "arguments") from None
+    if not isinstance(arguments, list) or not all(isinstance(a, str) for a in arguments):
+        raise fail("'arguments' is a string or a list of strings", "arguments")
+    spec = JobSpec(executable, arguments)
+    for key in ("input_sandbox", "output_sandbox", "prologue"):
+        items = values.get(key, [])
+        if not isinstance(items, list) or not all(isinstance(i, str) and i for i in items):
+            raise fail(f"{key!r} is a list of non-empty strings", key)
+    for item in values.get("input_sandbox", []):
+        if is_url(item):
+            spec.urls.append(item)
+        else:
+            spec.inputs.append(_existing_file(base, item, fail, "input_sandbox"))
+    spec.prologue = [_existing_file(base, item, fail, "prologue") for item in values.get("prologue", [])]
+    for pattern in values.get("output_sandbox", []):
+        relative = PurePosixPath(pattern)
+        if relative.is_absolute() or ".." in relative.parts:
+            raise fail(f"output_sandbox: {pattern!r} must name files inside the sandbox", "output_sandbox")
+        spec.outputs.append(pattern)
+    names = [Path(p).name for p in (*spec.inputs, *spec.prologue)] + [_url_name(u) for u in spec.urls]
+    clash = next((n for n in names if names.count(n) > 1 and not _same_file(spec, n)), None)
+    if clash is not None:
+        raise fail(f"two inputs would both be {clash!r} in the sandbox", "input_sandbox")
+    env = values.get("env", {})
+    if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
+        raise fail("'env' is an object of strings", "env")
+    spec.env = dict(env)
+    timeout = values.get("timeout")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or timeout <= 0):
+        raise fail("'timeout' is a positive number of seconds", "timeout")
+    spec.timeout = timeout
+    size = spec.input_bytes()
+    if size > MAX_INPUT_SANDBOX_BYTES:
+        raise fail(f"input sandbox of {size:,} bytes is over the limit of {MAX_INPUT_SANDBOX_BYTES:,}",
+                   "input_sandbox")
+    return spec
+
+
+def _existing_file(base: Path, item: str, fail: Any, key: str) -> str:
+    path = (base / item).resolve()
+    if not path.is_file():
+        raise fail(f"{key}: {item!r} is not a file (looked for {path})", key)
+    return str(path)
+
+
+def _url_name(url: str) -> str:
+    return PurePosixPath(url.split("?", 1)[0]).name or "index.html"
+
+
+def _same_file(spec: JobSpec, name: str) -> bool:
+    """True if every input named ``name`` is the same local file (listed twice: harmless)."""
+    paths = {p for p in (*spec.inputs, *spec.prologue) if Path(p).name == name}
+    return len(paths) == 1 and not any(_url_name(u) == name for u in spec.urls)
+
+
+def _jdl_spellings() -> list[str]:
+    return ["Executable", "Arguments", "InputSandbox", "OutputSandbox", "Prologue", "Environment", "Timeout"]
+
+
+_TOKEN = re.compile(r"""
+    (?P<space>[ \t\r\n]+) | (?P<comment>\#[^\n]*|//[^\n]*|/\*.*?\*/) |
+    (?P<string>"(?:[^"\\\n]|\\.)*") | (?P<number>-?\d+(?:\.\d+)?) |
+    (?P<name>[A-Za-z_][A-Za-z0-9_]*) | (?P<punct>[=;{},\[\]])
+""", re.VERBOSE | re.DOTALL)
+
+
+def _tokens(text: str, path: str) -> list[tuple[str, Any, int]]:
+    """(kind, value, line) of each token; kind is the punctuation itself for punctuation."""
+    tokens: list[tuple[str, Any, int]] = []
+    position, line = 0, 1
+    while position < len(text):
+        match = _TOKEN.match(text, position)
+        if match is None:
+            raise WorkloadError(f"unexpected character {text[position]!r}", path, line)
+        kind, value = match.lastgroup, match.group()
+        if kind == "string":
+            tokens.append(("string", json.loads(value), line))
+        elif kind == "number":
+            tokens.append(("number", float(value) if "." in value else int(value), line))
+        elif kind == "name":
+            tokens.append(("name", value, line))
+        elif kind == "punct":
+            tokens.append((value, value, line))
+        line += value.count("\n")
+        position = match.end()
+    return tokens
+
+
+def _value(tokens: list[tuple[str, Any, int]], position: int, path: str, line: int) -> tuple[Any, int]:
+    """The value starting at ``position`` (a string, a number or a {list}) and the position after it."""
+    if position >= len(tokens):
+        raise WorkloadError("a value is missing", path, line)
+    kind, value, line = tokens[position]
+    if kind in ("string", "number"):
+        return value, position + 1
+    if kind != "{":
+        raise WorkloadError(f"expected a value, found {value!r}", path, line)
+    items: list[Any] = []
+    position += 1
+    while position < len(tokens) and tokens[position][0] != "}":
+        kind, value, line = tokens[position]
+        if kind != "string":
+            raise WorkloadError(f"a list holds strings, found {value!r}", path, line)
+        items.append(value)
+        position += 1
+        if position < len(tokens) and tokens[position][0] == ",":
+            position += 1
+        elif position < len(tokens) and tokens[position][0] != "}":
+            raise WorkloadError("expected ',' or '}' in a list", path, tokens[position][2])
+    if position >= len(tokens):
+        raise WorkloadError("'{' without its closing '}'", path, line)
+    return items, position + 1
+
+
+def _environment(value: Any, path: str, line: int) -> dict[str, str]:
+    """JDL's Environment = {"NAME=value", ...} as an object."""
+    if not isinstance(value, list):
+        raise WorkloadError('Environment is a list of "NAME=value" strings', path, line)
+    env = {}
+    for item in value:
+        name, sep, setting = item.partition("=")
+        if not sep or not name:
+            raise WorkloadError(f'Environment: {item!r} is not "NAME=value"', path, line)
+        env[name] = setting
+    return env

@@ -1,0 +1,181 @@
+"""S3 staging: the bucket of job files, input archives up, output archives back.
+
+Owns the remote form of a sandbox's files:
+  - the bucket: created by the remote scheduler (like its queues) with a lifecycle
+    rule that expires job data after ``--retention-days``; removed by ``--cleanup``;
+  - the client's upload of a task's inputs as one archive, before the task is
+    queued: ``<prefix>/<job>/in/<sha256>.tar.gz``, content-addressed, so tasks with the
+    same inputs share one upload;
+  - the worker's download and safe unpacking into the sandbox, and its upload of the
+    output sandbox to ``<prefix>/<job>/<task>/out.tar.gz`` (a task run again overwrites
+    it: one key per task, never two archives);
+  - the client's download of that archive, checked against the size and SHA-256 the
+    result carries, and unpacked into ``--outputs DIR/<task id>/``.
+Transfers are boto3's managed ones (multipart above 8 MiB).  Archives hold regular
+files and directories only; unpacking refuses anything that would land outside the
+target directory.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import logging
+import os
+import tarfile
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import aws
+from errors import BackendError
+from jdl import JobSpec
+
+log = logging.getLogger("cloudkon.s3")
+
+DEFAULT_PREFIX = "jobs"
+DEFAULT_RETENTION_DAYS = 7
+_DOWNLOAD_NAME = ".cloudkon-download"
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """(bucket, key) of an s3://bucket/key URL."""
+    bucket, _, key = url.removeprefix("s3://").partition("/")
+    if not url.startswith("s3://") or not bucket:
+        raise BackendError(f"not an s3://bucket/key URL: {url!r}")
+    return bucket, key
+
+
+def default_bucket() -> str:
+    """cloudkon-<account>-<region>: bucket names are global, so the account makes it ours."""
+    with aws.aws_errors("finding the AWS account"):
+        sts = aws.client("sts")
+        return f"cloudkon-{sts.get_caller_identity()['Account']}-{sts.meta.region_name}"
+
+
+def ensure_bucket(bucket: str, prefix: str, retention_days: int) -> None:
+    """Create the staging bucket if needed, and expire what is under ``prefix`` after the retention."""
+    s3 = aws.client("s3")
+    with aws.aws_errors(f"creating bucket {bucket}"):
+        try:
+            region = s3.meta.region_name
+            options = {} if region == "us-east-1" else {
+                "CreateBucketConfiguration": {"LocationConstraint": region}}
+            s3.create_bucket(Bucket=bucket, **options)
+            log.info("created bucket %s", bucket)
+        except s3.exceptions.BucketAlreadyOwnedByYou:
+            pass
+        s3.put_bucket_lifecycle_configuration(Bucket=bucket, LifecycleConfiguration={"Rules": [{
+            "ID": "cloudkon-expire-job-data", "Filter": {"Prefix": f"{prefix}/"}, "Status": "Enabled",
+            "Expiration": {"Days": retention_days},
+            "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1}}]})
+
+
+def remove_bucket(bucket: str) -> None:
+    """Delete every object of the bucket, then the bucket (cleanup)."""
+    s3 = aws.client("s3")
+    with aws.aws_errors(f"removing bucket {bucket}"):
+        try:
+            for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+                keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+                if keys:
+                    s3.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+            s3.delete_bucket(Bucket=bucket)
+            log.info("deleted bucket %s", bucket)
+        except s3.exceptions.NoSuchBucket:
+            pass
+
+
+class InputUploader:
+    """The client's side: each distinct input archive of one job uploaded once."""
+
+    def __init__(self, staging: str, job: str) -> None:
+        self.s3 = aws.client("s3")
+        self.base = f"{staging.rstrip('/')}/{job}"
+        self._uploaded: dict[str, str] = {}  # archive digest -> URL
+
+    def upload(self, spec: JobSpec) -> str:
+        """The s3:// URL of an archive of the spec's inputs and prologue scripts."""
+        data = _archive([(Path(p).name, Path(p)) for p in sorted({*spec.inputs, *spec.prologue})])
+        digest = hashlib.sha256(data).hexdigest()
+        if digest not in self._uploaded:
+            url = f"{self.base}/in/{digest}.tar.gz"
+            bucket, key = split_url(url)
+            with aws.aws_errors(f"uploading inputs to {url}"):
+                self.s3.upload_fileobj(io.BytesIO(data), bucket, key)
+            self._uploaded[digest] = url
+        return self._uploaded[digest]
+
+    def output_url(self, task_id: int) -> str:
+        return f"{self.base}/{task_id}/out.tar.gz"
+
+
+def fetch_archive(url: str, root: Path) -> None:
+    """Download an input archive and unpack it into the sandbox ``root``."""
+    download = root / _DOWNLOAD_NAME
+    _download(url, download)
+    try:
+        _unpack(download, root)
+    finally:
+        download.unlink()
+
+
+def fetch_object(url: str, root: Path) -> None:
+    """Download one s3:// input into the sandbox, under its own name."""
+    _download(url, root / PurePosixPath(split_url(url)[1]).name)
+
+
+def store_outputs(root: Path, files: list[str], url: str) -> dict[str, Any]:
+    """Archive the output files to ``url``: the artifact (url, size, sha256, files) of the result."""
+    data = _archive([(name, root / name) for name in files])
+    bucket, key = split_url(url)
+    with aws.aws_errors(f"uploading outputs to {url}"):
+        aws.client("s3").upload_fileobj(io.BytesIO(data), bucket, key)
+    return {"url": url, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "files": files}
+
+
+def fetch_outputs(artifact: dict[str, Any], target: Path) -> None:
+    """Download a result's output archive, check its size and SHA-256, unpack it into ``target``."""
+    target.mkdir(parents=True, exist_ok=True)
+    download = target / _DOWNLOAD_NAME
+    _download(artifact["url"], download)
+    try:
+        data = download.read_bytes()
+        if len(data) != artifact["size"] or hashlib.sha256(data).hexdigest() != artifact["sha256"]:
+            raise BackendError(f"{artifact['url']}: the archive is not the one the task made "
+                               f"({len(data)} bytes; size or SHA-256 differs)")
+        _unpack(download, target)
+    finally:
+        download.unlink()
+
+
+def _download(url: str, path: Path) -> None:
+    bucket, key = split_url(url)
+    with aws.aws_errors(f"downloading {url}"):
+        aws.client("s3").download_file(bucket, key, str(path))
+
+
+def _archive(members: list[tuple[str, Path]]) -> bytes:
+    """A gzipped tar of ``members`` (name in the archive, file), the same bytes for the same files."""
+    buffer = io.BytesIO()
+    with gzip.GzipFile(fileobj=buffer, mode="wb", mtime=0) as zipped, \
+            tarfile.open(fileobj=zipped, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, path in members:
+            info = tarfile.TarInfo(name)
+            info.size = path.stat().st_size
+            info.mode = 0o755 if os.access(path, os.X_OK) else 0o644
+            with open(path, "rb") as f:
+                tar.addfile(info, f)
+    return buffer.getvalue()
+
+
+def _unpack(archive: Path, target: Path) -> None:
+    with tarfile.open(archive, "r:gz") as tar:
+        for member in tar.getmembers():
+            name = PurePosixPath(member.name)
+            if not (member.isfile() or member.isdir()) or name.is_absolute() or ".." in name.parts:
+                raise BackendError(f"{archive.name}: refusing archive member {member.name!r}")
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(target, filter="data")
+        else:  # Python before the extraction filters: the members were checked above
+            tar.extractall(target)  # noqa: S202
