@@ -600,6 +600,14 @@ def add_remote_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bundles kept queued or running on the workers (default: 32)")
     remote.add_argument("--visibility-timeout", type=int, metavar="SECONDS",
                         help="visibility timeout of queues this scheduler creates (default: 60)")
+    remote.add_argument("--bucket",
+                        help="S3 bucket where clients stage the files of job descriptions (default: "
+                             "cloudkon-<account>-<region>, created if missing)")
+    remote.add_argument("--staging-prefix", metavar="PREFIX",
+                        help="key prefix of job files in the bucket (default: jobs)")
+    remote.add_argument("--retention-days", type=int, metavar="DAYS",
+                        help="a lifecycle rule deletes job files this many days after they are "
+                             "written (default: 7)")
     remote.add_argument("--control-topic",
                         help="SNS topic of control messages to the workers (cancel, drain, shutdown; "
                              "default: cloudkon-control)")
@@ -701,12 +709,30 @@ def create_backend(args: argparse.Namespace) -> Backend:
         options = {"request_queue": args.request_queue, "response_queue": response_queue,
                    "claim_table": args.table, "in_flight": args.in_flight,
                    "visibility_timeout": args.visibility_timeout, "control_topic": args.control_topic}
-        return SQSBackend(**{name: value for name, value in options.items() if value is not None})
+        backend = SQSBackend(**{name: value for name, value in options.items() if value is not None})
+        try:
+            backend.staging = staging_area(args)
+        except CloudKonError:
+            backend.close(wait=False)
+            raise
+        return backend
     from localworkers import LocalBackend
     workers = args.local if args.local is not None else (os.cpu_count() or 1)
     if workers < 1:
         raise ConfigError("--local needs at least 1 worker")
     return LocalBackend(workers)
+
+
+def staging_area(args: argparse.Namespace) -> str:
+    """The s3:// prefix where clients stage job files, its bucket made ready (remote mode)."""
+    from s3staging import DEFAULT_PREFIX, DEFAULT_RETENTION_DAYS, default_bucket, ensure_bucket
+    retention = DEFAULT_RETENTION_DAYS if args.retention_days is None else args.retention_days
+    if retention < 1:
+        raise ConfigError("--retention-days needs at least 1")
+    bucket = args.bucket or default_bucket()
+    prefix = (args.staging_prefix or DEFAULT_PREFIX).strip("/")
+    ensure_bucket(bucket, prefix, retention)
+    return f"s3://{bucket}/{prefix}"
 
 
 def default_state_path() -> Path:
@@ -768,6 +794,8 @@ def run_fleet_command(args: argparse.Namespace) -> int:
         fleet.cleanup()
         fleet.remove_resources()
         topic.remove()
+        from s3staging import default_bucket, remove_bucket
+        remove_bucket(args.bucket or default_bucket())
         return 0
     finally:
         aws.log_api_calls()
