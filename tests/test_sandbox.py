@@ -116,8 +116,8 @@ def test_sandboxes_are_apart_prologues_run_first_and_outputs_come_back(files, tm
             "in.txt", "listing.txt", "prologue.txt", "result.txt", "t.csv"]
         assert (task / "result.txt").read_text() == f"{i}\n" and (task / "sub" / "t.csv").exists()
         listing = (task / "listing.txt").read_text().split()
-        assert listing == [".", "..", "in.txt", "job.sh", "listing.txt", "prologue.txt", "result.txt", "setup.sh",
-                           "sub"], \
+        assert listing == [".", "..", "in.txt", "job.sh", "listing.txt", "prologue.txt", "result.txt",
+                           "setup.sh", "sub"], \
             "a sandbox holds its own inputs, nothing of another job's"
         assert records[i]["status"] == "success"
         assert records[i]["output"] == f"setting up\nfrom-prologue\nhi {i}\n"
