@@ -121,6 +121,32 @@ def workload(tmp_path):
     return write
 
 
+ANIMOTO = ROOT / "examples" / "animoto"
+
+
+def animoto_workload(tmp_path: Path, jobs: int, slow_seconds: int = 0) -> str:
+    """A workload of Animoto jobs (8 images of 160x90 each); a prologue may make each one slow."""
+    made = subprocess.run([sys.executable, str(ANIMOTO / "make_jobs.py"), "--jobs", str(jobs),
+                           "--images", "8", "--size", "160x90", "-o", str(tmp_path / "videos.txt")],
+                          capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    if slow_seconds:
+        (tmp_path / "slow.sh").write_text(f"sleep {slow_seconds}\n")
+        lines = [json.loads(line) for line in (tmp_path / "videos.txt").read_text().splitlines()]
+        for line in lines:
+            line["prologue"] = [str(tmp_path / "slow.sh")]
+        (tmp_path / "videos.txt").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return str(tmp_path / "videos.txt")
+
+
+def validate_videos(paths: list[str]) -> None:
+    """Assert that examples/animoto/validate.py finds every video valid."""
+    check = subprocess.run([sys.executable, str(ANIMOTO / "validate.py"), "--images", "8",
+                            "--size", "160x90", *paths], capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert f"{len(paths)} of {len(paths)} videos valid" in check.stdout
+
+
 def wait_until(condition, timeout: float = 30, interval: float = 0.05):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -163,7 +189,8 @@ def remote(aws_env, start_scheduler):
     """Start remote schedulers and workers on queues and a table of this test's own."""
     import uuid
     suffix = uuid.uuid4().hex[:8]
-    names = {"request_queue": f"req-{suffix}", "table": f"claims-{suffix}", "topic": f"control-{suffix}"}
+    names = {"request_queue": f"req-{suffix}", "table": f"claims-{suffix}", "topic": f"control-{suffix}",
+             "bucket": f"cloudkon-test-{suffix}"}
     workers: list[subprocess.Popen] = []
 
     class Remote:
@@ -172,12 +199,21 @@ def remote(aws_env, start_scheduler):
         request_queue = names["request_queue"]
         table = names["table"]
         topic = names["topic"]
+        bucket = names["bucket"]
         options = ("--request-queue", names["request_queue"], "--table", names["table"],
                    "--control-topic", names["topic"])
+        scheduler_options = (*options, "--bucket", names["bucket"])
 
         @staticmethod
         def scheduler(*args: str) -> SchedulerProcess:
-            return start_scheduler("--remote", *Remote.options, *args, env=aws_env)
+            return start_scheduler("--remote", *Remote.scheduler_options, *args, env=aws_env)
+
+        @staticmethod
+        def command(*args: str) -> subprocess.CompletedProcess:
+            """scheduler.py --remote run as a command (--drain, --cleanup...)."""
+            return subprocess.run([sys.executable, str(ROOT / "scheduler.py"), "--remote",
+                                   *Remote.scheduler_options, *args],
+                                  capture_output=True, text=True, timeout=120, env={**os.environ, **aws_env})
 
         @staticmethod
         def worker(*args: str) -> subprocess.Popen:

@@ -1,12 +1,10 @@
 """Control of remote work on the emulator: cancel through SQS/SNS/DynamoDB, drain, scheduler-less runs."""
 
 import re
-import subprocess
-import sys
 
 import boto3
 import pytest
-from conftest import ROOT, read_results, run_client, start_client, wait_until
+from conftest import read_results, run_client, start_client, wait_until
 
 
 @pytest.fixture
@@ -32,10 +30,6 @@ def aws(remote):
 def _job_id(client) -> str:
     return re.search(r"job ([0-9a-f]+) ", client.stderr.readline())[1]
 
-
-def _scheduler_command(remote, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "scheduler.py"), "--remote", *remote.options, *args],
-                          capture_output=True, text=True, timeout=120, env=remote.full_env)
 
 
 def test_remote_cancel_stops_the_running_task_and_skips_the_queued_ones(remote, aws, workload, tmp_path):
@@ -95,7 +89,7 @@ def test_drain_lets_workers_finish_what_they_hold_and_loses_nothing(remote, aws,
     client = start_client("-s", sched.address, "-w", workload(tasks), "-o", str(out))
     wait_until(lambda: aws.requests() == 8, timeout=20)
     wait_until(lambda: ran.exists(), timeout=20)  # both workers are running a task by now, or soon
-    drain = _scheduler_command(remote, "--drain")
+    drain = remote.command("--drain")
     assert drain.returncode == 0, drain.stderr
     assert "every worker has left (drain)" in drain.stderr
     for worker in workers:
@@ -115,7 +109,7 @@ def test_scheduler_less_remote_runs_keep_two_clients_results_apart(remote, workl
     remote.worker("-t", "2")
     remote.worker("-t", "2")
     outs = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
-    clients = [start_client("--remote", *remote.options, "-o", str(out),
+    clients = [start_client("--remote", *remote.scheduler_options, "-o", str(out),
                             "-w", workload([f"echo {name}{i}" for i in range(1000)]), env=remote.env)
                for name, out in zip("ab", outs, strict=True)]
     for name, client, out in zip("ab", clients, outs, strict=True):
@@ -132,7 +126,7 @@ def test_shutdown_stops_workers_now_and_their_bundles_run_elsewhere(remote, aws,
     client = start_client("-s", sched.address, "-w", workload(["sleep 3; echo late", "echo quick"]),
                           "-o", str(out))
     wait_until(lambda: aws.requests("NotVisible") >= 1, timeout=20)
-    stop = _scheduler_command(remote, "--shutdown")
+    stop = remote.command("--shutdown")
     assert stop.returncode == 0, stop.stderr
     assert first.wait(10) == 0 and "shutdown: stopping now" in first.stderr.read()
     assert client.poll() is None

@@ -98,7 +98,7 @@ def test_cleanup_terminates_the_fleet_and_removes_its_resources(fleet, remote, w
     assert len(fleet.hyper.alive()) == 2  # idle for ten minutes: still up
     fleet.hyper.kill(fleet.hyper.alive()[0])  # leaves its control queue and subscription behind
     done = subprocess.run([sys.executable, str(ROOT / "scheduler.py"), "--remote", "--cleanup",
-                           *remote.options, *fleet.options],
+                           *remote.scheduler_options, *fleet.options],
                           capture_output=True, text=True, timeout=60, env={**os.environ, **fleet.env})
     assert done.returncode == 0, done.stderr
     assert fleet.hyper.alive() == []
@@ -107,6 +107,8 @@ def test_cleanup_terminates_the_fleet_and_removes_its_resources(fleet, remote, w
     queues = boto3.client("sqs", **credentials).list_queues().get("QueueUrls", [])
     assert not [url for url in queues if url.endswith("/" + remote.request_queue)]
     assert remote.table not in boto3.client("dynamodb", **credentials).list_tables()["TableNames"]
+    buckets = boto3.client("s3", **credentials).list_buckets()["Buckets"]
+    assert remote.bucket not in [bucket["Name"] for bucket in buckets]
     topics = boto3.client("sns", **credentials).list_topics()["Topics"]
     assert not [t for t in topics if t["TopicArn"].endswith(":" + remote.topic)]
     control_queues = {f"cloudkon-control-{instance}" for instance in fleet.hyper.booted}

@@ -4,17 +4,14 @@ import functools
 import http.server
 import json
 import os
-import sys
 import threading
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, read_results, run_client
+from conftest import animoto_workload, read_results, run_client, validate_videos
 
 from errors import WorkloadError
 from jdl import MAX_INPUT_SANDBOX_BYTES, parse_jdl, parse_json_spec
-
-ANIMOTO = ROOT / "examples" / "animoto"
 
 
 @pytest.fixture
@@ -151,17 +148,9 @@ def test_inputs_by_url_from_a_loopback_server(files, tmp_path):
 
 
 def test_animoto_three_videos_on_the_local_backend(tmp_path):
-    import subprocess
-    made = subprocess.run([sys.executable, str(ANIMOTO / "make_jobs.py"), "--jobs", "3", "--images", "8",
-                           "--size", "160x90", "-o", str(tmp_path / "videos.txt")],
-                          capture_output=True, text=True, timeout=120)
-    assert made.returncode == 0, made.stderr
-    done = run_client("-w", str(tmp_path / "videos.txt"), "--outputs", str(tmp_path / "out"), timeout=300)
+    done = run_client("-w", animoto_workload(tmp_path, 3), "--outputs", str(tmp_path / "out"), timeout=300)
     assert done.returncode == 0, done.stderr
-    videos = [str(tmp_path / "out" / str(i) / "video.mp4") for i in range(3)]
-    check = subprocess.run([sys.executable, str(ANIMOTO / "validate.py"), "--images", "8", "--size", "160x90",
-                            *videos], capture_output=True, text=True, timeout=120)
-    assert check.returncode == 0 and "3 of 3 videos valid" in check.stdout, check.stdout + check.stderr
+    validate_videos([str(tmp_path / "out" / str(i) / "video.mp4") for i in range(3)])
 
 
 def test_workload_error_names_the_json_line(files):
