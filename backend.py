@@ -14,9 +14,10 @@ Contract, as the contract tests check it for every backend:
     than once: the caller keeps the first).  A task whose worker died is re-run or
     reported failed, never lost.
   - ``cancel(job)`` stops a job's work: its queued tasks never start, its running
-    ones are stopped within seconds; they still get results (status cancelled, or what
-    they reached first).  It may block briefly (a remote backend records the cancel
-    durably before it returns) and may be called from any thread.
+    ones are stopped within seconds.  Whatever the backend still reports for them is
+    dropped: the dispatcher gives each of them the result cancelled at once.  It may
+    block briefly (a remote backend records the cancel durably before it returns) and
+    may be called from any thread.
   - ``close(wait=True)`` lets workers finish what they hold; ``wait=False`` stops them now.
 """
 

@@ -309,7 +309,7 @@ class Progress:
 
 def _confirm(question: str) -> bool:
     """Ask a yes/no question on the terminal; False without one (or on end of input)."""
-    if not sys.stdin.isatty():
+    if not (sys.stdin.isatty() and sys.stderr.isatty()):
         return False
     sys.stderr.write(question)
     sys.stderr.flush()
@@ -389,7 +389,8 @@ def embedded_options(args: argparse.Namespace, parser: argparse.ArgumentParser) 
             continue
         for action in group._group_actions:
             value = getattr(args, action.dest)
-            if value in (action.default, None, False):
+            unchanged = value == action.default and type(value) is type(action.default)  # 0 is not None
+            if value is None or value is False or unchanged:
                 continue
             for item in value if isinstance(value, list) else [value]:
                 options += [action.option_strings[-1]] + ([] if item is True else [str(item)])
@@ -544,17 +545,27 @@ def submit_and_collect(host: str, port: int, token: str | None, tasks: list[str]
         progress = Progress(enabled=not args.quiet and sys.stderr.isatty())
 
         def interrupted() -> None:
+            # A second Ctrl-C, at the question or during the cancel, leaves at once.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             progress.clear()
             if not args.scheduler:  # an embedded scheduler's job ends with this client: stop its tasks
                 _cancel_quietly(host, port, token, job)
                 raise KeyboardInterrupt
-            if not (args.yes or _confirm(f"cancel job {job}? [y/N] ")):
-                print(f"client.py: job {job} keeps running on {args.scheduler} (its results: --cursor {job}; "
-                      f"to cancel it: --cancel {job})", file=sys.stderr)
-                raise KeyboardInterrupt
-            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C leaves at once
-            answer = cancel_job(host, port, token, job)
-            print(f"client.py: job {job} cancelled: {answer['count']} task(s) stopped", file=sys.stderr)
+            kept = (f"job {job} keeps running on {args.scheduler} (its results: --cursor {job}; "
+                    f"to cancel it: --cancel {job})")
+            try:
+                if not (args.yes or _confirm(f"cancel job {job}? [y/N] ")):
+                    raise KeyboardInterrupt
+                answer = cancel_job(host, port, token, job)
+            except KeyboardInterrupt:
+                print(f"\nclient.py: {kept}", file=sys.stderr)
+                raise
+            except (CloudKonError, OSError) as exc:
+                raise CloudKonError(f"could not cancel: {_describe(exc, args)}; {kept}") from exc
+            if answer.get("state") == "finished":
+                print(f"client.py: job {job} had finished already: nothing to cancel", file=sys.stderr)
+            else:
+                print(f"client.py: job {job} cancelled: {answer['count']} task(s) stopped", file=sys.stderr)
 
         try:
             with on_interrupt(interrupted):

@@ -19,6 +19,7 @@ RawMessageDelivery the message arrives as published.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -35,7 +36,16 @@ DEFAULT_CONTROL_TOPIC = "cloudkon-control"
 CONTROL_QUEUE_PREFIX = "cloudkon-control-"
 # Cancellation marks outlive any bundle of their job that may still be queued.
 CANCEL_RETENTION_SECONDS = 4 * 24 * 3600
+# A live worker takes a control message within a second (it long-polls its queue); one
+# whose queue still holds it after this long is gone without cleaning up.
+UNTAKEN_SECONDS = 10.0
 _CANCELLED = "cancelled"
+
+
+def queue_name(identity: str) -> str:
+    """The control queue of the worker ``identity``: readable, and unique even when shortened."""
+    safe = re.sub(r"[^A-Za-z0-9_-]", "-", identity)[:50]
+    return f"{CONTROL_QUEUE_PREFIX}{safe}-{hashlib.sha256(identity.encode()).hexdigest()[:8]}"
 
 
 def ensure_topic(sns: Any, name: str) -> str:
@@ -109,36 +119,79 @@ class ControlTopic:
         return pruned
 
     def stop_workers(self, how: str, timeout: float, poll_seconds: float = 1.0) -> bool:
-        """Publish ``drain`` or ``shutdown``, then wait until no worker is subscribed; False on timeout."""
+        """Publish ``drain`` or ``shutdown``, then wait until every worker subscribed at that
+        moment has left; False on timeout.
+
+        A worker killed without cleaning up leaves a queue that never takes the message:
+        after UNTAKEN_SECONDS it is deleted and no longer waited for.
+        """
         self.prune()
+        waiting = {sub["SubscriptionArn"]: sub["Endpoint"].rsplit(":", 1)[-1] for sub in self.subscribers()
+                   if sub["Protocol"] == "sqs" and CONTROL_QUEUE_PREFIX in sub["Endpoint"]}
         self.publish({"type": how})
-        deadline = time.monotonic() + timeout
+        published = time.monotonic()
+        sqs = aws.client("sqs")
         while True:
-            left = len(self.subscribers())
-            if not left:
+            subscribed = {sub["SubscriptionArn"] for sub in self.subscribers()}
+            waiting = {arn: name for arn, name in waiting.items() if arn in subscribed}
+            if time.monotonic() - published > UNTAKEN_SECONDS:
+                for arn, name in list(waiting.items()):
+                    if self._untaken(sqs, name):
+                        log.warning("%s did not take the %s message in %g s: its worker is gone; "
+                                    "removing the queue", name, how, UNTAKEN_SECONDS)
+                        self._forget(sqs, arn, name)
+                        del waiting[arn]
+            if not waiting:
                 log.info("every worker has left (%s)", how)
                 return True
-            if time.monotonic() >= deadline:
-                log.error("%d worker(s) still subscribed after %g s", left, timeout)
+            if time.monotonic() - published >= timeout:
+                log.error("%d worker(s) still subscribed after %g s", len(waiting), timeout)
                 return False
-            log.info("%s: waiting for %d worker(s) to leave", how, left)
+            log.info("%s: waiting for %d worker(s) to leave", how, len(waiting))
             time.sleep(poll_seconds)
+
+    @staticmethod
+    def _untaken(sqs: Any, name: str) -> bool:
+        """True if queue ``name`` still holds a message (False if it is gone).
+
+        A live worker deletes a control message as soon as it receives it; a message
+        received but never deleted (by a long poll its dead worker left open) counts too.
+        """
+        try:
+            with aws.aws_errors(f"reading queue {name}"):
+                url = sqs.get_queue_url(QueueName=name)["QueueUrl"]
+                attributes = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=[
+                    "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
+        except BackendError as exc:
+            if aws.is_missing_queue(exc):
+                return False
+            raise
+        return sum(int(count) for count in attributes.values()) > 0
+
+    def _forget(self, sqs: Any, subscription: str, name: str) -> None:
+        delete_queue(sqs, name)
+        with aws.aws_errors("removing a stale subscription"):
+            self.sns.unsubscribe(SubscriptionArn=subscription)
 
     def remove(self) -> None:
         """Delete the topic and the control queues of its workers left behind (cleanup)."""
         sqs = aws.client("sqs")
         for subscription in self.subscribers():
-            name = subscription["Endpoint"].rsplit(":", 1)[-1]
-            try:
-                with aws.aws_errors(f"deleting queue {name}"):
-                    sqs.delete_queue(QueueUrl=sqs.get_queue_url(QueueName=name)["QueueUrl"])
-                log.info("deleted queue %s", name)
-            except BackendError as exc:
-                if not aws.is_missing_queue(exc):
-                    raise
+            delete_queue(sqs, subscription["Endpoint"].rsplit(":", 1)[-1])
         with aws.aws_errors(f"deleting topic {self.name}"):
             self.sns.delete_topic(TopicArn=self.arn)
         log.info("deleted topic %s", self.arn)
+
+
+def delete_queue(sqs: Any, name: str) -> None:
+    """Delete queue ``name`` if it exists."""
+    try:
+        with aws.aws_errors(f"deleting queue {name}"):
+            sqs.delete_queue(QueueUrl=sqs.get_queue_url(QueueName=name)["QueueUrl"])
+        log.info("deleted queue %s", name)
+    except BackendError as exc:
+        if not aws.is_missing_queue(exc):
+            raise
 
 
 class ControlQueue:
@@ -147,10 +200,14 @@ class ControlQueue:
     def __init__(self, sqs: Any, topic: str, identity: str) -> None:
         self.sqs = sqs
         self.sns = aws.client("sns")
-        topic_arn = ensure_topic(self.sns, topic)
-        safe = re.sub(r"[^A-Za-z0-9_-]", "-", identity)
-        name = (CONTROL_QUEUE_PREFIX + safe)[:80]  # SQS queue names: 80 characters of these
-        self.url = aws.ensure_queue(sqs, name)
+        self._topic_arn = ensure_topic(self.sns, topic)
+        self._name = queue_name(identity)
+        self.open()
+
+    def open(self) -> None:
+        """Create the queue, let the topic write to it, subscribe it (again, if it was deleted)."""
+        sqs, topic_arn = self.sqs, self._topic_arn
+        self.url = aws.ensure_queue(sqs, self._name)
         with aws.aws_errors("subscribing to the control topic"):
             queue_arn = sqs.get_queue_attributes(QueueUrl=self.url, AttributeNames=["QueueArn"])[
                 "Attributes"]["QueueArn"]

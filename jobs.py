@@ -23,6 +23,10 @@ from tasks import CANCELLED, Bundle, ResultBatch, failed_batch
 
 log = logging.getLogger("cloudkon.jobs")
 
+# Tasks per batch of results the scheduler makes up itself (cancelled, failed at shutdown):
+# a batch of a million would not fit in one frame to the client or one job-store record.
+SYNTHETIC_BATCH_TASKS = 50_000
+
 
 class Job:
     """One submission: its tasks (task id = position) and the results received.
@@ -43,6 +47,7 @@ class Job:
         self.done_count = 0
         self.failed_count = 0  # results that are not a success, cancelled ones included
         self.cancelled_count = 0
+        self.cancelling = False  # no more bundles: a cancel is on its way
         self.cancelled = False
         self.results: list[ResultBatch] | None = []  # None: a store keeps them instead
         self.elapsed_total_us = 0
@@ -173,7 +178,7 @@ class Dispatcher:
             first = job.total
             job.add_tasks(commands)
             job.next_task, job.undispatched = job.total, 0
-            self.handle_results([failed_batch(job.id, None, list(range(first, job.total)), CANCELLED)])
+            self.handle_results(_synthetic(job.id, None, list(range(first, job.total)), CANCELLED))
             return
         if job.undispatched == 0:
             self._ready.append(job)
@@ -188,11 +193,13 @@ class Dispatcher:
         """
         if job.finished:
             return 0
-        job.cancelled = True
+        job.cancelled = job.cancelling = True
         pending = [i for i in range(job.total) if not job.done[i]]
         job.next_task, job.undispatched = job.total, 0
+        for number in [n for n, (bundle, _) in self._in_flight.items() if bundle.job == job.id]:
+            del self._in_flight[number]  # free for other jobs now; late replies are dropped
         log.info("job %s cancelled: %d task(s) without a result", job.id, len(pending))
-        self.handle_results([failed_batch(job.id, None, pending, CANCELLED)])
+        self.handle_results(_synthetic(job.id, None, pending, CANCELLED))
         return len(pending)
 
     def close_job(self, job: Job) -> None:
@@ -208,7 +215,7 @@ class Dispatcher:
         capacity = self.backend.capacity()
         while self._ready and len(self._in_flight) < capacity and not self._held:
             job = self._ready.popleft()
-            if not job.undispatched:  # its last tasks got results from an earlier start's bundles
+            if not job.undispatched or job.cancelling:  # results from an earlier start's bundles; a cancel
                 continue
             size = bundle_size(job.avg_task_us(), job.undispatched, capacity,
                                self.backend.target_bundle_seconds)
@@ -245,7 +252,7 @@ class Dispatcher:
             job = self._ready.popleft()
             ids = [i for i in range(job.next_task, job.total) if not job.done[i]]
             job.next_task, job.undispatched = job.total, 0
-            self.handle_results([failed_batch(job.id, None, ids, reason)])
+            self.handle_results(_synthetic(job.id, None, ids, reason))
 
     def fail_in_flight(self, reason: str) -> None:
         """Report every task the backend holds as failed (stopping without waiting)."""
@@ -253,7 +260,7 @@ class Dispatcher:
         for bundle, _ in list(self._in_flight.values()):
             job = self.jobs.get(bundle.job)
             missing = [i for i in bundle.ids if job is not None and not job.finished and not job.done[i]]
-            batches.append(failed_batch(bundle.job, bundle.bundle, missing, reason))
+            batches += _synthetic(bundle.job, bundle.bundle, missing, reason)
         self._in_flight.clear()
         self.handle_results(batches)
 
@@ -265,3 +272,9 @@ class Dispatcher:
                  "cancelled" if job.cancelled else "finished", job.total, counts["failed"],
                  counts["cancelled"], elapsed)
         self._on_finished(job)
+
+
+def _synthetic(job: str, bundle: int | None, ids: list[int], error: str) -> list[ResultBatch]:
+    """Results saying tasks ``ids`` ended with ``error``, in batches of a size every carrier takes."""
+    return [failed_batch(job, bundle, ids[start:start + SYNTHETIC_BATCH_TASKS], error)
+            for start in range(0, len(ids), SYNTHETIC_BATCH_TASKS)] or [failed_batch(job, bundle, [], error)]

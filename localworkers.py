@@ -88,6 +88,7 @@ class LocalBackend(Backend):
             self._context.set_forkserver_preload(["localworkers"])
         self._output_cap = output_cap
         self._queue: deque[Bundle] = deque()
+        self._queue_lock = threading.Lock()  # submit appends from another thread than a cancel's filter
         self._cancels: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._wakeup_read, self._wakeup_write = os.pipe()
         os.set_blocking(self._wakeup_write, False)
@@ -100,7 +101,8 @@ class LocalBackend(Backend):
         return len(self._slots)
 
     def submit(self, bundle: Bundle) -> None:
-        self._queue.append(bundle)
+        with self._queue_lock:
+            self._queue.append(bundle)
         self._wake()
 
     def cancel(self, job: str) -> None:
@@ -173,9 +175,11 @@ class LocalBackend(Backend):
                 job = self._cancels.get_nowait()
             except queue.Empty:
                 return
-            for bundle in [b for b in self._queue if b.job == job]:
-                self._queue.remove(bundle)
-                results.append(failed_batch(job, bundle.bundle, bundle.ids, CANCELLED))
+            with self._queue_lock:
+                dropped = [b for b in self._queue if b.job == job]
+                if dropped:
+                    self._queue = deque(b for b in self._queue if b.job != job)
+            results += [failed_batch(job, bundle.bundle, bundle.ids, CANCELLED) for bundle in dropped]
             frame = protocol.encode_body({"type": "cancel", "job": job})
             for slot in self._slots:
                 if not slot.dead and any(b.job == job for b in slot.held):

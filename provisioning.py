@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import aws
-from control import DEFAULT_CONTROL_TOPIC
+from control import DEFAULT_CONTROL_TOPIC, delete_queue, queue_name
 from errors import BackendError
 
 log = logging.getLogger("cloudkon.fleet")
@@ -42,6 +42,8 @@ FLEET_TAG = "cloudkon:fleet"
 _GONE_STATES = ("shutting-down", "terminated", "stopping", "stopped")
 _IMDS_DEFAULT_ENDPOINT = "http://169.254.169.254/"
 _IMDS_TIMEOUT_SECONDS = 2.0
+# Off EC2 the metadata address may not answer at all: a worker asks only this long.
+_IMDS_PROBE_SECONDS = 0.5
 
 
 @dataclass
@@ -206,8 +208,13 @@ class Fleet:
     def _terminate(self, instances: list[str]) -> None:
         with aws.aws_errors("terminating instances"):
             self.ec2.terminate_instances(InstanceIds=instances)
+        sqs = aws.client("sqs")
         for instance in instances:
             self._unregister(instance)
+            try:  # a worker that stopped answering cannot delete its control queue itself
+                delete_queue(sqs, queue_name(instance))
+            except BackendError as exc:
+                log.warning("%s", exc)
 
     def _instances(self) -> dict[str, str]:
         """State of every instance tagged as this fleet's (registered or not)."""
@@ -285,7 +292,7 @@ def metadata_instance_id() -> str | None:
     if os.environ.get("AWS_EC2_METADATA_DISABLED", "").lower() == "true":
         return None
     try:
-        return _read_metadata("meta-data/instance-id")[0]
+        return _read_metadata("meta-data/instance-id", timeout=_IMDS_PROBE_SECONDS)[0]
     except OSError:
         return None
 
@@ -294,16 +301,16 @@ def _imds_base() -> str:
     return os.environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT", _IMDS_DEFAULT_ENDPOINT).rstrip("/")
 
 
-def _read_metadata(*paths: str) -> list[str]:
+def _read_metadata(*paths: str, timeout: float = _IMDS_TIMEOUT_SECONDS) -> list[str]:
     """Items of the instance metadata (paths under /latest/), read with an IMDSv2 session token."""
-    token = _imds("/latest/api/token", method="PUT",
+    token = _imds("/latest/api/token", timeout, method="PUT",
                   headers={"X-aws-ec2-metadata-token-ttl-seconds": "21600"})
-    return [_imds(f"/latest/{path}", headers={"X-aws-ec2-metadata-token": token}) for path in paths]
+    return [_imds(f"/latest/{path}", timeout, headers={"X-aws-ec2-metadata-token": token}) for path in paths]
 
 
-def _imds(path: str, method: str = "GET", headers: dict[str, str] | None = None) -> str:
+def _imds(path: str, timeout: float, method: str = "GET", headers: dict[str, str] | None = None) -> str:
     request = urllib.request.Request(_imds_base() + path, method=method, headers=headers or {})
-    with urllib.request.urlopen(request, timeout=_IMDS_TIMEOUT_SECONDS) as response:
+    with urllib.request.urlopen(request, timeout=timeout) as response:
         return response.read().decode()
 
 

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import logging
 import os
 import tarfile
+import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -36,6 +36,7 @@ log = logging.getLogger("cloudkon.s3")
 DEFAULT_PREFIX = "jobs"
 DEFAULT_RETENTION_DAYS = 7
 _DOWNLOAD_NAME = ".cloudkon-download"
+_ARCHIVE_NAME = ".cloudkon-outputs.tar.gz"
 
 
 def split_url(url: str) -> tuple[str, str]:
@@ -96,14 +97,14 @@ class InputUploader:
 
     def upload(self, spec: JobSpec) -> str:
         """The s3:// URL of an archive of the spec's inputs and prologue scripts."""
-        data = _archive([(Path(p).name, Path(p)) for p in sorted({*spec.inputs, *spec.prologue})])
-        digest = hashlib.sha256(data).hexdigest()
-        if digest not in self._uploaded:
-            url = f"{self.base}/in/{digest}.tar.gz"
-            bucket, key = split_url(url)
-            with aws.aws_errors(f"uploading inputs to {url}"):
-                self.s3.upload_fileobj(io.BytesIO(data), bucket, key)
-            self._uploaded[digest] = url
+        with tempfile.TemporaryDirectory(prefix="cloudkon-stage-") as scratch:
+            archive = Path(scratch) / "in.tar.gz"
+            size, digest = _archive([(Path(p).name, Path(p)) for p in sorted({*spec.inputs, *spec.prologue})],
+                                    archive)
+            if digest not in self._uploaded:
+                url = f"{self.base}/in/{digest}.tar.gz"
+                _upload(archive, url)
+                self._uploaded[digest] = url
         return self._uploaded[digest]
 
     def output_url(self, task_id: int) -> str:
@@ -127,11 +128,10 @@ def fetch_object(url: str, root: Path) -> None:
 
 def store_outputs(root: Path, files: list[str], url: str) -> dict[str, Any]:
     """Archive the output files to ``url``: the artifact (url, size, sha256, files) of the result."""
-    data = _archive([(name, root / name) for name in files])
-    bucket, key = split_url(url)
-    with aws.aws_errors(f"uploading outputs to {url}"):
-        aws.client("s3").upload_fileobj(io.BytesIO(data), bucket, key)
-    return {"url": url, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "files": files}
+    archive = root / _ARCHIVE_NAME  # inside the sandbox, which is removed afterwards
+    size, digest = _archive([(name, root / name) for name in files], archive)
+    _upload(archive, url)
+    return {"url": url, "size": size, "sha256": digest, "files": files}
 
 
 def fetch_outputs(artifact: dict[str, Any], target: Path) -> None:
@@ -140,10 +140,10 @@ def fetch_outputs(artifact: dict[str, Any], target: Path) -> None:
     download = target / _DOWNLOAD_NAME
     _download(artifact["url"], download)
     try:
-        data = download.read_bytes()
-        if len(data) != artifact["size"] or hashlib.sha256(data).hexdigest() != artifact["sha256"]:
+        size, digest = download.stat().st_size, _sha256(download)
+        if size != artifact["size"] or digest != artifact["sha256"]:
             raise BackendError(f"{artifact['url']}: the archive is not the one the task made "
-                               f"({len(data)} bytes; size or SHA-256 differs)")
+                               f"({size} bytes; size or SHA-256 differs)")
         _unpack(download, target)
     finally:
         download.unlink()
@@ -155,10 +155,16 @@ def _download(url: str, path: Path) -> None:
         aws.client("s3").download_file(bucket, key, str(path))
 
 
-def _archive(members: list[tuple[str, Path]]) -> bytes:
-    """A gzipped tar of ``members`` (name in the archive, file), the same bytes for the same files."""
-    buffer = io.BytesIO()
-    with gzip.GzipFile(fileobj=buffer, mode="wb", mtime=0) as zipped, \
+def _upload(path: Path, url: str) -> None:
+    bucket, key = split_url(url)
+    with aws.aws_errors(f"uploading {url}"):
+        aws.client("s3").upload_file(str(path), bucket, key)
+
+
+def _archive(members: list[tuple[str, Path]], archive: Path) -> tuple[int, str]:
+    """Write a gzipped tar of ``members`` (name in the archive, file) to ``archive``, the same
+    bytes for the same files (on disk, not in memory: sandboxes may be large); its size and SHA-256."""
+    with open(archive, "wb") as out, gzip.GzipFile(fileobj=out, mode="wb", mtime=0) as zipped, \
             tarfile.open(fileobj=zipped, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for name, path in members:
             info = tarfile.TarInfo(name)
@@ -166,7 +172,15 @@ def _archive(members: list[tuple[str, Path]]) -> bytes:
             info.mode = 0o755 if os.access(path, os.X_OK) else 0o644
             with open(path, "rb") as f:
                 tar.addfile(info, f)
-    return buffer.getvalue()
+    return archive.stat().st_size, _sha256(archive)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _unpack(archive: Path, target: Path) -> None:

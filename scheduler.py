@@ -358,7 +358,13 @@ class Scheduler:
         """
         if job.finished and not job.cancelled:
             return None
-        await asyncio.get_running_loop().run_in_executor(None, self.backend.cancel, job.id)
+        job.cancelling = True  # no more of its bundles while the backend is told
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.backend.cancel, job.id)
+        except BackendError:
+            job.cancelling = job.cancelled
+            self.dispatcher.pump()
+            raise
         if job.finished and not job.cancelled:  # it finished while the backend was told
             return None
         self.dispatcher.cancel(job)
@@ -370,7 +376,7 @@ class Scheduler:
     async def _answer_cancel(self, peer: _Peer, job: Job) -> None:
         try:
             count = await self.cancel_job(job)
-        except BackendError as exc:
+        except CloudKonError as exc:
             log.error("job %s: cancel failed: %s", job.id, exc)
             peer.send(protocol.encode(protocol.error_message("cancel_failed", f"job {job.id}: {exc}")))
             return

@@ -225,9 +225,9 @@ class Cancellations:
         self._lock = threading.Lock()
 
     def cancel(self, job: str) -> None:
-        with self._lock:
+        with self._lock:  # set under the lock: a bundle ending now must not forget the event
             event = self._events.setdefault(job, threading.Event())
-        event.set()
+            event.set()
         for group, cancelled in list(_running_groups.items()):
             if cancelled is event:
                 _kill_group(group)

@@ -66,6 +66,9 @@ DUPLICATE_RECHECK_SECONDS = 10
 # DynamoDB's TTL deletes them after that.
 CLAIM_RETENTION_SECONDS = 4 * 24 * 3600
 
+# SIGINT/SIGTERM stop the worker (twice: at once).
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
 
 class _Stopping(BaseException):
     """Raised in the main thread by the first stop signal, to leave a long poll early.
@@ -145,9 +148,10 @@ class Worker:
                  visibility_timeout: int, identity: str, control_topic: str = DEFAULT_CONTROL_TOPIC,
                  instance: Instance | None = None) -> None:
         self.sqs, self.dynamodb = aws.clients()
-        self.stopping = threading.Event()
+        self.stopping = threading.Event()  # take no new bundle
+        self.exiting = threading.Event()  # every bundle held is done: leases and heartbeats end
         if instance is not None:  # alive from now on, however long the set-up below takes
-            threading.Thread(target=send_heartbeats, args=(instance, self.dynamodb, self.stopping),
+            threading.Thread(target=send_heartbeats, args=(instance, self.dynamodb, self.exiting),
                              name="cloudkon-heartbeat", daemon=True).start()
         self.request_url = aws.ensure_queue(self.sqs, request_queue, visibility_timeout)
         aws.ensure_claim_table(self.dynamodb, claim_table)
@@ -197,10 +201,19 @@ class Worker:
                     log.warning("%s (retrying in %g s)", exc, RECEIVE_BACKOFF_SECONDS)
                     self.stopping.wait(RECEIVE_BACKOFF_SECONDS)
                     continue
-                for message in messages:
-                    with self._lock:
-                        self._held[message["MessageId"]] = (message["ReceiptHandle"], "")
-                    pool.submit(self._handle, message)
+                if self.stopping.is_set():  # a drain came during the long poll: these are not ours
+                    self._hand_back([(message["ReceiptHandle"], "") for message in messages])
+                    break
+                # A stop signal waits until every message received is held and handed to the
+                # pool: none may be dropped between the two.
+                signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+                try:
+                    for message in messages:
+                        with self._lock:
+                            self._held[message["MessageId"]] = (message["ReceiptHandle"], "")
+                        pool.submit(self._handle, message)
+                finally:
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         return False
 
     def _idle_left(self) -> float | None:
@@ -273,14 +286,16 @@ class Worker:
 
     def _follow_control(self) -> None:
         """Obey the control messages of the fleet's topic (runs in a thread for the worker's life)."""
-        while True:
+        while not self.exiting.is_set():
             try:
                 messages = self.control.receive(aws.SQS_MAX_WAIT_SECONDS)
             except BackendError as exc:
-                if self.stopping.is_set():
+                if self.exiting.is_set():
                     return  # the control queue is being deleted
                 log.warning("control queue: %s (retrying in %g s)", exc, RECEIVE_BACKOFF_SECONDS)
                 time.sleep(RECEIVE_BACKOFF_SECONDS)
+                if aws.is_missing_queue(exc):  # deleted under us: without it, cancels go unheard
+                    self._reopen_control()
                 continue
             for message in messages:
                 if message["type"] == "cancel":
@@ -293,21 +308,37 @@ class Worker:
                 else:
                     log.error("ignoring a control message of type %r", message["type"])
 
+    def _reopen_control(self) -> None:
+        try:
+            self.control.open()
+            log.info("control queue made again")
+        except BackendError as exc:
+            log.warning("%s", exc)
+
     def _drain(self) -> None:
         if self.stopping.is_set():
             return
         log.info("drain: finishing the bundles held, taking no new one")
         self.leaving = "drain"
-        # As a first SIGTERM does: the main thread leaves its long poll and waits for the pool.
-        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+        # The main thread sees it when its long poll ends (what that poll brings goes back to
+        # the queue at once), then waits for the pool.
+        self.stopping.set()
 
     def _shut_down(self) -> None:
         """Stop at once: hand the bundles held back to the queue, kill their tasks, exit."""
         log.warning("shutdown: stopping now; the bundles held go back to the queue")
-        self.leaving = "shutdown"
-        self.stopping.set()
         with self._lock:
             held = list(self._held.values())
+            self.leaving = "shutdown"  # from now on no result is sent
+        self.stopping.set()
+        try:
+            self._hand_back(held)
+            kill_running_tasks()
+            self.leave(retire=True)
+        finally:
+            os._exit(0)
+
+    def _hand_back(self, held: list[tuple[str, str]]) -> None:
         for receipt, key in held:
             try:
                 with aws.aws_errors("handing a bundle back"):
@@ -317,13 +348,11 @@ class Worker:
                     self.claims.release(key)
             except BackendError as exc:
                 log.warning("%s (it comes back after its visibility timeout)", exc)
-        kill_running_tasks()
-        self.leave(retire=True)
-        os._exit(0)
 
     def leave(self, retire: bool) -> None:
         """Unsubscribe from control, log the API calls made, and (on EC2, if ``retire``) terminate."""
         self.stopping.set()
+        self.exiting.set()
         self.control.close()
         aws.log_api_calls()  # now: the instance may be gone a moment after it retires
         if retire and self.instance is not None:
@@ -332,7 +361,7 @@ class Worker:
     def _keep_leases(self) -> None:
         """Extend visibility and lease of every running bundle, a third of the timeout ahead,
         and stop the tasks of any of their jobs marked cancelled meanwhile."""
-        while not self.stopping.wait(self.visibility_timeout / 3):
+        while not self.exiting.wait(self.visibility_timeout / 3):  # draining bundles keep theirs
             with self._lock:
                 running = [(receipt, key) for receipt, key in self._held.values() if key]
             for receipt, key in running:
@@ -425,10 +454,13 @@ def main(argv: list[str] | None = None) -> int:
             worker.stopping.set()
             raise _Stopping
         kill_running_tasks()
-        os._exit(1)
+        try:
+            worker.control.close()  # best effort: no queue left behind
+        finally:
+            os._exit(1)
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    for stop_signal in STOP_SIGNALS:
+        signal.signal(stop_signal, on_signal)
     status = 0
     try:
         idle = worker.run()
@@ -436,6 +468,9 @@ def main(argv: list[str] | None = None) -> int:
         idle = False
     except CloudKonError as exc:
         log.error("%s", exc)
+        idle, status = False, 1
+    except Exception:  # whatever went wrong, leave no control queue behind
+        log.exception("worker failed")
         idle, status = False, 1
     try:
         worker.leave(retire=idle or worker.leaving == "drain")

@@ -95,9 +95,9 @@ def run_client(*args: str, timeout: float = 120, env: dict[str, str] | None = No
 
 
 def start_client(*args: str, env: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:
+    options = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **kwargs}
     return subprocess.Popen([sys.executable, str(ROOT / "client.py"), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})}, **kwargs)
+                            env={**os.environ, **(env or {})}, **options)
 
 
 def read_results(path: Path) -> list[dict]:

@@ -6,6 +6,7 @@ import re
 import signal
 import time
 
+import pytest
 from conftest import read_results, run_client, start_client, wait_until
 
 
@@ -44,8 +45,6 @@ def test_cancel_stops_running_and_queued_tasks_not_other_jobs(start_scheduler, w
     wait_until(lambda: _gone(pid), timeout=5)  # the running shell command's process group is killed
 
     assert other.wait(30) == 0 and "50 tasks: 50 succeeded" in other.stderr.read()
-    # Both workers are free again: the native 60 s sleep was interrupted, not waited for.
-    assert run_client("-s", sched.address, "-w", workload(["sleep 0"] * 2), timeout=10).returncode == 0
     for client in (doomed, other):
         client.stdout.close()
         client.stderr.close()
@@ -107,21 +106,87 @@ def test_ctrl_c_with_yes_cancels_and_without_a_terminal_leaves_the_job_running(s
         stream.close()
 
 
+def _on_a_terminal(sched, tasks_file: str):
+    """A client on a pseudo-terminal (stdin and stderr), interrupted once its job runs and asking:
+    (client, the terminal's fd, what it printed so far, its job id)."""
+    terminal, side = pty.openpty()
+    client = start_client("-s", sched.address, "-w", tasks_file, stdin=side, stderr=side,
+                          start_new_session=True)
+    os.close(side)
+    output = b""
+    while b"(its results again" not in output:
+        output += os.read(terminal, 1024)
+    job = re.search(rb"job ([0-9a-f]+) ", output)[1].decode()
+    time.sleep(0.3)
+    client.send_signal(signal.SIGINT)
+    while b"[y/N]" not in output:
+        output += os.read(terminal, 1024)
+    assert f"cancel job {job}? [y/N]".encode() in output
+    return client, terminal, output, job
+
+
 def test_ctrl_c_asks_on_the_terminal_before_cancelling(start_scheduler, workload):
     sched = start_scheduler("--local", "1")
-    terminal, stdin = pty.openpty()
-    client = start_client("-s", sched.address, "-w", workload(["sleep 60000"] * 2), stdin=stdin)
-    os.close(stdin)
-    job = _job_id(client)
-    time.sleep(0.5)
-    client.send_signal(signal.SIGINT)
-    prompt = ""
-    while "[y/N]" not in prompt:
-        prompt += client.stderr.read(1)
-    assert f"cancel job {job}? [y/N]" in prompt
+    client, terminal, output, job = _on_a_terminal(sched, workload(["sleep 60000"] * 2))
     os.write(terminal, b"y\n")
     assert client.wait(10) == 3
-    assert "2 cancelled" in client.stderr.read()
+    output += _drain(terminal)
+    assert f"job {job} cancelled: 2 task(s) stopped".encode() in output and b"2 cancelled" in output
     os.close(terminal)
     client.stdout.close()
-    client.stderr.close()
+
+
+def test_a_cancelled_native_sleep_frees_its_worker_at_once(start_scheduler, workload):
+    sched = start_scheduler("--local", "1")
+    doomed = start_client("-s", sched.address, "-w", workload(["sleep 60000"]))
+    job = _job_id(doomed)
+    time.sleep(0.5)
+    assert run_client("-s", sched.address, "--cancel", job).returncode == 0
+    assert doomed.wait(10) == 3
+    # The only worker takes the next job at once: its 60 s sleep was interrupted, not waited for.
+    assert run_client("-s", sched.address, "-w", workload(["echo next"]), timeout=10).returncode == 0
+    doomed.stdout.close()
+    doomed.stderr.close()
+
+
+def test_cancelling_a_big_job_answers_in_frames_of_the_allowed_size(start_scheduler, workload):
+    sched = start_scheduler("--local", "1")
+    big = start_client("-s", sched.address, "-w", workload(["sleep 100000"] * 600_000))
+    job = _job_id(big)
+    done = run_client("-s", sched.address, "--cancel", job, timeout=60)
+    assert done.returncode == 0 and "600000 task(s) stopped" in done.stderr, done.stderr
+    assert big.wait(60) == 3
+    assert "600000 tasks: 0 succeeded, 0 failed, 600000 cancelled" in big.stderr.read()
+    # The job store took it all: the scheduler still answers, and stores, the next job.
+    assert run_client("-s", sched.address, "-w", workload(["echo after"]), timeout=30).returncode == 0
+    big.stdout.close()
+    big.stderr.close()
+
+
+@pytest.mark.parametrize("answer", [b"n\n", b"ctrl-c"])
+def test_ctrl_c_answered_no_or_pressed_again_leaves_the_job_running(start_scheduler, workload, answer):
+    sched = start_scheduler("--local", "1")
+    client, terminal, output, job = _on_a_terminal(sched, workload(["sleep 1500", "echo kept"]))
+    if answer == b"ctrl-c":
+        client.send_signal(signal.SIGINT)
+    else:
+        os.write(terminal, answer)
+    assert client.wait(10) == 130
+    output += _drain(terminal)
+    assert f"job {job} keeps running".encode() in output and b"Traceback" not in output
+    fetched = run_client("-s", sched.address, "--cursor", job)
+    assert fetched.returncode == 0 and "2 tasks: 2 succeeded" in fetched.stderr
+    os.close(terminal)
+    client.stdout.close()
+
+
+def _drain(fd: int) -> bytes:
+    data = b""
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # the other side closed
+            return data
+        if not chunk:
+            return data
+        data += chunk

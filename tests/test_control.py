@@ -15,6 +15,16 @@ def aws(remote):
 
     class Aws:
         sqs = boto3.client("sqs", **settings)
+        sns = boto3.client("sns", **settings)
+
+        @staticmethod
+        def subscribed() -> int:
+            """Workers subscribed to this test's control topic."""
+            arn = f"arn:aws:sns:us-east-1:123456789012:{remote.topic}"
+            try:
+                return len(Aws.sns.list_subscriptions_by_topic(TopicArn=arn)["Subscriptions"])
+            except Aws.sns.exceptions.NotFoundException:
+                return 0
 
         @staticmethod
         def requests(kind: str = "") -> int:
@@ -82,6 +92,11 @@ def test_a_worker_that_missed_the_cancel_message_reads_it_from_dynamodb(remote, 
 
 def test_drain_lets_workers_finish_what_they_hold_and_loses_nothing(remote, aws, workload, tmp_path):
     sched = remote.scheduler()
+    # On a queue of its own: the emulator would hand a bundle to the long poll it leaves open.
+    killed = remote.worker("-t", "1", "--request-queue", f"{remote.request_queue}-elsewhere")
+    wait_until(lambda: aws.subscribed() == 1)
+    killed.kill()  # leaves its control queue and subscription behind: drain must not wait for it
+    killed.wait()
     workers = [remote.worker("-t", "1") for _ in range(2)]
     ran = tmp_path / "ran"
     out = tmp_path / "r.jsonl"
@@ -92,6 +107,7 @@ def test_drain_lets_workers_finish_what_they_hold_and_loses_nothing(remote, aws,
     drain = remote.command("--drain")
     assert drain.returncode == 0, drain.stderr
     assert "every worker has left (drain)" in drain.stderr
+    assert "did not take the drain message" in drain.stderr  # the killed worker's queue, removed
     for worker in workers:
         assert worker.wait(30) == 0
         assert "drain: finishing the bundles held" in worker.stderr.read()
@@ -135,5 +151,23 @@ def test_shutdown_stops_workers_now_and_their_bundles_run_elsewhere(remote, aws,
     remote.worker("-t", "2")
     assert client.wait(60) == 0
     assert [r["output"] for r in read_results(out)] == ["late\n", "quick\n"]
+    client.stdout.close()
+    client.stderr.close()
+
+
+def test_a_running_bundle_stops_when_its_job_is_marked_cancelled_unheard(remote, aws, workload, tmp_path):
+    sched = remote.scheduler()
+    worker = remote.worker("-t", "1", "--visibility-timeout", "3")  # the mark is read every second
+    client = start_client("-s", sched.address, "-w", workload(["sleep 60000"]))
+    job = _job_id(client)
+    wait_until(lambda: aws.requests("NotVisible") == 1, timeout=20)
+    for url in aws.sqs.list_queues(QueueNamePrefix="cloudkon-control-").get("QueueUrls", []):
+        aws.sqs.delete_queue(QueueUrl=url)  # the broadcast is lost
+    assert run_client("-s", sched.address, "--cancel", job).returncode == 0
+    assert client.wait(10) == 3
+    wait_until(lambda: aws.requests() == 0, timeout=15)  # the 60 s task stopped, its bundle done
+    worker.terminate()
+    log = worker.communicate(timeout=30)[1]
+    assert f"job {job} is marked cancelled: stopping its tasks" in log
     client.stdout.close()
     client.stderr.close()

@@ -82,8 +82,10 @@ def test_cancel_gives_every_task_without_a_result_one_cancelled_result():
     first = backend.submitted[0]  # doomed's first bundle; the backend holds two
     dispatcher.handle_results([_ok(doomed.id, first.bundle, first.ids)])
 
-    assert dispatcher.cancel(doomed) == 4
     submitted_before = len(backend.submitted)
+    assert dispatcher.cancel(doomed) == 4
+    held = {bundle.job for bundle in backend.submitted if bundle.bundle in dispatcher._in_flight}
+    assert held == {other.id}, "the cancelled job's bundles no longer count against the backend's capacity"
     dispatcher.add_tasks(doomed, ["true"] * 2)  # still arriving after the cancel
     dispatcher.close_job(doomed)
     assert doomed.finished and finished == [doomed.id]

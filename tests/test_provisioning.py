@@ -13,6 +13,8 @@ from conftest import ROOT, read_results, run_client, start_client, wait_until
 from hypervisor import Hypervisor
 from test_remote import _allowed, _operations
 
+from control import queue_name
+
 
 @pytest.fixture
 def fleet(remote, tmp_path):
@@ -111,7 +113,7 @@ def test_cleanup_terminates_the_fleet_and_removes_its_resources(fleet, remote, w
     assert remote.bucket not in [bucket["Name"] for bucket in buckets]
     topics = boto3.client("sns", **credentials).list_topics()["Topics"]
     assert not [t for t in topics if t["TopicArn"].endswith(":" + remote.topic)]
-    control_queues = {f"cloudkon-control-{instance}" for instance in fleet.hyper.booted}
+    control_queues = {queue_name(instance) for instance in fleet.hyper.booted}
     assert not [url for url in queues if url.rsplit("/", 1)[-1] in control_queues], "control queues left"
 
 
