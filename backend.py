@@ -57,8 +57,8 @@ class Backend(ABC):
     """Runs bundles of tasks on workers and reports their results."""
 
     name: str = "backend"
-    # Where clients stage the files of job descriptions (an s3:// prefix), or None when the
-    # workers share the client's file system (sandbox.py).
+    # Where clients stage the files of job descriptions (sandbox.py): an s3:// prefix, or
+    # local:HOST when the workers read and write the files in place on that host.
     staging: str | None = None
     # Work per bundle, by the job's average task time so far: long enough that the
     # per-bundle cost stays near 1%, short enough that a job submitted behind a big

@@ -31,7 +31,7 @@ import protocol
 from errors import CloudKonError, ConfigError, IncompleteFrame, MalformedMessage, ProtocolError
 from jdl import JobSpec, read_jdl, workload_specs
 from scheduler import REMOTE_GROUP_TITLES, add_remote_arguments
-from tasks import ResultBatch, parse_workload, task_status
+from tasks import ResultBatch, parse_workload_bytes, read_workload, task_status
 
 log = logging.getLogger("cloudkon.client")
 
@@ -340,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
                "cancelled, 130 interrupted.")
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("-w", "--workload", metavar="FILE",
-                      help="tasks, one per line: 'sleep N' sleeps N ms, a line starting with '{' is a JSON "
+                      help="tasks, one per line: 'sleep N' sleeps N ms, a line starting with '{\"' is a JSON "
                            "job description with files (docs/jobs.md), anything else runs in /bin/sh")
     what.add_argument("-j", "--jdl", metavar="FILE.jdl",
                       help="one job in the classic JDL syntax (Executable, Arguments, InputSandbox, "
@@ -443,12 +443,14 @@ def run(args: argparse.Namespace, embedded: list[str]) -> int:
         return EXIT_OK
     if args.cursor:
         tasks, results = fetch_job(host, port, args.token, args.cursor, commands=bool(args.output))
+        JobFiles({}, args.outputs).bring_back(results)
         return report(args, tasks, results, time.monotonic() - start)
     if args.jdl:
         lines, specs = [f"# job description {args.jdl}"], {0: read_jdl(args.jdl)}
     else:
-        lines = parse_workload(args.workload)
-        specs = workload_specs(args.workload, lines)
+        data = read_workload(args.workload)  # read once: it may be a pipe
+        lines = parse_workload_bytes(data, args.workload)
+        specs = workload_specs(args.workload, data, lines)
     files = JobFiles(specs, args.outputs)
     if args.scheduler:
         results = submit_and_collect(host, port, args.token, lines, args, files)
@@ -467,21 +469,33 @@ class JobFiles:
             raise ConfigError("a job description has an output sandbox: say where it goes with --outputs DIR")
         self.specs = specs
         self.outputs = Path(outputs).resolve() if outputs else None
+        if self.outputs is not None:
+            try:  # now, rather than once the work is done
+                self.outputs.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"--outputs {outputs}: {exc.strerror or exc}") from None
+            if not os.access(self.outputs, os.W_OK | os.X_OK):
+                raise ConfigError(f"--outputs {outputs}: not a folder this user can write to")
 
     def preparer(self, tasks: list[str], staging: str | None) -> Callable[[str], list[str]] | None:
         """What SchedulerConnection.submit calls with the job's id; None if there is nothing to stage.
 
-        ``staging`` is the scheduler's (its welcome says): None for local workers, which read
-        the inputs where they are and move the outputs into place; an s3:// prefix for remote ones.
+        ``staging`` is the scheduler's (its welcome says): local:HOST for local workers, which
+        read the inputs where they are and move the outputs into place (so HOST must be this
+        machine); an s3:// prefix for remote ones.
         """
         if not self.specs:
             return None
+        if staging is None or staging.startswith("local:") and staging != f"local:{socket.gethostname()}":
+            raise ConfigError(f"job descriptions need a scheduler with remote workers, or one with local "
+                              f"workers on this machine (this scheduler's workers are on "
+                              f"{(staging or 'local:?').removeprefix('local:')})")
         from sandbox import staged_command
 
         def prepare(job: str) -> list[str]:
             commands = list(tasks)
             uploader = None
-            if staging is not None:
+            if not staging.startswith("local:"):
                 from s3staging import InputUploader  # boto3 is needed for remote staging only
                 uploader = InputUploader(staging, job)
             for task_id, spec in self.specs.items():
@@ -503,7 +517,7 @@ class JobFiles:
         for task_id, artifact in sorted(remote.items()):
             try:
                 fetch_outputs(artifact, self.outputs / str(task_id))
-            except CloudKonError as exc:
+            except (CloudKonError, OSError, KeyError, TypeError, ValueError) as exc:
                 results.fail(task_id, f"outputs not brought back: {exc}")
 
 

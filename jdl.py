@@ -1,6 +1,6 @@
 """Job descriptions: what a task with files is, in its two written forms.
 
-Owns the JSON form (a workload line that starts with ``{``) and the classic JDL form
+Owns the JSON form (a workload line that starts with ``{"``) and the classic JDL form
 (``-j FILE.jdl``: ``Executable = "x"; InputSandbox = {"a", "b"};``), both read into a
 ``JobSpec`` and checked before anything is submitted: unknown fields, a missing
 executable, an input that does not exist, a sandbox over MAX_INPUT_SANDBOX_BYTES are
@@ -11,6 +11,8 @@ is sandbox.py's business; docs/jobs.md documents both forms.
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -31,6 +33,17 @@ _JDL_NAMES = {"executable": "executable", "arguments": "arguments", "inputsandbo
 
 def is_url(item: str) -> bool:
     return item.startswith(("http://", "https://", "s3://"))
+
+
+def is_job_description(line: str) -> bool:
+    """A line starting with ``{`` followed by a JSON key (or ``}``), so that a shell brace
+    group such as ``{ make; make install; }`` keeps its meaning."""
+    return line.startswith("{") and line[1:].lstrip()[:1] in ('"', "}")
+
+
+def url_name(url: str) -> str:
+    """The file name a URL input gets in the sandbox."""
+    return PurePosixPath(url.split("?", 1)[0].split("#", 1)[0]).name or "index.html"
 
 
 @dataclass
@@ -54,16 +67,16 @@ class JobSpec:
         return sum(Path(path).stat().st_size for path in {*self.inputs, *self.prologue})
 
 
-def workload_specs(path: str, tasks: list[str]) -> dict[int, JobSpec]:
-    """The job descriptions among a workload's tasks, by task id (paths relative to the file)."""
-    if not any(task.startswith("{") for task in tasks):
+def workload_specs(path: str, data: bytes, tasks: list[str]) -> dict[int, JobSpec]:
+    """The job descriptions among the tasks parsed from a workload's ``data``, by task id
+    (paths relative to the file's folder)."""
+    if not any(map(is_job_description, tasks)):
         return {}
     base = Path(path).resolve().parent
-    with open(path, "rb") as f:  # tasks.parse_workload read it already: it is UTF-8, split on "\n"
-        lines = f.read().decode("utf-8").split("\n")
+    lines = data.decode("utf-8").split("\n")  # as tasks.parse_workload_bytes split it
     numbers = [n for n, line in enumerate(lines, 1) if line.strip() and not line.strip().startswith("#")]
     return {task_id: parse_json_spec(task, base, (path, numbers[task_id]))
-            for task_id, task in enumerate(tasks) if task.startswith("{")}
+            for task_id, task in enumerate(tasks) if is_job_description(task)}
 
 
 def read_jdl(path: str) -> JobSpec:
@@ -95,6 +108,8 @@ def parse_jdl(text: str, base: Path, path: str) -> JobSpec:
     lines: dict[str, int] = {}
     tokens = _tokens(text, path)
     position = 0
+    if len(tokens) > 1 and tokens[0][0] == "[" and tokens[-1][0] == ";" and tokens[-2][0] == "]":
+        tokens = tokens[:-1]  # [ ... ];
     if tokens and tokens[0][0] == "[":
         if tokens[-1][0] != "]":
             raise WorkloadError("'[' without its closing ']'", path, tokens[0][2])
@@ -113,6 +128,8 @@ def parse_jdl(text: str, base: Path, path: str) -> JobSpec:
         if key is None:
             raise WorkloadError(f"unknown attribute {name!r} (known: {', '.join(_jdl_spellings())})",
                                 path, line)
+        if key in values:
+            raise WorkloadError(f"{name} is set twice (first on line {lines[key]})", path, line)
         if key == "env":
             value = _environment(value, path, line)
         values[key], lines[key] = value, line
@@ -154,20 +171,26 @@ def build_spec(values: dict[str, Any], base: Path, where: tuple[str, int | None]
     spec.prologue = [_existing_file(base, item, fail, "prologue") for item in values.get("prologue", [])]
     for pattern in values.get("output_sandbox", []):
         relative = PurePosixPath(pattern)
-        if relative.is_absolute() or ".." in relative.parts:
+        if relative.is_absolute() or ".." in relative.parts or not relative.parts or "\0" in pattern:
             raise fail(f"output_sandbox: {pattern!r} must name files inside the sandbox", "output_sandbox")
         spec.outputs.append(pattern)
-    names = [Path(p).name for p in (*spec.inputs, *spec.prologue)] + [_url_name(u) for u in spec.urls]
+    for url in spec.urls:
+        if url.startswith("s3://") and not re.fullmatch(r"s3://[^/]+/.*[^/]", url):
+            raise fail(f"input_sandbox: {url!r} is not s3://bucket/key", "input_sandbox")
+    names = [Path(p).name for p in (*spec.inputs, *spec.prologue)] + [url_name(u) for u in spec.urls]
     clash = next((n for n in names if names.count(n) > 1 and not _same_file(spec, n)), None)
     if clash is not None:
         raise fail(f"two inputs would both be {clash!r} in the sandbox", "input_sandbox")
     env = values.get("env", {})
     if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
         raise fail("'env' is an object of strings", "env")
+    bad_name = next((k for k, v in env.items() if not k or "=" in k or "\0" in k + v), None)
+    if bad_name is not None:
+        raise fail(f"env: {bad_name!r} cannot be an environment variable", "env")
     spec.env = dict(env)
     timeout = values.get("timeout")
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                or timeout <= 0):
+                                or not 0 < timeout < math.inf):
         raise fail("'timeout' is a positive number of seconds", "timeout")
     spec.timeout = timeout
     size = spec.input_bytes()
@@ -178,20 +201,17 @@ def build_spec(values: dict[str, Any], base: Path, where: tuple[str, int | None]
 
 
 def _existing_file(base: Path, item: str, fail: Any, key: str) -> str:
-    path = (base / item).resolve()
-    if not path.is_file():
+    """The absolute path of an input, as named (a symbolic link keeps its own name in the sandbox)."""
+    path = os.path.abspath(base / item)
+    if not Path(path).is_file():
         raise fail(f"{key}: {item!r} is not a file (looked for {path})", key)
-    return str(path)
-
-
-def _url_name(url: str) -> str:
-    return PurePosixPath(url.split("?", 1)[0]).name or "index.html"
+    return path
 
 
 def _same_file(spec: JobSpec, name: str) -> bool:
     """True if every input named ``name`` is the same local file (listed twice: harmless)."""
     paths = {p for p in (*spec.inputs, *spec.prologue) if Path(p).name == name}
-    return len(paths) == 1 and not any(_url_name(u) == name for u in spec.urls)
+    return len(paths) == 1 and not any(url_name(u) == name for u in spec.urls)
 
 
 def _jdl_spellings() -> list[str]:
@@ -200,7 +220,7 @@ def _jdl_spellings() -> list[str]:
 
 _TOKEN = re.compile(r"""
     (?P<space>[ \t\r\n]+) | (?P<comment>\#[^\n]*|//[^\n]*|/\*.*?\*/) |
-    (?P<string>"(?:[^"\\\n]|\\.)*") | (?P<number>-?\d+(?:\.\d+)?) |
+    (?P<string>"(?:[^"\\\n]|\\.)*") | (?P<number>-?\d{1,30}(?:\.\d{1,30})?) |
     (?P<name>[A-Za-z_][A-Za-z0-9_]*) | (?P<punct>[=;{},\[\]])
 """, re.VERBOSE | re.DOTALL)
 
@@ -212,10 +232,14 @@ def _tokens(text: str, path: str) -> list[tuple[str, Any, int]]:
     while position < len(text):
         match = _TOKEN.match(text, position)
         if match is None:
-            raise WorkloadError(f"unexpected character {text[position]!r}", path, line)
+            raise WorkloadError(_unexpected(text, position), path, line)
         kind, value = match.lastgroup, match.group()
         if kind == "string":
-            tokens.append(("string", json.loads(value), line))
+            try:
+                tokens.append(("string", json.loads(value), line))
+            except ValueError as exc:
+                reason = exc.args[0].split(":")[0]
+                raise WorkloadError(f"bad string {value[:40]!r}: {reason}", path, line) from None
         elif kind == "number":
             tokens.append(("number", float(value) if "." in value else int(value), line))
         elif kind == "name":
@@ -225,6 +249,14 @@ def _tokens(text: str, path: str) -> list[tuple[str, Any, int]]:
         line += value.count("\n")
         position = match.end()
     return tokens
+
+
+def _unexpected(text: str, position: int) -> str:
+    if text.startswith('"', position):
+        return "a string without its closing '\"' (on the same line)"
+    if text.startswith("/*", position):
+        return "a comment '/*' without its closing '*/'"
+    return f"unexpected character {text[position]!r}"
 
 
 def _value(tokens: list[tuple[str, Any, int]], position: int, path: str, line: int) -> tuple[Any, int]:

@@ -28,6 +28,7 @@ import multiprocessing.connection
 import os
 import queue
 import signal
+import socket
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -87,6 +88,8 @@ class LocalBackend(Backend):
         if "forkserver" in methods:
             self._context.set_forkserver_preload(["localworkers"])
         self._output_cap = output_cap
+        # Job files are read and written where the client has them: the same machine only.
+        self.staging = f"local:{socket.gethostname()}"
         self._queue: deque[Bundle] = deque()
         self._queue_lock = threading.Lock()  # submit appends from another thread than a cancel's filter
         self._cancels: queue.SimpleQueue[str] = queue.SimpleQueue()

@@ -2,7 +2,8 @@
 
 Owns the remote form of a sandbox's files:
   - the bucket: created by the remote scheduler (like its queues) with a lifecycle
-    rule that expires job data after ``--retention-days``; removed by ``--cleanup``;
+    rule (its own, beside the bucket's others) that expires job data after
+    ``--retention-days``;
   - the client's upload of a task's inputs as one archive, before the task is
     queued: ``<prefix>/<job>/in/<sha256>.tar.gz``, content-addressed, so tasks with the
     same inputs share one upload;
@@ -10,7 +11,8 @@ Owns the remote form of a sandbox's files:
     output sandbox to ``<prefix>/<job>/<task>/out.tar.gz`` (a task run again overwrites
     it: one key per task, never two archives);
   - the client's download of that archive, checked against the size and SHA-256 the
-    result carries, and unpacked into ``--outputs DIR/<task id>/``.
+    result carries, and unpacked into ``--outputs DIR/<task id>/``;
+  - cleanup: the files under the prefix, and the bucket once nothing else is in it.
 Transfers are boto3's managed ones (multipart above 8 MiB).  Archives hold regular
 files and directories only; unpacking refuses anything that would land outside the
 target directory.
@@ -22,10 +24,13 @@ import gzip
 import hashlib
 import logging
 import os
+import shutil
 import tarfile
 import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any
+
+import botocore.exceptions
 
 import aws
 from errors import BackendError
@@ -66,21 +71,31 @@ def ensure_bucket(bucket: str, prefix: str, retention_days: int) -> None:
             log.info("created bucket %s", bucket)
         except s3.exceptions.BucketAlreadyOwnedByYou:
             pass
-        s3.put_bucket_lifecycle_configuration(Bucket=bucket, LifecycleConfiguration={"Rules": [{
-            "ID": "cloudkon-expire-job-data", "Filter": {"Prefix": f"{prefix}/"}, "Status": "Enabled",
-            "Expiration": {"Days": retention_days},
-            "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1}}]})
+        rule = {"ID": f"cloudkon-expire-{prefix}"[:255], "Filter": {"Prefix": f"{prefix}/"},
+                "Status": "Enabled", "Expiration": {"Days": retention_days},
+                "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1}}
+        try:  # keep the bucket's other rules (another prefix's, the owner's own)
+            rules = s3.get_bucket_lifecycle_configuration(Bucket=bucket)["Rules"]
+        except botocore.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "NoSuchLifecycleConfiguration":
+                raise
+            rules = []
+        rules = [r for r in rules if r.get("ID") != rule["ID"]] + [rule]
+        s3.put_bucket_lifecycle_configuration(Bucket=bucket, LifecycleConfiguration={"Rules": rules})
 
 
-def remove_bucket(bucket: str) -> None:
-    """Delete every object of the bucket, then the bucket (cleanup)."""
+def remove_staging(bucket: str, prefix: str) -> None:
+    """Delete the job files under ``prefix``, then the bucket if nothing else is in it (cleanup)."""
     s3 = aws.client("s3")
-    with aws.aws_errors(f"removing bucket {bucket}"):
+    with aws.aws_errors(f"removing job files from bucket {bucket}"):
         try:
-            for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/"):
                 keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
                 if keys:
                     s3.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+            if s3.list_objects_v2(Bucket=bucket, MaxKeys=1).get("KeyCount", 0):
+                log.info("bucket %s keeps files outside %s/: not deleted", bucket, prefix)
+                return
             s3.delete_bucket(Bucket=bucket)
             log.info("deleted bucket %s", bucket)
         except s3.exceptions.NoSuchBucket:
@@ -135,18 +150,25 @@ def store_outputs(root: Path, files: list[str], url: str) -> dict[str, Any]:
 
 
 def fetch_outputs(artifact: dict[str, Any], target: Path) -> None:
-    """Download a result's output archive, check its size and SHA-256, unpack it into ``target``."""
-    target.mkdir(parents=True, exist_ok=True)
-    download = target / _DOWNLOAD_NAME
-    _download(artifact["url"], download)
+    """Download a result's output archive, check its size and SHA-256, and unpack it as ``target``
+    (a folder made afresh beside it, then put in its place: nothing is written through an old one)."""
+    fresh = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
+        download = fresh / _DOWNLOAD_NAME
+        _download(artifact["url"], download)
         size, digest = download.stat().st_size, _sha256(download)
         if size != artifact["size"] or digest != artifact["sha256"]:
             raise BackendError(f"{artifact['url']}: the archive is not the one the task made "
                                f"({size} bytes; size or SHA-256 differs)")
-        _unpack(download, target)
-    finally:
+        _unpack(download, fresh)
         download.unlink()
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+        fresh.rename(target)
+    finally:
+        shutil.rmtree(fresh, ignore_errors=True)
 
 
 def _download(url: str, path: Path) -> None:

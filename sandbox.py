@@ -4,17 +4,19 @@ Owns the staged form of a job (what the client turns a JobSpec into, and what tr
 as the task's command) and its run on a worker, local or remote:
 
   1. a fresh empty directory (removed afterwards, whatever happens);
-  2. inputs in: local files hard-linked or copied (local backend), or one archive
+  2. inputs in: local files copied (local backend: never linked, so a job cannot
+     change the user's files), or one archive
      downloaded from S3 and unpacked (remote backend); URL inputs fetched here;
   3. the prologue scripts, in order (one failing fails the task, with its output);
   4. the executable with its arguments and environment, in the sandbox;
-  5. outputs out: the files matching the output sandbox moved to a directory (local
-     backend) or archived to one S3 key, overwritten if the task runs again (remote).
+  5. outputs out: the regular files matching the output sandbox (never a symbolic
+     link, nothing outside the sandbox) moved to a directory (local backend) or
+     archived to one S3 key, overwritten if the task runs again (remote).
      The result's artifact says where they went (and, for S3, the archive's size and
      SHA-256, which the client checks).
 
 Nothing outside the sandbox is written except the delivery.  s3staging.py does the
-S3 side; tasks.run_bundle calls ``run_job`` for every command starting with ``{``.
+S3 side; tasks.run_bundle calls ``run_job`` for every job description (``{"...``).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from jdl import JobSpec, is_url
+from jdl import JobSpec, is_url, url_name
 from tasks import CANCELLED, is_success, run_process
 
 # Largest URL input fetched (the same bound as local inputs, per file).
@@ -48,7 +50,7 @@ def staged_command(spec: JobSpec, deliver: str, archive: str | None = None) -> s
         "timeout": spec.timeout, "urls": spec.urls, "prologue": [Path(p).name for p in spec.prologue],
         "outputs": spec.outputs, "deliver": deliver}
     if archive is None:
-        staged["files"] = sorted({*spec.inputs, *spec.prologue})
+        staged["files"] = sorted({(Path(path).name, path) for path in (*spec.inputs, *spec.prologue)})
     else:
         staged["archive"] = archive
     return json.dumps(staged, separators=(",", ":"))
@@ -68,8 +70,10 @@ def run_job(command: str, timeout: float | None, output_cap: int,
     root = tempfile.mkdtemp(prefix="cloudkon-sandbox-")
     try:
         code, output, error, artifact = _run_in(Path(root), job, timeout, output_cap, cancelled)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        code, output, error, artifact = None, "", f"sandbox: {exc}", None
+    except _TimedOut:
+        code, output, error, artifact = None, "", f"timed out after {timeout:g} s", None
+    except Exception as exc:  # whatever the job or its staging did, the task fails, the worker lives
+        code, output, error, artifact = None, "", f"sandbox: {type(exc).__name__}: {exc}", None
     finally:
         shutil.rmtree(root, ignore_errors=True)
     if cancelled is not None and cancelled.is_set() and not is_success(code, error):
@@ -80,7 +84,7 @@ def run_job(command: str, timeout: float | None, output_cap: int,
 def _run_in(root: Path, job: dict[str, Any], timeout: float | None, output_cap: int,
             cancelled: threading.Event | None) -> tuple[int | None, str, str | None, dict | None]:
     deadline = None if timeout is None else time.monotonic() + timeout
-    _stage_in(root, job)
+    _stage_in(root, job, deadline, cancelled)
     env = {**os.environ, **job["env"]}
     # The worker's own Python first: a job's scripts find the packages the worker has.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
@@ -90,67 +94,93 @@ def _run_in(root: Path, job: dict[str, Any], timeout: float | None, output_cap: 
                                           cancelled, cwd=str(root), env=env)
         log.append(output)
         if not is_success(code, error):
-            return code, "".join(log), error or f"prologue {script} failed (exit code {code})", None
-    executable = job["executable"]
-    local = root / executable
-    if "/" not in executable and local.is_file():
+            failure = _reason(error, timeout) or f"prologue {script} failed (exit code {code})"
+            return code, "".join(log), failure, None
+    argv = [job["executable"], *job["arguments"]]
+    local = root / job["executable"]
+    if "/" not in job["executable"] and local.is_file():
         local.chmod(local.stat().st_mode | 0o111)
-        executable = f"./{executable}"
-    code, output, error = run_process([executable, *job["arguments"]], _left(deadline), output_cap,
-                                      cancelled, cwd=str(root), env=env)
+        argv[0] = f"./{job['executable']}"
+        with open(local, "rb") as f:
+            head = f.read(4)
+        if not head.startswith(b"#!") and head != b"\x7fELF":  # as a shell would: no #!, run by sh
+            argv.insert(0, "/bin/sh")
+    code, output, error = run_process(argv, _left(deadline), output_cap, cancelled, cwd=str(root), env=env)
     log.append(output)
     if not is_success(code, error) or not job["outputs"]:
-        return code, "".join(log), error, None
+        return code, "".join(log), _reason(error, timeout), None
     files, missing = _outputs(root, job["outputs"])
     if missing:
         return None, "".join(log), f"output_sandbox: nothing matches {missing!r}", None
     return code, "".join(log), None, _deliver(root, files, job["deliver"])
 
 
+class _TimedOut(Exception):
+    """The job's time ran out while its inputs were being fetched."""
+
+
 def _left(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.001, deadline - time.monotonic())
 
 
-def _stage_in(root: Path, job: dict[str, Any]) -> None:
-    for path in job.get("files", []):
-        target = root / Path(path).name
-        try:
-            os.link(path, target)  # the same file system: no copy
-        except OSError:
-            shutil.copy2(path, target)
+def _reason(error: str | None, timeout: float | None) -> str | None:
+    """``error``, naming the job's whole timeout rather than the part of it left for one step."""
+    if error is not None and error.startswith("timed out") and timeout is not None:
+        return f"timed out after {timeout:g} s"
+    return error
+
+
+def _stage_in(root: Path, job: dict[str, Any], deadline: float | None,
+              cancelled: threading.Event | None) -> None:
+    for name, path in job.get("files", []):
+        shutil.copyfile(path, root / name)  # a copy: what the job writes never reaches the user's file
+        shutil.copymode(path, root / name)
     if job.get("archive"):
         from s3staging import fetch_archive  # boto3 is loaded in remote mode only
         fetch_archive(job["archive"], root)
     for url in job["urls"]:
-        _fetch(url, root)
+        _fetch(url, root, deadline, cancelled)
 
 
-def _fetch(url: str, root: Path) -> None:
+def _fetch(url: str, root: Path, deadline: float | None, cancelled: threading.Event | None) -> None:
     if url.startswith("s3://"):
         from s3staging import fetch_object
         fetch_object(url, root)
         return
-    name = Path(url.split("?", 1)[0]).name or "index.html"
-    with urllib.request.urlopen(url, timeout=URL_TIMEOUT_SECONDS) as response, \
-            open(root / name, "wb") as out:
+    name = url_name(url)
+    timeout = URL_TIMEOUT_SECONDS if deadline is None else min(URL_TIMEOUT_SECONDS, _left(deadline))
+    with urllib.request.urlopen(url, timeout=timeout) as response, open(root / name, "wb") as out:
+        expected = response.headers.get("Content-Length")
         size = 0
-        while chunk := response.read(1 << 20):
+        while chunk := response.read(1 << 16):
+            if cancelled is not None and cancelled.is_set():
+                raise ValueError("cancelled while fetching inputs")
+            if deadline is not None and time.monotonic() > deadline:
+                raise _TimedOut
             size += len(chunk)
             if size > MAX_URL_INPUT_BYTES:
                 raise ValueError(f"{url} is over {MAX_URL_INPUT_BYTES:,} bytes")
             out.write(chunk)
+    if expected is not None and expected.isdigit() and size != int(expected):
+        raise ValueError(f"{url}: {size} bytes arrived of the {expected} announced")
 
 
 def _outputs(root: Path, patterns: list[str]) -> tuple[list[str], list[str]]:
-    """The files matching the output sandbox (relative paths), and the patterns that match none."""
-    files: list[str] = []
+    """The files matching the output sandbox (relative paths), and the patterns that match none.
+
+    Only regular files inside the sandbox count: a symbolic link (to a file or through a
+    directory) could make the framework move or upload something outside it.
+    """
+    inside = root.resolve()
+    found: dict[str, None] = {}
     missing = []
     for pattern in patterns:
-        matched = sorted(str(p.relative_to(root)) for p in root.glob(pattern) if p.is_file())
+        matched = sorted(str(p.relative_to(root)) for p in root.glob(pattern)
+                         if p.is_file() and not p.is_symlink() and p.resolve().is_relative_to(inside))
         if not matched:
             missing.append(pattern)
-        files += [f for f in matched if f not in files]
-    return files, missing
+        found.update(dict.fromkeys(matched))
+    return list(found), missing
 
 
 def _deliver(root: Path, files: list[str], deliver: str) -> dict[str, Any]:

@@ -731,14 +731,22 @@ def create_backend(args: argparse.Namespace) -> Backend:
 
 def staging_area(args: argparse.Namespace) -> str:
     """The s3:// prefix where clients stage job files, its bucket made ready (remote mode)."""
-    from s3staging import DEFAULT_PREFIX, DEFAULT_RETENTION_DAYS, default_bucket, ensure_bucket
+    from s3staging import DEFAULT_RETENTION_DAYS, ensure_bucket
     retention = DEFAULT_RETENTION_DAYS if args.retention_days is None else args.retention_days
     if retention < 1:
         raise ConfigError("--retention-days needs at least 1")
-    bucket = args.bucket or default_bucket()
-    prefix = (args.staging_prefix or DEFAULT_PREFIX).strip("/")
+    bucket, prefix = staging_bucket(args)
     ensure_bucket(bucket, prefix, retention)
     return f"s3://{bucket}/{prefix}"
+
+
+def staging_bucket(args: argparse.Namespace) -> tuple[str, str]:
+    """The bucket and key prefix of job files (--bucket, --staging-prefix)."""
+    from s3staging import DEFAULT_PREFIX, default_bucket
+    prefix = (args.staging_prefix or DEFAULT_PREFIX).strip("/")
+    if not prefix:
+        raise ConfigError("--staging-prefix needs at least one character besides '/'")
+    return args.bucket or default_bucket(), prefix
 
 
 def default_state_path() -> Path:
@@ -800,8 +808,8 @@ def run_fleet_command(args: argparse.Namespace) -> int:
         fleet.cleanup()
         fleet.remove_resources()
         topic.remove()
-        from s3staging import default_bucket, remove_bucket
-        remove_bucket(args.bucket or default_bucket())
+        from s3staging import remove_staging
+        remove_staging(*staging_bucket(args))
         return 0
     finally:
         aws.log_api_calls()

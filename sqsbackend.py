@@ -90,7 +90,8 @@ def response_bodies(batch: ResultBatch, limit: int = MAX_SQS_MESSAGE_BYTES) -> l
         size = len(protocol.encode_body(protocol.results_message(batch)))
         keep = max(0, len(output) * limit // size - len(_TRIMMED) - 1024)
         return response_bodies(ResultBatch(batch.job, batch.bundle, batch.ids, batch.exit_codes,
-                                           [output[:keep] + _TRIMMED], batch.elapsed_us, batch.errors), limit)
+                                           [output[:keep] + _TRIMMED], batch.elapsed_us, batch.errors,
+                                           batch.artifacts), limit)
     half = len(batch.ids) // 2
     return (response_bodies(batch.select(list(range(half))), limit)
             + response_bodies(batch.select(list(range(half, len(batch.ids)))), limit))

@@ -10,7 +10,7 @@ Task semantics:
   ``sleep N`` (N a whole number) sleeps N milliseconds inside the worker, with no
   process spawned: the CloudKon benchmark task.  Any other line runs as
   ``/bin/sh -c LINE`` in its own process group, stdout and stderr captured together
-  (the first ``output_cap`` bytes kept).  A line starting with ``{`` is a job
+  (the first ``output_cap`` bytes kept).  A line starting with ``{"`` is a job
   description with files, staged by the client and run in a sandbox (sandbox.py).
   Exit status 0 is success.  ``exit_code``
   is None when no process ran to completion (timeout, signal, spawn failure,
@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from errors import WorkloadError
+from jdl import is_job_description
 
 # Output kept per task.  Large enough for a useful log tail, small enough that a
 # bundle of chatty tasks still fits comfortably in one frame.
@@ -157,18 +158,22 @@ def failed_batch(job: str, bundle: int | None, ids: list[int], error: str) -> Re
     return ResultBatch(job, bundle, list(ids), [None] * n, [""] * n, [0] * n, [error] * n)
 
 
+def read_workload(path: str) -> bytes:
+    """A workload file's bytes; WorkloadError if it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise WorkloadError(f"cannot read workload: {exc.strerror or exc}", path) from exc
+
+
 def parse_workload(path: str) -> list[str]:
     """The tasks of a workload file: its lines, stripped, minus blanks and ``#`` comments.
 
     Raises WorkloadError (naming the line where there is one) for a missing or
     unreadable file, bytes that are not UTF-8, an over-long line, or no task at all.
     """
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        raise WorkloadError(f"cannot read workload: {exc.strerror or exc}", path) from exc
-    return parse_workload_bytes(data, path)
+    return parse_workload_bytes(read_workload(path), path)
 
 
 def parse_workload_bytes(data: bytes, path: str = "<workload>") -> list[str]:
@@ -314,7 +319,7 @@ def _run_bundle(bundle: Bundle, output_cap: int, on_task_start: Callable[[int], 
             break
         if on_task_start is not None:
             on_task_start(task_id)
-        if command.startswith("{"):
+        if is_job_description(command):
             from sandbox import run_job  # sandbox.py builds on this module: imported when first needed
             batch.add(task_id, *run_job(command, bundle.timeout, output_cap, cancelled))
         else:

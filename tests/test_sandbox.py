@@ -156,3 +156,81 @@ def test_animoto_three_videos_on_the_local_backend(tmp_path):
 def test_workload_error_names_the_json_line(files):
     with pytest.raises(WorkloadError, match="w.txt:7: "):
         parse_json_spec("{not json", files(), ("w.txt", 7))
+
+
+def test_a_job_cannot_touch_the_users_files_or_hand_back_a_link(files, tmp_path):
+    base = files(**{"data.txt": "original\n",
+                    "run.sh": "echo changed >> data.txt; ln -s /etc/passwd link.txt\n"})
+    (base / "run.sh").chmod(0o644)
+    (base / "alias.txt").symlink_to(base / "data.txt")
+    lines = [json.dumps({"executable": "run.sh", "input_sandbox": ["run.sh", "data.txt"],
+                         "output_sandbox": ["data.txt"]}),
+             json.dumps({"executable": "run.sh", "input_sandbox": ["run.sh", "data.txt"],
+                         "output_sandbox": ["link.txt"]}),
+             json.dumps({"executable": "cat", "arguments": ["alias.txt"], "input_sandbox": ["alias.txt"]}),
+             "{ echo a shell brace group; }"]
+    (base / "w.txt").write_text("\n".join(lines) + "\n")
+    done = run_client("-w", str(base / "w.txt"), "--outputs", str(tmp_path / "out"),
+                      "-o", str(tmp_path / "r.jsonl"))
+    records = read_results(tmp_path / "r.jsonl")
+    assert (base / "data.txt").read_text() == "original\n"
+    assert (base / "run.sh").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "out" / "0" / "data.txt").read_text() == "original\nchanged\n"
+    assert records[1]["status"] == "failed" and "nothing matches ['link.txt']" in records[1]["error"]
+    assert records[2]["output"] == "original\n", "a linked input keeps the name it was given"
+    assert records[3]["output"] == "a shell brace group\n"
+    assert done.returncode == 1
+
+
+def test_timeouts_and_short_downloads_fail_the_task_clearly(files, tmp_path):
+    class Short(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "100")
+            self.end_headers()
+            self.wfile.write(b"only 8 b")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Short)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    lines = [json.dumps({"executable": "sleep", "arguments": ["5"], "timeout": 0.5}),
+             json.dumps({"executable": "true", "input_sandbox": [f"http://127.0.0.1:{server.server_address[1]}/x"]})]
+    base = files(**{"w.txt": "\n".join(lines) + "\n"})
+    run_client("-w", str(base / "w.txt"), "-o", str(tmp_path / "r.jsonl"))
+    server.shutdown()
+    records = read_results(tmp_path / "r.jsonl")
+    assert records[0]["error"] == "timed out after 0.5 s"
+    assert records[1]["status"] == "failed" and "8 bytes arrived of the 100 announced" in records[1]["error"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ('Executable = "a\\.b";', "bad string"),
+    ('Executable = "x";\nExecutable = "y";', "Executable is set twice (first on line 1)"),
+    ('Executable = "x', "a string without its closing"),
+    ('Executable = "x"; /* never closed', "a comment '/*' without its closing"),
+])
+def test_jdl_syntax_errors_are_clear(files, text, message):
+    base = files(**{"j.jdl": text})
+    done = run_client("-j", str(base / "j.jdl"))
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_jdl_brackets_may_end_with_a_semicolon_and_outputs_need_a_writable_folder(files, tmp_path):
+    base = files(**{"j.jdl": '[ Executable = "true"; OutputSandbox = {"x"}; ];'})
+    (tmp_path / "taken").write_text("a file, not a folder")
+    done = run_client("-j", str(base / "j.jdl"), "--outputs", str(tmp_path / "taken"))
+    assert done.returncode == 2 and "--outputs" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_workload_from_a_pipe_is_read_once(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    line = json.dumps({"executable": "echo", "arguments": ["from a pipe"]}) + "\n"
+    writer = threading.Thread(target=lambda: fifo.write_text("# a comment\n" + line))
+    writer.start()
+    done = run_client("-w", str(fifo), "-o", "-")
+    writer.join()
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["output"] == "from a pipe\n"
