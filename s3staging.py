@@ -186,7 +186,9 @@ def _upload(path: Path, url: str) -> None:
 def _archive(members: list[tuple[str, Path]], archive: Path) -> tuple[int, str]:
     """Write a gzipped tar of ``members`` (name in the archive, file) to ``archive``, the same
     bytes for the same files (on disk, not in memory: sandboxes may be large); its size and SHA-256."""
-    with open(archive, "wb") as out, gzip.GzipFile(fileobj=out, mode="wb", mtime=0) as zipped, \
+    # Level 1: job files are often images and videos, compressed already.
+    with open(archive, "wb") as out, \
+            gzip.GzipFile(fileobj=out, mode="wb", mtime=0, compresslevel=1) as zipped, \
             tarfile.open(fileobj=zipped, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for name, path in members:
             info = tarfile.TarInfo(name)

@@ -148,6 +148,7 @@ def _operations(log: str) -> set[str]:
 # S3 operations authorised by an action of another name.
 _S3_ACTIONS = {"s3:HeadObject": "s3:GetObject", "s3:ListObjectsV2": "s3:ListBucket",
                "s3:PutBucketLifecycleConfiguration": "s3:PutLifecycleConfiguration",
+               "s3:GetBucketLifecycleConfiguration": "s3:GetLifecycleConfiguration",
                "s3:CreateMultipartUpload": "s3:PutObject", "s3:UploadPart": "s3:PutObject",
                "s3:CompleteMultipartUpload": "s3:PutObject", "s3:DeleteObjects": "s3:DeleteObject"}
 
