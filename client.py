@@ -30,7 +30,7 @@ from typing import Any, TextIO
 import protocol
 from errors import CloudKonError, ConfigError, IncompleteFrame, MalformedMessage, ProtocolError
 from jdl import JobSpec, read_jdl, workload_specs
-from scheduler import REMOTE_GROUP_TITLES, add_remote_arguments
+from options import REMOTE_GROUP_TITLES, add_remote_arguments
 from tasks import ResultBatch, parse_workload_bytes, read_workload, task_status
 
 log = logging.getLogger("cloudkon.client")
