@@ -104,7 +104,7 @@ class ControlTopic:
         sqs = aws.client("sqs")
         pruned = 0
         for subscription in self.subscribers():
-            name = subscription["Endpoint"].rsplit(":", 1)[-1]  # the queue's ARN ends with its name
+            name = _queue_of(subscription)
             try:
                 with aws.aws_errors(f"finding queue {name}"):
                     sqs.get_queue_url(QueueName=name)
@@ -126,7 +126,7 @@ class ControlTopic:
         after UNTAKEN_SECONDS it is deleted and no longer waited for.
         """
         self.prune()
-        waiting = {sub["SubscriptionArn"]: sub["Endpoint"].rsplit(":", 1)[-1] for sub in self.subscribers()
+        waiting = {sub["SubscriptionArn"]: _queue_of(sub) for sub in self.subscribers()
                    if sub["Protocol"] == "sqs" and CONTROL_QUEUE_PREFIX in sub["Endpoint"]}
         self.publish({"type": how})
         published = time.monotonic()
@@ -177,10 +177,15 @@ class ControlTopic:
         """Delete the topic and the control queues of its workers left behind (cleanup)."""
         sqs = aws.client("sqs")
         for subscription in self.subscribers():
-            delete_queue(sqs, subscription["Endpoint"].rsplit(":", 1)[-1])
+            delete_queue(sqs, _queue_of(subscription))
         with aws.aws_errors(f"deleting topic {self.name}"):
             self.sns.delete_topic(TopicArn=self.arn)
         log.info("deleted topic %s", self.arn)
+
+
+def _queue_of(subscription: dict[str, Any]) -> str:
+    """The name of the queue a subscription delivers to (its ARN ends with the name)."""
+    return subscription["Endpoint"].rsplit(":", 1)[-1]
 
 
 def delete_queue(sqs: Any, name: str) -> None:
