@@ -23,7 +23,10 @@ Contract, as the contract tests check it for every backend:
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
+from bisect import bisect_right
+from itertools import accumulate
 from types import TracebackType
 
 from tasks import Bundle, ResultBatch
@@ -36,21 +39,32 @@ MAX_BUNDLE_TASKS = 4096
 MAX_BUNDLE_COMMAND_BYTES = 128 * 1024
 
 
-def bundle_size(avg_task_us: float | None, undispatched: int, slots: int,
-                target_seconds: float) -> int:
-    """How many tasks of a job to put in its next bundle.
+# A bundle's time box is this many times its estimated length (at least its backend's
+# target): room for estimates that are a little off, a stop for those that are far off.
+TIME_BOX_SLACK = 2.0
 
-    One task while nothing is known of the job's task times (they may be long); then
-    ``target_seconds`` worth.  Never more than an even share of what is left over the
-    ``slots`` bundles the backend holds, so that bundles shrink as a job ends and its
-    last tasks spread over every worker; but never under an eighth of the target,
-    where the bundle's own cost would outweigh the balance gained.
+# "About the target": 20 tasks of 1 ms (and a few microseconds of overhead each) make a
+# 20 ms bundle.
+TARGET_TOLERANCE = 1.01
+
+
+def plan_bundle(times: list[float], target_seconds: float, even_share: int) -> tuple[int, float | None]:
+    """How many of a job's next tasks (expected to take ``times`` seconds each) make its
+    next bundle, and the bundle's time box in seconds (None: no box).
+
+    As many as fit in ``target_seconds`` (at least one, however long); never more than
+    ``even_share`` (what is left of the job over the slots that run it, so that a job's
+    last tasks spread over every worker), but never under an eighth of the target, where
+    the bundle's own cost would outweigh the balance gained.
     """
-    if avg_task_us is None:
-        return 1
-    by_time = int(target_seconds * 1e6 / max(avg_task_us, 1.0))
-    even_share = max(-(-undispatched // max(slots, 1)), by_time // 8)
-    return max(1, min(by_time, even_share, MAX_BUNDLE_TASKS))
+    total = list(accumulate(times))
+    count = max(1, bisect_right(total, target_seconds * TARGET_TOLERANCE))
+    floor = max(1, bisect_right(total, target_seconds / 8))
+    count = min(count, max(even_share, floor))
+    expected = total[count - 1]
+    if math.isinf(expected):
+        return count, None
+    return count, TIME_BOX_SLACK * max(expected, target_seconds)
 
 
 class Backend(ABC):
@@ -60,14 +74,14 @@ class Backend(ABC):
     # Where clients stage the files of job descriptions (sandbox.py): an s3:// prefix, or
     # local:HOST when the workers read and write the files in place on that host.
     staging: str | None = None
-    # Work per bundle, by the job's average task time so far: long enough that the
+    # Work per bundle, by the estimates of its tasks (estimates.py): long enough that the
     # per-bundle cost stays near 1%, short enough that a job submitted behind a big
     # one waits about this long at most.
     target_bundle_seconds: float = 0.02
 
     @abstractmethod
     def workers(self) -> int:
-        """How many tasks can run at once (for bundle sizing)."""
+        """How many tasks can run at once: a job's last bundles are spread over this many."""
 
     def capacity(self) -> int:
         """How many bundles to keep submitted and unfinished so that no worker waits."""

@@ -6,6 +6,13 @@ are still to be bundled, which bundles are out, which tasks have their result
 the backend between jobs (round robin, one bundle at a time, so a small job is not
 stuck behind a million-task one).  Knows neither sockets nor which backend it feeds.
 
+A bundle is a time-boxed lease on a run of a job's tasks, cut by the estimates of
+those tasks (estimates.py, backend.plan_bundle).  Tasks a worker hands back unstarted
+(its time box ran out, or the backend took them for an idle worker) go to the front
+of their job's queue, and the job to the front of the turn order, so that the next
+free worker takes them.  Only the bundle that holds a task may hand it back: a
+duplicate delivery of an old bundle cannot queue a task twice.
+
 Runs in one thread (the scheduler's event loop); results reach it from the
 backend's receiving thread through ``handle_results``.
 """
@@ -18,10 +25,15 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 
-from backend import MAX_BUNDLE_COMMAND_BYTES, Backend, bundle_size
+from backend import MAX_BUNDLE_COMMAND_BYTES, MAX_BUNDLE_TASKS, Backend, plan_bundle
+from estimates import JobTimes, TaskTimes
 from tasks import CANCELLED, Bundle, ResultBatch, failed_batch
 
 log = logging.getLogger("cloudkon.jobs")
+
+# Tasks whose estimates are looked at first when cutting a bundle; eight times more each
+# round while they all fit (a bundle of long tasks needs only its first few looked at).
+FIRST_LOOK_TASKS = 16
 
 # Tasks per batch of results the scheduler makes up itself (cancelled, failed at shutdown):
 # a batch of a million would not fit in one frame to the client or one job-store record.
@@ -50,7 +62,11 @@ class Job:
         self.cancelling = False  # no more bundles: a cancel is on its way
         self.cancelled = False
         self.results: list[ResultBatch] | None = []  # None: a store keeps them instead
-        self.elapsed_total_us = 0
+        # Tasks handed back unstarted, to run before the rest (ids leave the set once taken
+        # again or given a result; the deque keeps their order and may hold stale ids).
+        self.returned: deque[int] = deque()
+        self.returned_set: set[int] = set()
+        self.times: JobTimes | None = None  # set by the dispatcher that runs the job
         self.created_at = time.time() if created_at is None else created_at
         self.finished_at: float | None = None
 
@@ -77,32 +93,68 @@ class Job:
                 "succeeded": self.succeeded_count, "failed": self.failed_count - self.cancelled_count,
                 "cancelled": self.cancelled_count}
 
-    def avg_task_us(self) -> float | None:
-        return self.elapsed_total_us / self.done_count if self.done_count else None
-
     def add_tasks(self, commands: list[str]) -> None:
         self.commands.extend(commands)
         self.done.extend(bytes(len(commands)))
         self.total += len(commands)
         self.undispatched += len(commands)
 
-    def take_bundle(self, number: int, size: int) -> Bundle:
-        """Up to ``size`` undispatched tasks in a row (fewer if they are long) as bundle ``number``."""
+    def take_bundle(self, number: int, target_seconds: float, slots: int) -> Bundle:
+        """The job's next tasks as bundle ``number``: handed-back ones first, then the next
+        run of tasks without a result; about ``target_seconds`` of them by their estimates."""
+        assert self.times is not None, "a job is bundled by the dispatcher that holds it"
+        even_share = -(-self.undispatched // max(slots, 1))
+        look = FIRST_LOOK_TASKS
+        while True:
+            ids = self._next_ids(look)
+            commands = [self.commands[i] for i in ids]
+            count, budget = plan_bundle(self.times.estimates(commands), target_seconds, even_share)
+            if count < len(ids) or len(ids) < look or look >= MAX_BUNDLE_TASKS:
+                break
+            look = min(look * 8, MAX_BUNDLE_TASKS)
+        ids, commands = ids[:count], commands[:count]
+        if count > 1 and sum(map(len, commands)) > MAX_BUNDLE_COMMAND_BYTES:
+            count, size = 1, len(commands[0])
+            while count < len(commands) and size + len(commands[count]) <= MAX_BUNDLE_COMMAND_BYTES:
+                size += len(commands[count])
+                count += 1
+            ids, commands = ids[:count], commands[:count]
+        self._take(ids)
+        return Bundle(self.id, number, ids, commands, self.timeout, budget)
+
+    def _next_ids(self, limit: int) -> list[int]:
+        """Up to ``limit`` of the tasks to bundle next, in order: handed-back ones, else a run."""
+        if self.returned_set:
+            ids = []
+            for task_id in self.returned:
+                if task_id in self.returned_set:
+                    ids.append(task_id)
+                    if len(ids) == limit:
+                        break
+            return ids
         start = self.done.find(0, self.next_task)
-        stop = self.done.find(1, start, start + size)
-        run_end = min(start + size, self.total) if stop < 0 else stop  # before a task with a result
-        end = run_end
-        commands = self.commands[start:end]
-        if end - start > 1 and sum(map(len, commands)) > MAX_BUNDLE_COMMAND_BYTES:
-            end = start + 1
-            budget = len(commands[0])
-            while end < run_end and budget + len(self.commands[end]) <= MAX_BUNDLE_COMMAND_BYTES:
-                budget += len(self.commands[end])
-                end += 1
-            commands = self.commands[start:end]
-        self.next_task = end
-        self.undispatched -= end - start
-        return Bundle(self.id, number, list(range(start, end)), commands, self.timeout)
+        stop = self.done.find(1, start, start + limit)  # a run stops before a task with a result
+        return list(range(start, min(start + limit, self.total) if stop < 0 else stop))
+
+    def _take(self, ids: list[int]) -> None:
+        if self.returned_set:
+            taken = set(ids)
+            self.returned_set -= taken
+            while taken:
+                taken.discard(self.returned.popleft())
+            if not self.returned_set:
+                self.returned.clear()
+        else:
+            self.next_task = ids[-1] + 1
+        self.undispatched -= len(ids)
+
+    def give_back(self, ids: list[int]) -> int:
+        """Queue handed-back tasks ahead of the rest (those without a result); how many."""
+        back = [i for i in ids if not self.done[i] and i not in self.returned_set]
+        self.returned.extendleft(reversed(back))
+        self.returned_set.update(back)
+        self.undispatched += len(back)
+        return len(back)
 
     def keep_new(self, batch: ResultBatch) -> ResultBatch:
         """Record the results in ``batch`` that are new, and return just those."""
@@ -117,17 +169,33 @@ class Job:
             done[i] = 1
         if batch.ids and max(batch.ids) >= self.next_task:  # not from a bundle of ours: after a restart
             self.undispatched -= sum(1 for i in batch.ids if i >= self.next_task)
+        if self.returned_set:  # a duplicate's result for a task that was handed back meanwhile
+            queued = self.returned_set.intersection(batch.ids)
+            self.returned_set -= queued
+            self.undispatched -= len(queued)
         self.done_count += len(batch)
         self.failed_count += batch.failed_count()
         self.cancelled_count += batch.cancelled_count()
-        self.elapsed_total_us += sum(batch.elapsed_us)
+        if self.times is not None and batch.ids:
+            self.times.learn(self.commands, batch)
         if batch.ids and self.results is not None:
             self.results.append(batch)
         return batch
 
     def release(self) -> None:
         """Drop what a finished job no longer needs in memory (its store keeps it)."""
-        self.commands, self.done, self.results = [], bytearray(), None
+        self.commands, self.done, self.results, self.times = [], bytearray(), None, None
+
+    def unqueue(self, in_flight: bool = True) -> list[int]:
+        """Empty the job's queue (no more of its tasks will be bundled): the ids of its tasks
+        without a result, those in bundles out included if ``in_flight``."""
+        first = 0 if in_flight else self.next_task
+        queued = [] if in_flight else [i for i in self.returned if i in self.returned_set]
+        pending = queued + [i for i in range(first, self.total) if not self.done[i]]
+        self.next_task, self.undispatched = self.total, 0
+        self.returned.clear()
+        self.returned_set.clear()
+        return pending
 
 
 class Dispatcher:
@@ -138,6 +206,7 @@ class Dispatcher:
                  on_finished: Callable[[Job], None], first_bundle: int = 0) -> None:
         self.backend = backend
         self.jobs: dict[str, Job] = {}
+        self.task_times = TaskTimes()
         self._on_results = on_results
         self._on_finished = on_finished
         self._ready: deque[Job] = deque()  # jobs with undispatched tasks, in turn order
@@ -159,12 +228,14 @@ class Dispatcher:
 
     def open_job(self, timeout: float | None = None) -> Job:
         job = Job(secrets.token_hex(8), timeout)
+        job.times = JobTimes(self.task_times)
         self.jobs[job.id] = job
         return job
 
     def restore(self, job: Job) -> None:
         """Take over a job read back from a store; its tasks without a result run again."""
         self.jobs[job.id] = job
+        job.times = JobTimes(self.task_times)
         if job.undispatched:
             self._ready.append(job)
         elif job.finished and job.finished_at is None:
@@ -194,8 +265,7 @@ class Dispatcher:
         if job.finished:
             return 0
         job.cancelled = job.cancelling = True
-        pending = [i for i in range(job.total) if not job.done[i]]
-        job.next_task, job.undispatched = job.total, 0
+        pending = job.unqueue()
         for number in [n for n, (bundle, _) in self._in_flight.items() if bundle.job == job.id]:
             del self._in_flight[number]  # free for other jobs now; late replies are dropped
         log.info("job %s cancelled: %d task(s) without a result", job.id, len(pending))
@@ -212,14 +282,12 @@ class Dispatcher:
 
     def pump(self) -> None:
         """Submit bundles, one job's at a time in turn, until the backend holds enough."""
-        capacity = self.backend.capacity()
+        capacity, slots = self.backend.capacity(), self.backend.workers()
         while self._ready and len(self._in_flight) < capacity and not self._held:
             job = self._ready.popleft()
             if not job.undispatched or job.cancelling:  # results from an earlier start's bundles; a cancel
                 continue
-            size = bundle_size(job.avg_task_us(), job.undispatched, capacity,
-                               self.backend.target_bundle_seconds)
-            bundle = job.take_bundle(self._next_bundle, size)
+            bundle = job.take_bundle(self._next_bundle, self.backend.target_bundle_seconds, slots)
             self._next_bundle += 1
             self._in_flight[bundle.bundle] = (bundle, set(bundle.ids))
             self.backend.submit(bundle)
@@ -233,6 +301,8 @@ class Dispatcher:
             if batch.bundle in self._in_flight:
                 due = self._in_flight[batch.bundle][1]
                 due.difference_update(batch.ids)
+                if batch.returned:
+                    self._take_back(job, due, batch.returned)
                 if not due:
                     del self._in_flight[batch.bundle]
             if job is None or not fresh.ids:
@@ -242,6 +312,17 @@ class Dispatcher:
                 self._finish(job)
         self.pump()
 
+    def _take_back(self, job: Job | None, due: set[int], returned: list[int]) -> None:
+        """Queue again the tasks a bundle handed back, if that bundle still holds them."""
+        held = [i for i in returned if i in due]
+        due.difference_update(held)
+        if job is None or job.cancelling or not held:
+            return
+        if job.give_back(held):
+            if job in self._ready:
+                self._ready.remove(job)
+            self._ready.appendleft(job)  # the next free worker takes them
+
     def hold(self) -> None:
         """Submit no more bundles (shutting down with a store that keeps the rest)."""
         self._held = True
@@ -250,9 +331,7 @@ class Dispatcher:
         """Report every task not yet given to the backend as failed (shutting down)."""
         while self._ready:
             job = self._ready.popleft()
-            ids = [i for i in range(job.next_task, job.total) if not job.done[i]]
-            job.next_task, job.undispatched = job.total, 0
-            self.handle_results(_synthetic(job.id, None, ids, reason))
+            self.handle_results(_synthetic(job.id, None, job.unqueue(in_flight=False), reason))
 
     def fail_in_flight(self, reason: str) -> None:
         """Report every task the backend holds as failed (stopping without waiting)."""

@@ -8,8 +8,13 @@ results, and replacing any that die.  Data flow::
                                |    (one thread)       |
     <-- result batches --------+<-- results frames <---+  (and process sentinels)
 
-Each worker has its own duplex pipe and holds at most PREFETCH_BUNDLES bundles, so
-the backend always knows which tasks a worker holds.  ``receive`` waits on the
+Each worker has its own duplex pipe and holds at most PREFETCH_BUNDLES bundles (a
+second one only behind a short one), so the backend always knows which tasks a worker
+holds.  No worker idles while another holds tasks it has not started: when one has
+nothing and nothing is queued, the backend sends a ``hand_back`` frame to the worker
+holding the most unstarted tasks; it returns its queued bundle at once, or stops its
+running bundle after the current task, and reports the rest as ``returned``
+(tasks.run_bundle), which the dispatcher queues first.  ``receive`` waits on the
 pipes, the process sentinels and a wakeup pipe together (as concurrent.futures
 does), so a worker killed with SIGKILL is noticed at once rather than hanging the
 job.  A dead worker's tasks are re-queued; the one it was running (known from a
@@ -31,6 +36,7 @@ import signal
 import socket
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import protocol
@@ -54,11 +60,29 @@ log = logging.getLogger("cloudkon.local")
 # for the scheduler between bundles.  More would hurt balance at the end of a job.
 PREFETCH_BUNDLES = 2
 
+# ... but a next one only behind a bundle boxed to at most this long: behind a longer one
+# the wait for the scheduler is negligible, and a bundle queued behind it could have
+# gone to the next worker that frees up.
+PREFETCH_BEHIND_SECONDS = 0.25
+
 # Workers in a row that die before taking any work mean start-up itself is broken.
 MAX_STARTUP_DEATHS = 5
 
 _STOP = b""
 _NO_TASK = -1
+
+
+@dataclass
+class _Held:
+    """A bundle a worker holds, and how many of its tasks it has reported (in task order,
+    results and then those it returned)."""
+
+    bundle: Bundle
+    reported: int = 0
+
+    @property
+    def unreported(self) -> int:
+        return len(self.bundle.ids) - self.reported
 
 
 @dataclass
@@ -68,10 +92,22 @@ class _WorkerSlot:
     process: multiprocessing.Process
     conn: multiprocessing.connection.Connection
     progress: object  # RawArray('q', 2): [bundle number, task id] the worker is running
-    held: deque[Bundle] = field(default_factory=deque)
-    reported: int = 0  # results received for held[0]; a worker reports in task order
+    held: dict[int, _Held] = field(default_factory=dict)  # by bundle number, in the order handed out
+    asked: set[int] = field(default_factory=set)  # bundles it was asked to hand back
     took_work: bool = False
     dead: bool = False
+
+    def unstarted(self) -> int:
+        """Tasks it holds that it has not started (its first bundle's next task is running)."""
+        return sum(held.unreported for held in self.held.values()) - (1 if self.held else 0)
+
+    def takes_more(self) -> bool:
+        """Whether it may be handed another bundle now."""
+        if not self.held:
+            return True
+        return len(self.held) < PREFETCH_BUNDLES and all(
+            held.bundle.budget is not None and held.bundle.budget <= PREFETCH_BEHIND_SECONDS
+            for held in self.held.values())
 
 
 class LocalBackend(Backend):
@@ -116,6 +152,7 @@ class LocalBackend(Backend):
         results: list[ResultBatch] = []
         self._apply_cancels(results)
         self._hand_out()
+        self._steal_for_idle()
         by_fd = {slot.conn: slot for slot in self._slots}
         by_sentinel = {slot.process.sentinel: slot for slot in self._slots}
         ready = multiprocessing.connection.wait(
@@ -185,7 +222,7 @@ class LocalBackend(Backend):
             results += [failed_batch(job, bundle.bundle, bundle.ids, CANCELLED) for bundle in dropped]
             frame = protocol.encode_body({"type": "cancel", "job": job})
             for slot in self._slots:
-                if not slot.dead and any(b.job == job for b in slot.held):
+                if not slot.dead and any(held.bundle.job == job for held in slot.held.values()):
                     try:
                         slot.conn.send_bytes(frame)
                     except OSError:
@@ -194,17 +231,36 @@ class LocalBackend(Backend):
     def _hand_out(self) -> None:
         """Give queued bundles to the live workers holding the fewest."""
         while self._queue:
-            slot = min((s for s in self._slots if not s.dead), key=lambda s: len(s.held), default=None)
-            if slot is None or len(slot.held) >= PREFETCH_BUNDLES:
+            slot = min((s for s in self._slots if not s.dead and s.takes_more()),
+                       key=lambda s: len(s.held), default=None)
+            if slot is None:
                 return
             bundle = self._queue.popleft()
-            try:
-                slot.conn.send_bytes(protocol.encode_body(protocol.bundle_message(bundle)))
-            except OSError:
+            if not self._send(slot, protocol.bundle_message(bundle)):
                 self._queue.appendleft(bundle)
-                return  # the worker is dying; its sentinel will fire
-            slot.held.append(bundle)
+                return
+            slot.held[bundle.bundle] = _Held(bundle)
             slot.took_work = True
+
+    def _steal_for_idle(self) -> None:
+        """With a worker idle and nothing queued, ask the worker holding the most unstarted
+        tasks to hand back its last bundle (queued: all of it; running: what it has not started)."""
+        if self._queue or not any(not slot.held and not slot.dead for slot in self._slots):
+            return
+        victim = max((s for s in self._slots if not s.dead), key=_WorkerSlot.unstarted)
+        if victim.unstarted() <= 0:
+            return
+        number = next(reversed(victim.held))
+        if number not in victim.asked and self._send(victim, {"type": "hand_back", "bundle": number}):
+            victim.asked.add(number)
+
+    @staticmethod
+    def _send(slot: _WorkerSlot, message: dict) -> bool:
+        try:
+            slot.conn.send_bytes(protocol.encode_body(message))
+            return True
+        except OSError:
+            return False  # the worker is dying; its sentinel will fire
 
     def _read_results(self, slot: _WorkerSlot, results: list[ResultBatch]) -> None:
         try:
@@ -217,10 +273,13 @@ class LocalBackend(Backend):
 
     @staticmethod
     def _record(slot: _WorkerSlot, batch: ResultBatch) -> None:
-        slot.reported += len(batch)
-        if slot.held and slot.reported >= len(slot.held[0].ids):
-            slot.held.popleft()
-            slot.reported = 0
+        held = slot.held.get(batch.bundle)  # type: ignore[arg-type]
+        if held is None:
+            return
+        held.reported += len(batch) + len(batch.returned)
+        if held.unreported <= 0:
+            del slot.held[batch.bundle]  # type: ignore[arg-type]
+            slot.asked.discard(batch.bundle)  # type: ignore[arg-type]
 
     def _bury(self, slot: _WorkerSlot, results: list[ResultBatch]) -> None:
         """Re-queue (or fail) what a dead worker held, and start its replacement."""
@@ -231,9 +290,9 @@ class LocalBackend(Backend):
         reason = f"worker process {slot.process.pid} died (exit code {slot.process.exitcode})"
         slot.conn.close()
         running_bundle, running_task = slot.progress[0], slot.progress[1]  # type: ignore[index]
-        for position, bundle in enumerate(reversed(slot.held)):
-            first_left = slot.reported if position == len(slot.held) - 1 else 0
-            ids, commands = bundle.ids[first_left:], bundle.commands[first_left:]
+        for held in reversed(slot.held.values()):
+            bundle = held.bundle
+            ids, commands = bundle.ids[held.reported:], bundle.commands[held.reported:]
             if bundle.bundle == running_bundle and running_task in ids:
                 index = ids.index(running_task)
                 if self._died_running(bundle.job, running_task):
@@ -242,7 +301,8 @@ class LocalBackend(Backend):
                         f"{reason} while running this task, twice; not retried again"))
                     del ids[index], commands[index]
             if ids:
-                self._queue.appendleft(Bundle(bundle.job, bundle.bundle, ids, commands, bundle.timeout))
+                self._queue.appendleft(Bundle(bundle.job, bundle.bundle, ids, commands, bundle.timeout,
+                                              bundle.budget))
         log.warning("%s holding %d bundle(s); re-queued its tasks", reason, len(slot.held))
         self._startup_deaths = 0 if slot.took_work else self._startup_deaths + 1
         if self._closed:
@@ -261,32 +321,80 @@ class LocalBackend(Backend):
         return False
 
 
+class _Inbox:
+    """The bundles a worker process holds but has not started, in order.
+
+    The scheduler may ask for one back (``hand_back``): a queued bundle is withdrawn
+    whole; the running one gets its number in ``asked``, which run_bundle looks at.
+    Both happen under one lock with ``take``, so a request is never lost between the
+    two (``asked`` only ever holds the number of the bundle running, or stale ones that
+    ``take`` clears).
+    """
+
+    def __init__(self) -> None:
+        self._bundles: deque[Bundle | None] = deque()
+        self._lock = threading.Condition()
+        self.asked: set[int] = set()
+
+    def put(self, bundle: Bundle | None) -> None:
+        with self._lock:
+            self._bundles.append(bundle)
+            self._lock.notify()
+
+    def take(self) -> Bundle | None:
+        with self._lock:
+            while not self._bundles:
+                self._lock.wait()
+            self.asked.clear()
+            return self._bundles.popleft()
+
+    def hand_back(self, number: int) -> Bundle | None:
+        """The queued bundle ``number``, taken out; or None, and the running one is asked."""
+        with self._lock:
+            for bundle in self._bundles:
+                if bundle is not None and bundle.bundle == number:
+                    self._bundles.remove(bundle)
+                    return bundle
+            self.asked.add(number)
+            return None
+
+
 def _worker_main(conn: multiprocessing.connection.Connection, progress: object,
                  output_cap: int) -> None:
     """A worker process: run bundles from ``conn`` and send back their results.
 
-    A reader thread drains the pipe into a local queue, so the backend's sends never
-    wait for a bundle to finish (and the two sides cannot deadlock on full pipes).
+    A reader thread drains the pipe into an inbox, so the backend's sends never wait
+    for a bundle to finish (and the two sides cannot deadlock on full pipes); it also
+    answers hand-back requests for bundles not started, so both threads send.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the scheduler's to handle
     signal.signal(signal.SIGTERM, _stop_now)
     reduce_timer_slack()
-    inbox: queue.SimpleQueue[Bundle | None] = queue.SimpleQueue()
+    inbox = _Inbox()
     cancellations = Cancellations()
-    threading.Thread(target=_read_bundles, args=(conn, inbox, cancellations), daemon=True).start()
+    worker = f"{socket.gethostname()}:{os.getpid()}"  # where each result ran, as the user sees it
+    sending = threading.Lock()
+
+    def send(batch: ResultBatch) -> None:
+        batch.worker = worker
+        frame = protocol.encode_body(protocol.results_message(batch))
+        with sending:
+            conn.send_bytes(frame)
+
+    threading.Thread(target=_read_bundles, args=(conn, inbox, cancellations, send), daemon=True).start()
 
     def mark_running(task_id: int) -> None:
         progress[1] = task_id  # type: ignore[index]
 
-    while (bundle := inbox.get()) is not None:
+    while (bundle := inbox.take()) is not None:
         progress[0] = bundle.bundle  # type: ignore[index]
-        for batch in run_bundle(bundle, output_cap, mark_running, cancellations):
-            conn.send_bytes(protocol.encode_body(protocol.results_message(batch)))
+        for batch in run_bundle(bundle, output_cap, mark_running, cancellations, inbox.asked):
+            send(batch)
         progress[1] = _NO_TASK  # type: ignore[index]
 
 
-def _read_bundles(conn: multiprocessing.connection.Connection,
-                  inbox: queue.SimpleQueue[Bundle | None], cancellations: Cancellations) -> None:
+def _read_bundles(conn: multiprocessing.connection.Connection, inbox: _Inbox,
+                  cancellations: Cancellations, send: Callable[[ResultBatch], None]) -> None:
     while True:
         try:
             data = conn.recv_bytes()
@@ -298,6 +406,10 @@ def _read_bundles(conn: multiprocessing.connection.Connection,
         message = protocol.decode(data)
         if message["type"] == "cancel":
             cancellations.cancel(message["job"])
+        elif message["type"] == "hand_back":
+            withdrawn = inbox.hand_back(message["bundle"])
+            if withdrawn is not None:
+                send(ResultBatch(withdrawn.job, withdrawn.bundle, returned=list(withdrawn.ids)))
         else:
             inbox.put(protocol.bundle_from_message(message))
 

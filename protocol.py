@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import socket
 import struct
 from collections.abc import Iterator
@@ -41,6 +42,9 @@ HEADER_BYTES = _HEADER.size
 
 _RESULT_COLUMNS = ("ids", "exit_codes", "outputs", "elapsed_us", "errors")
 
+# Longest ``worker`` name a results message may carry (host:pid, or a remote worker's identity).
+MAX_WORKER_NAME = 256
+
 # Required fields of each message type and their JSON types.
 _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "hello": {"version": int},
@@ -62,6 +66,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "ready": {"job": str, "nonce": str},
     "error": {"code": str, "message": str},
     "bundle": {"job": str, "bundle": int, "ids": list, "commands": list},
+    "hand_back": {"bundle": int},
 }
 
 
@@ -127,16 +132,24 @@ def raise_if_error(message: dict[str, Any], expected: str) -> dict[str, Any]:
 
 def bundle_message(bundle: Bundle) -> dict[str, Any]:
     return {"type": "bundle", "job": bundle.job, "bundle": bundle.bundle, "ids": bundle.ids,
-            "commands": bundle.commands, "timeout": bundle.timeout}
+            "commands": bundle.commands, "timeout": bundle.timeout, "budget": bundle.budget}
 
 
 def bundle_from_message(message: dict[str, Any]) -> Bundle:
-    ids, commands, timeout = message["ids"], message["commands"], message.get("timeout")
+    ids, commands = message["ids"], message["commands"]
     if len(ids) != len(commands) or not all(isinstance(c, str) for c in commands):
         raise MalformedMessage("bundle: 'commands' must be strings, one per id")
-    if timeout is not None and not isinstance(timeout, (int, float)):
-        raise MalformedMessage("bundle: 'timeout' must be a number or null")
-    return Bundle(message["job"], message["bundle"], ids, commands, timeout)
+    return Bundle(message["job"], message["bundle"], ids, commands,
+                  _seconds(message, "timeout"), _seconds(message, "budget"))
+
+
+def _seconds(message: dict[str, Any], name: str) -> float | None:
+    """An optional field holding a finite, non-negative number of seconds (or null)."""
+    value = message.get(name)
+    if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                              or not math.isfinite(value) or value < 0):
+        raise MalformedMessage(f"{message['type']}: {name!r} must be a non-negative number or null")
+    return value
 
 
 def task_messages(job: str, tasks: list[str]) -> Iterator[dict[str, Any]]:
@@ -159,6 +172,10 @@ def results_message(batch: ResultBatch) -> dict[str, Any]:
         message["bundle"] = batch.bundle
     if batch.artifacts is not None:
         message["artifacts"] = batch.artifacts
+    if batch.worker is not None:
+        message["worker"] = batch.worker
+    if batch.returned:  # only when some: results by the million go without it
+        message["returned"] = batch.returned
     return message
 
 
@@ -175,7 +192,15 @@ def results_from_message(message: dict[str, Any]) -> ResultBatch:
     if artifacts is not None and (not isinstance(artifacts, list) or len(artifacts) != len(columns[0])
                                   or not all(a is None or isinstance(a, dict) for a in artifacts)):
         raise MalformedMessage("results: 'artifacts' must be a list of objects or nulls, one per id")
-    return ResultBatch(message["job"], bundle, *columns, artifacts)
+    worker = message.get("worker")
+    if worker is not None and (not isinstance(worker, str) or len(worker) > MAX_WORKER_NAME):
+        raise MalformedMessage(f"results: 'worker' must be a string of at most {MAX_WORKER_NAME} characters")
+    returned = message.get("returned")
+    if returned is None:
+        returned = []
+    elif not isinstance(returned, list) or not all(type(i) is int and i >= 0 for i in returned):
+        raise MalformedMessage("results: 'returned' must be a list of non-negative task ids")
+    return ResultBatch(message["job"], bundle, *columns, artifacts, worker, returned)
 
 
 # --- reading and writing frames -------------------------------------------------

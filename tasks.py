@@ -25,6 +25,7 @@ and a long ``sleep N`` wakes up early.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import select
 import signal
@@ -77,6 +78,8 @@ class Bundle:
     """Tasks of one job sent to a worker together.
 
     ``bundle`` numbers the bundle within the scheduler, so results can be matched to it.
+    ``budget`` is its time box: once the bundle has run this many seconds, the worker
+    starts no more of its tasks and hands the rest back (None: run them all).
     """
 
     job: str
@@ -84,6 +87,7 @@ class Bundle:
     ids: list[int]
     commands: list[str]
     timeout: float | None = None
+    budget: float | None = None
 
 
 @dataclass
@@ -93,7 +97,10 @@ class ResultBatch:
     Task ``ids[i]`` ended with ``exit_codes[i]`` after ``elapsed_us[i]`` microseconds,
     printed ``outputs[i]``; ``errors[i]`` is the framework's reason when no process ran
     to completion, else None.  ``artifacts`` (None unless some task has one) says where a
-    job description's output sandbox went (sandbox.py).
+    job description's output sandbox went (sandbox.py).  ``worker`` names where the
+    batch ran (host:pid, or a remote worker's identity); ``returned`` lists tasks of the
+    bundle handed back unstarted (its time box ran out, or the scheduler asked for them):
+    they have no result here and are to be run again elsewhere.
     """
 
     job: str
@@ -104,6 +111,8 @@ class ResultBatch:
     elapsed_us: list[int] = field(default_factory=list)
     errors: list[str | None] = field(default_factory=list)
     artifacts: list[dict[str, Any] | None] | None = None
+    worker: str | None = None
+    returned: list[int] = field(default_factory=list)
 
     def add(self, task_id: int, exit_code: int | None, output: str, elapsed_us: int,
             error: str | None, artifact: dict[str, Any] | None = None) -> None:
@@ -127,6 +136,7 @@ class ResultBatch:
             [self.elapsed_us[p] for p in positions],
             [self.errors[p] for p in positions],
             None if self.artifacts is None else [self.artifacts[p] for p in positions],
+            self.worker,
         )
 
     def failed_count(self) -> int:
@@ -293,7 +303,8 @@ def _sleep(ms: int, timeout: float | None,
 
 def run_bundle(bundle: Bundle, output_cap: int = OUTPUT_CAP_BYTES,
                on_task_start: Callable[[int], None] | None = None,
-               cancellations: Cancellations | None = None) -> Iterator[ResultBatch]:
+               cancellations: Cancellations | None = None,
+               hand_backs: set[int] | None = None) -> Iterator[ResultBatch]:
     """Run a bundle's tasks in order, yielding their results in batches.
 
     A batch is yielded every RESULT_FLUSH_SECONDS, or once it holds
@@ -301,30 +312,43 @@ def run_bundle(bundle: Bundle, output_cap: int = OUTPUT_CAP_BYTES,
     is called before each task (the local backend uses it to know which task a
     worker that died was running).  Once the bundle's job is in ``cancellations``,
     the running task stops and the rest report CANCELLED without running.
+
+    The bundle is a time-boxed lease: once it has run ``bundle.budget`` seconds, or its
+    number is in ``hand_backs`` (another thread may add it: the scheduler wants its
+    tasks for an idle worker), no more of its tasks start, and the last batch lists the
+    unstarted rest in ``returned``.  Both are looked at before the first task and after
+    each flush, or each task once the box has run out: a task that started is never
+    handed back, and the first task of a box always runs.
     """
     if cancellations is None:
-        yield from _run_bundle(bundle, output_cap, on_task_start, None)
+        yield from _run_bundle(bundle, output_cap, on_task_start, None, hand_backs)
         return
     with cancellations.running(bundle.job) as cancelled:
-        yield from _run_bundle(bundle, output_cap, on_task_start, cancelled)
+        yield from _run_bundle(bundle, output_cap, on_task_start, cancelled, hand_backs)
 
 
 def _run_bundle(bundle: Bundle, output_cap: int, on_task_start: Callable[[int], None] | None,
-                cancelled: threading.Event | None) -> Iterator[ResultBatch]:
-    # A hot loop (a million `sleep 0` tasks): names bound once, the common case first.
+                cancelled: threading.Event | None, hand_backs: set[int] | None) -> Iterator[ResultBatch]:
+    # A hot loop (a million `sleep 0` tasks): names bound once, the common case first, and
+    # one clock reading per task, against the next time anything is to be looked at.
     batch = ResultBatch(bundle.job, bundle.bundle)
     output_bytes = 0
-    flush_at = time.monotonic() + RESULT_FLUSH_SECONDS
+    now = time.monotonic()
+    flush_at = now + RESULT_FLUSH_SECONDS
+    box_ends = math.inf if bundle.budget is None else now + bundle.budget
+    look_at = min(flush_at, box_ends)
     timeout = bundle.timeout
-    # The job's cancel is looked at first and after each flush (every 50 ms at most): a task
-    # started in between ends at once anyway (its process group killed, or its sleep woken).
-    look = cancelled is not None
-    for position, (task_id, command) in enumerate(zip(bundle.ids, bundle.commands, strict=True)):
+    ids = bundle.ids
+    look = True
+    for position, (task_id, command) in enumerate(zip(ids, bundle.commands, strict=True)):
         if look:
             look = False
-            if cancelled.is_set():  # type: ignore[union-attr]
-                for skipped in bundle.ids[position:]:
+            if cancelled is not None and cancelled.is_set():
+                for skipped in ids[position:]:
                     batch.add(skipped, None, "", 0, CANCELLED)
+                break
+            if (position and now >= box_ends) or (hand_backs and bundle.bundle in hand_backs):
+                batch.returned = ids[position:]
                 break
         if on_task_start is not None:
             on_task_start(task_id)
@@ -336,13 +360,17 @@ def _run_bundle(bundle: Bundle, output_cap: int, on_task_start: Callable[[int], 
             exit_code, output, elapsed_us, error, artifact = run_job(command, timeout, output_cap, cancelled)
             batch.add(task_id, exit_code, output, elapsed_us, error, artifact)
         output_bytes += len(output)
-        if output_bytes >= RESULT_FLUSH_OUTPUT_BYTES or time.monotonic() >= flush_at:
-            yield batch
-            batch = ResultBatch(bundle.job, bundle.bundle)
-            output_bytes = 0
-            flush_at = time.monotonic() + RESULT_FLUSH_SECONDS
-            look = cancelled is not None
-    if batch.ids:
+        now = time.monotonic()
+        if now >= look_at or output_bytes >= RESULT_FLUSH_OUTPUT_BYTES:
+            look = True
+            if now >= flush_at or output_bytes >= RESULT_FLUSH_OUTPUT_BYTES:
+                yield batch
+                batch = ResultBatch(bundle.job, bundle.bundle)
+                output_bytes = 0
+                now = time.monotonic()
+                flush_at = now + RESULT_FLUSH_SECONDS
+            look_at = min(flush_at, box_ends)
+    if batch.ids or batch.returned:
         yield batch
 
 

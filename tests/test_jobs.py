@@ -1,6 +1,11 @@
 """Job bookkeeping: exactly one result per task, whatever a backend delivers twice."""
 
-from backend import MAX_BUNDLE_TASKS, Backend, bundle_size
+import math
+
+import pytest
+
+from backend import MAX_BUNDLE_TASKS, Backend, plan_bundle
+from estimates import TASK_OVERHEAD_SECONDS, JobTimes, TaskTimes
 from jobs import Dispatcher, Job
 from tasks import CANCELLED, Bundle, ResultBatch
 
@@ -21,12 +26,34 @@ def test_second_result_for_a_task_is_ignored():
     assert [i for batch in job.results for i in batch.ids] == [0, 1, 2]
 
 
-def test_bundle_size_rule():
-    assert bundle_size(None, 1000, 8, 0.02) == 1  # nothing known yet: tasks may be long
-    assert bundle_size(1.0, 10**6, 8, 0.02) == MAX_BUNDLE_TASKS  # instant tasks: as many as allowed
-    assert bundle_size(10_000, 10**6, 8, 0.02) == 2  # 10 ms tasks: 20 ms worth
-    assert bundle_size(1_000, 40, 16, 0.02) == 3  # near the end: an even share of what is left
-    assert bundle_size(1_000, 5, 16, 0.02) == 2  # but not under an eighth of the target
+def test_bundle_rule_cuts_by_estimated_time():
+    inf = math.inf
+    assert plan_bundle([inf] * 5, 0.02, 100) == (1, None)  # nothing known: alone, with no time box
+    assert plan_bundle([1e-6] * MAX_BUNDLE_TASKS, 0.02, 10**6)[0] == MAX_BUNDLE_TASKS
+    assert plan_bundle([0.01] * 100, 0.02, 10**6) == (2, 0.04)  # 10 ms tasks: 20 ms worth, boxed at 2x
+    assert plan_bundle([0.001] * 100, 0.02, 3) == (3, 0.04)  # near the end: an even share of what is left
+    assert plan_bundle([0.001] * 100, 0.02, 1)[0] == 2  # but not under an eighth of the target
+    assert plan_bundle([0.001, 10.0, 0.001], 0.02, 100) == (1, 0.04)  # a long task is not bundled behind
+    assert plan_bundle([10.0, 0.001], 0.02, 100) == (1, 20.0)  # a long task goes alone, boxed at 2x
+
+
+def test_estimates_come_from_the_task_then_what_was_seen_then_the_job():
+    times = TaskTimes()
+    job = JobTimes(times)
+    assert job.estimates(["sleep 250", "./sim 1"]) == [0.25 + TASK_OVERHEAD_SECONDS, math.inf]
+    job.learn(["./sim 1", "./sim 2", "other"], ResultBatch("j", 0, [0, 2], [0, 0], ["", ""],
+                                                          [2_000_000, 30_000], [None, None]))
+    assert job.estimates(["./sim 1", "./sim 9"]) == [2.0, 2.0]  # the command, then its program
+    fresh = JobTimes(times)
+    assert fresh.estimates(["unseen"]) == [math.inf]  # another job knows nothing of its own yet
+    assert job.estimates(["unseen"]) == [2.0]  # this job: the high percentile of its results
+    # A program whose runs vary is taken for its long ones, not its mean.
+    for seconds in (0.01, 0.01, 0.01):
+        times.learn("./sim 3", seconds)
+    assert times.known("./sim 4") > 1.0
+    # Tasks that never ran teach nothing.
+    job.learn(["late"], ResultBatch("j", None, [0], [None], [""], [0], [CANCELLED]))
+    assert times.known("late") is None
 
 
 class RecordingBackend(Backend):
@@ -104,3 +131,45 @@ def test_cancel_gives_every_task_without_a_result_one_cancelled_result():
     assert len(delivered[doomed.id]) == 7
     assert other.finished and other.counts()["succeeded"] == 2 and dispatcher.idle
     assert {bundle.job for bundle in backend.submitted[submitted_before:]} == {other.id}
+
+
+def test_handed_back_tasks_run_next_and_only_the_bundle_holding_them_hands_them_back():
+    backend = RecordingBackend()
+    delivered: list[int] = []
+    dispatcher = Dispatcher(backend, lambda job, batch: delivered.extend(batch.ids), lambda job: None)
+    job = dispatcher.open_job()
+    dispatcher.add_tasks(job, ["sleep 1"] * 100)  # 1 ms each, known: bundles of 20 ms
+    dispatcher.close_job(job)
+    first, second = backend.submitted
+    assert (first.ids, second.ids) == (list(range(20)), list(range(20, 40)))
+    assert first.budget == pytest.approx(0.04, rel=0.01)
+    # The first bundle runs 5 tasks and hands back the rest: they go out next, before task 40.
+    handed_back = _ok(job.id, first.bundle, first.ids[:5])
+    handed_back.returned = first.ids[5:]
+    dispatcher.handle_results([handed_back])
+    third = backend.submitted[2]
+    assert third.ids == list(range(5, 20)) and job.undispatched == 60
+    assert first.bundle not in dispatcher._in_flight
+    # A duplicate of the first bundle (a redelivery) hands the same tasks back again: ignored.
+    dispatcher.handle_results([handed_back])
+    assert len(backend.submitted) == 3 and job.undispatched == 60
+    # The rest of the job completes with exactly one result per task.
+    while len(delivered) < 100:
+        bundle = next(b for b in backend.submitted if b.bundle in dispatcher._in_flight)
+        dispatcher.handle_results([_ok(job.id, bundle.bundle, bundle.ids)])
+    assert sorted(delivered) == list(range(100)) and job.finished and dispatcher.idle
+
+
+def test_a_handed_back_task_given_a_result_meanwhile_is_not_run_again():
+    backend = RecordingBackend()
+    dispatcher = Dispatcher(backend, lambda job, batch: None, lambda job: None)
+    job = dispatcher.open_job()
+    dispatcher.add_tasks(job, ["sleep 1"] * 60)
+    dispatcher.close_job(job)
+    first = backend.submitted[0]
+    handed_back = ResultBatch(job.id, first.bundle, returned=list(first.ids))
+    dispatcher.handle_results([_ok(job.id, 99, [0, 1])])  # results of an earlier start, say
+    dispatcher.handle_results([handed_back])
+    # 2..19 went out again at once (the first bundle's place was free), 20..39 are out, 40..59 queued.
+    assert backend.submitted[2].ids == list(range(2, 20))
+    assert job.undispatched == 20 and job.counts()["running"] == 38
