@@ -35,6 +35,7 @@ import queue
 import signal
 import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -94,6 +95,7 @@ class _WorkerSlot:
     progress: object  # RawArray('q', 2): [bundle number, task id] the worker is running
     held: dict[int, _Held] = field(default_factory=dict)  # by bundle number, in the order handed out
     asked: set[int] = field(default_factory=set)  # bundles it was asked to hand back
+    idle_since: float = 0.0  # when it last ran out of bundles (the longest idle is served first)
     took_work: bool = False
     dead: bool = False
 
@@ -232,7 +234,7 @@ class LocalBackend(Backend):
         """Give queued bundles to the live workers holding the fewest."""
         while self._queue:
             slot = min((s for s in self._slots if not s.dead and s.takes_more()),
-                       key=lambda s: len(s.held), default=None)
+                       key=lambda s: (len(s.held), s.idle_since), default=None)
             if slot is None:
                 return
             bundle = self._queue.popleft()
@@ -280,6 +282,8 @@ class LocalBackend(Backend):
         if held.unreported <= 0:
             del slot.held[batch.bundle]  # type: ignore[arg-type]
             slot.asked.discard(batch.bundle)  # type: ignore[arg-type]
+            if not slot.held:
+                slot.idle_since = time.monotonic()
 
     def _bury(self, slot: _WorkerSlot, results: list[ResultBatch]) -> None:
         """Re-queue (or fail) what a dead worker held, and start its replacement."""
@@ -324,16 +328,18 @@ class LocalBackend(Backend):
 class _Inbox:
     """The bundles a worker process holds but has not started, in order.
 
-    The scheduler may ask for one back (``hand_back``): a queued bundle is withdrawn
-    whole; the running one gets its number in ``asked``, which run_bundle looks at.
-    Both happen under one lock with ``take``, so a request is never lost between the
-    two (``asked`` only ever holds the number of the bundle running, or stale ones that
-    ``take`` clears).
+    The scheduler may ask for one back (``hand_back``): a bundle queued behind a running
+    one is withdrawn whole; any other gets its number in ``asked``, which run_bundle looks
+    at after its first task (so every request lets at least one task run: a bundle cannot
+    bounce between workers unstarted).  Requests and ``take`` share one lock, so none is
+    lost between the two (``asked`` only ever holds the numbers of the bundle running and
+    the next, or stale ones that ``take`` clears).
     """
 
     def __init__(self) -> None:
         self._bundles: deque[Bundle | None] = deque()
         self._lock = threading.Condition()
+        self._running = False
         self.asked: set[int] = set()
 
     def put(self, bundle: Bundle | None) -> None:
@@ -345,15 +351,21 @@ class _Inbox:
         with self._lock:
             while not self._bundles:
                 self._lock.wait()
-            self.asked.clear()
-            return self._bundles.popleft()
+            bundle = self._bundles.popleft()
+            self.asked.intersection_update(() if bundle is None else (bundle.bundle,))
+            self._running = True
+            return bundle
+
+    def finished(self) -> None:
+        with self._lock:
+            self._running = False
 
     def hand_back(self, number: int) -> Bundle | None:
-        """The queued bundle ``number``, taken out; or None, and the running one is asked."""
+        """The bundle ``number`` if it waits behind another, taken out; else None, and it is asked."""
         with self._lock:
-            for bundle in self._bundles:
-                if bundle is not None and bundle.bundle == number:
-                    self._bundles.remove(bundle)
+            for position, bundle in enumerate(self._bundles):
+                if bundle is not None and bundle.bundle == number and (self._running or position):
+                    del self._bundles[position]
                     return bundle
             self.asked.add(number)
             return None
@@ -391,6 +403,7 @@ def _worker_main(conn: multiprocessing.connection.Connection, progress: object,
         for batch in run_bundle(bundle, output_cap, mark_running, cancellations, inbox.asked):
             send(batch)
         progress[1] = _NO_TASK  # type: ignore[index]
+        inbox.finished()
 
 
 def _read_bundles(conn: multiprocessing.connection.Connection, inbox: _Inbox,

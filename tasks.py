@@ -316,9 +316,9 @@ def run_bundle(bundle: Bundle, output_cap: int = OUTPUT_CAP_BYTES,
     The bundle is a time-boxed lease: once it has run ``bundle.budget`` seconds, or its
     number is in ``hand_backs`` (another thread may add it: the scheduler wants its
     tasks for an idle worker), no more of its tasks start, and the last batch lists the
-    unstarted rest in ``returned``.  Both are looked at before the first task and after
-    each flush, or each task once the box has run out: a task that started is never
-    handed back, and the first task of a box always runs.
+    unstarted rest in ``returned``.  Both are looked at after each flush, or each task
+    once the box has run out: a task that started is never handed back, and the first
+    task of a bundle always runs (so that each hand-back makes progress).
     """
     if cancellations is None:
         yield from _run_bundle(bundle, output_cap, on_task_start, None, hand_backs)
@@ -347,7 +347,7 @@ def _run_bundle(bundle: Bundle, output_cap: int, on_task_start: Callable[[int], 
                 for skipped in ids[position:]:
                     batch.add(skipped, None, "", 0, CANCELLED)
                 break
-            if (position and now >= box_ends) or (hand_backs and bundle.bundle in hand_backs):
+            if position and (now >= box_ends or (hand_backs and bundle.bundle in hand_backs)):
                 batch.returned = ids[position:]
                 break
         if on_task_start is not None:

@@ -98,3 +98,17 @@ def test_run_bundle_reports_every_task_in_order_and_marks_starts():
     ids = [i for b in batches for i in b.ids]
     codes = [c for b in batches for c in b.exit_codes]
     assert ids == [10, 11, 12] and codes == [0, 1, 0]
+
+
+def test_a_bundle_past_its_time_box_hands_back_the_tasks_it_did_not_start():
+    bundle = Bundle("j", 3, [0, 1, 2], ["sleep 120", "sleep 0", "sleep 0"], budget=0.05)
+    batches = list(run_bundle(bundle))
+    assert [i for batch in batches for i in batch.ids] == [0]  # the first task of a box always runs
+    assert batches[-1].returned == [1, 2] and batches[-1].bundle == 3
+
+
+def test_a_bundle_asked_back_runs_its_first_task_and_returns_the_rest():
+    bundle = Bundle("j", 4, [5, 6, 7], ["sleep 60", "sleep 0", "sleep 0"])  # looked at after a flush
+    batches = list(run_bundle(bundle, hand_backs={4}))
+    assert [i for batch in batches for i in batch.ids] == [5] and batches[-1].returned == [6, 7]
+    assert [i for batch in run_bundle(bundle, hand_backs={9}) for i in batch.ids] == [5, 6, 7]
