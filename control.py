@@ -12,6 +12,11 @@ held).  SNS is fast but not durable for a worker that is not subscribed yet or l
 its queue, so a cancel is first written to the claim table under the job's id; a
 worker reads that mark before it runs a bundle and again while it runs one.
 
+The subscriptions also tell a scheduler who is there: each worker records its thread
+count in the claim table under ``slots:<its control queue>``, and ``ControlTopic.slots``
+adds up those of the workers subscribed (one listing, one batch read per 100 workers),
+so that bundles are sized and kept in flight for the workers that are there.
+
 AWS behaviour relied on: CreateTopic with an existing name returns that topic; an SQS
 queue accepts SNS deliveries only if its policy allows the topic; with
 RawMessageDelivery the message arrives as published.
@@ -40,6 +45,11 @@ CANCEL_RETENTION_SECONDS = 4 * 24 * 3600
 # whose queue still holds it after this long is gone without cleaning up.
 UNTAKEN_SECONDS = 10.0
 _CANCELLED = "cancelled"
+_SLOTS_KEY = "slots:"
+# A subscribed worker that recorded no thread count (yet) is taken to run worker.py's default.
+UNKNOWN_WORKER_SLOTS = 4
+# DynamoDB's limit of keys per BatchGetItem.
+_BATCH_GET_KEYS = 100
 
 
 def queue_name(identity: str) -> str:
@@ -74,6 +84,14 @@ def cancelled_jobs(dynamodb: Any, claim_table: str, jobs: set[str]) -> set[str]:
     return found
 
 
+def record_slots(dynamodb: Any, claim_table: str, identity: str, threads: int) -> None:
+    """Record that the worker ``identity`` runs ``threads`` bundles at once (for ControlTopic.slots)."""
+    with aws.aws_errors("recording the worker's thread count"):
+        dynamodb.put_item(TableName=claim_table, Item={
+            "claim": {"S": _SLOTS_KEY + queue_name(identity)}, "threads": {"N": str(threads)},
+            "expires_at": {"N": str(int(time.time() + CANCEL_RETENTION_SECONDS))}})
+
+
 class ControlTopic:
     """The scheduler's side: publish control messages to every subscribed worker."""
 
@@ -98,6 +116,19 @@ class ControlTopic:
         with aws.aws_errors(f"listing the subscriptions of {self.name}"):
             pages = self.sns.get_paginator("list_subscriptions_by_topic").paginate(TopicArn=self.arn)
             return [sub for page in pages for sub in page["Subscriptions"]]
+
+    def slots(self, dynamodb: Any, claim_table: str) -> int:
+        """Bundles the workers subscribed now run at once: the sum of their thread counts."""
+        names = [_queue_of(sub) for sub in self.subscribers()
+                 if sub["Protocol"] == "sqs" and CONTROL_QUEUE_PREFIX in sub["Endpoint"]]
+        threads: dict[str, int] = {}
+        for start in range(0, len(names), _BATCH_GET_KEYS):
+            keys = [{"claim": {"S": _SLOTS_KEY + name}} for name in names[start:start + _BATCH_GET_KEYS]]
+            with aws.aws_errors("reading the workers' thread counts"):
+                found = dynamodb.batch_get_item(RequestItems={claim_table: {"Keys": keys}})
+            for item in found.get("Responses", {}).get(claim_table, []):
+                threads[item["claim"]["S"].removeprefix(_SLOTS_KEY)] = int(item["threads"]["N"])
+        return sum(threads.get(name, UNKNOWN_WORKER_SLOTS) for name in names)
 
     def prune(self) -> int:
         """Unsubscribe the queues that no longer exist (workers killed before they cleaned up)."""

@@ -26,7 +26,10 @@ def add_remote_arguments(parser: argparse.ArgumentParser) -> None:
     remote.add_argument("--table",
                         help="DynamoDB claim table (default: cloudkon-claims)")
     remote.add_argument("--in-flight", type=int, metavar="N",
-                        help="bundles kept queued or running on the workers (default: 32)")
+                        help="bundles kept queued or running on the workers, and the slots a job's last "
+                             "bundles are spread over (default: the thread counts of the workers "
+                             "subscribed to the control topic, added up; with --provision, "
+                             "--max-workers x --worker-threads)")
     remote.add_argument("--visibility-timeout", type=int, metavar="SECONDS",
                         help="visibility timeout of queues this scheduler creates (default: 60)")
     remote.add_argument("--bucket",

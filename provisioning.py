@@ -103,9 +103,10 @@ class Fleet:
         log.info("fleet %s: adopted %d running instance(s)", settings.fleet, len(adopted))
 
     def scale(self, pending_bundles: int) -> None:
-        """One scaling step: retire dead instances, then launch while workers < pending bundles."""
+        """One scaling step: retire dead instances, then launch while the workers' threads are
+        fewer than the pending bundles."""
         live = self.live_instances()
-        want = min(self.max_workers, pending_bundles)
+        want = min(self.max_workers, -(-pending_bundles // max(self.settings.threads, 1)))
         launch = max(0, want - len(live)) if self.launch_options else 0
         if launch:
             self._launch(launch)

@@ -652,8 +652,11 @@ def create_backend(args: argparse.Namespace) -> Backend:
         response_queue = args.response_queue
         if response_queue is None and args.state and not args.no_state:
             response_queue = f"{RESPONSE_QUEUE_PREFIX}{args.state}"  # a restart finds results sent meanwhile
+        in_flight = args.in_flight
+        if in_flight is None and args.provision:  # the fleet grows to what its bundles keep busy
+            in_flight = args.max_workers * args.worker_threads
         options = {"request_queue": args.request_queue, "response_queue": response_queue,
-                   "claim_table": args.table, "in_flight": args.in_flight,
+                   "claim_table": args.table, "in_flight": in_flight,
                    "visibility_timeout": args.visibility_timeout, "control_topic": args.control_topic}
         backend = SQSBackend(**{name: value for name, value in options.items() if value is not None})
         try:

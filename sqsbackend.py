@@ -18,10 +18,13 @@ reads it before running a bundle), then tells the workers over the control topic
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import queue
 import secrets
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -35,7 +38,12 @@ from tasks import Bundle, ResultBatch, failed_batch
 
 log = logging.getLogger("cloudkon.sqs")
 
-DEFAULT_IN_FLIGHT = 32
+# Slots assumed while no worker is subscribed to the control topic (bundles wait in the
+# queue for workers still starting).
+SLOTS_WITHOUT_WORKERS = 8
+# How often the workers that are there are counted again (one listing, one batch read);
+# every second while none is there.
+SLOTS_REFRESH_SECONDS = 30.0
 _TRIMMED = "\n[cloudkon: output trimmed to fit an SQS message]"
 
 
@@ -72,8 +80,8 @@ def request_bodies(bundle: Bundle, reply_to: str,
     half = len(bundle.ids) // 2
     bodies, too_large = [], []
     for part in (slice(0, half), slice(half, None)):
-        more, rejected = request_bodies(Bundle(bundle.job, bundle.bundle, bundle.ids[part],
-                                               bundle.commands[part], bundle.timeout), reply_to, limit)
+        more, rejected = request_bodies(dataclasses.replace(bundle, ids=bundle.ids[part],
+                                                            commands=bundle.commands[part]), reply_to, limit)
         bodies += more
         too_large += rejected
     return bodies, too_large
@@ -89,28 +97,37 @@ def response_bodies(batch: ResultBatch, limit: int = MAX_SQS_MESSAGE_BYTES) -> l
         output = batch.outputs[0]
         size = len(protocol.encode_body(protocol.results_message(batch)))
         keep = max(0, len(output) * limit // size - len(_TRIMMED) - 1024)
-        return response_bodies(ResultBatch(batch.job, batch.bundle, batch.ids, batch.exit_codes,
-                                           [output[:keep] + _TRIMMED], batch.elapsed_us, batch.errors,
-                                           batch.artifacts), limit)
+        return response_bodies(dataclasses.replace(batch, outputs=[output[:keep] + _TRIMMED]), limit)
     half = len(batch.ids) // 2
-    return (response_bodies(batch.select(list(range(half))), limit)
-            + response_bodies(batch.select(list(range(half, len(batch.ids)))), limit))
+    first, rest = batch.select(list(range(half))), batch.select(list(range(half, len(batch.ids))))
+    first.returned = batch.returned  # select keeps the worker; the tasks handed back go with one part
+    return response_bodies(first, limit) + response_bodies(rest, limit)
 
 
 class SQSBackend(Backend):
-    """Queues bundles on SQS for remote workers and collects their results."""
+    """Queues bundles on SQS for remote workers and collects their results.
+
+    Keeps one bundle in flight per slot (a worker thread), and sizes a job's last bundles
+    to spread over every slot: the slots are ``in_flight`` if given (``--in-flight``, or a
+    fleet's full size), else those of the workers subscribed to the control topic now.
+    """
 
     name = "sqs"
-    # A bundle costs about four API calls and tens of milliseconds on SQS.
-    target_bundle_seconds = 1.0
+    # A bundle costs about five API calls (send, receive, claim, cancel check, result,
+    # done, delete: some batched) and tens of milliseconds: 5 s of work keeps that near 1%
+    # of the time and at 0.01 calls per task for 10 ms tasks.  Jobs behind a big one wait
+    # about this long for their turn.
+    target_bundle_seconds = 5.0
 
     def __init__(self, request_queue: str = aws.DEFAULT_REQUEST_QUEUE, response_queue: str | None = None,
-                 claim_table: str = aws.DEFAULT_CLAIM_TABLE, in_flight: int = DEFAULT_IN_FLIGHT,
+                 claim_table: str = aws.DEFAULT_CLAIM_TABLE, in_flight: int | None = None,
                  visibility_timeout: int = aws.DEFAULT_VISIBILITY_TIMEOUT,
                  control_topic: str = DEFAULT_CONTROL_TOPIC) -> None:
         self._sqs, self._dynamodb = aws.clients()
         self._claim_table = claim_table
         self._in_flight = in_flight
+        self._slots = 0
+        self._slots_counted = -math.inf
         self._request_url = aws.ensure_queue(self._sqs, request_queue, visibility_timeout)
         self._owns_response_queue = response_queue is None
         self.response_queue = response_queue or f"{aws.RESPONSE_QUEUE_PREFIX}{secrets.token_hex(6)}"
@@ -125,10 +142,23 @@ class SQSBackend(Backend):
         log.info("requests on %s, results on %s", self._request_url, self._response_url)
 
     def workers(self) -> int:
-        return self._in_flight
+        if self._in_flight is not None:
+            return self._in_flight
+        now = time.monotonic()
+        if now - self._slots_counted >= (SLOTS_REFRESH_SECONDS if self._slots else 1.0):
+            self._slots_counted = now
+            try:
+                slots = self._control.slots(self._dynamodb, self._claim_table)
+            except BackendError as exc:
+                log.warning("counting the workers: %s", exc)
+            else:
+                if slots != self._slots:
+                    log.info("workers subscribed run %d bundle(s) at once", slots)
+                self._slots = slots
+        return self._slots or SLOTS_WITHOUT_WORKERS
 
     def capacity(self) -> int:
-        return self._in_flight
+        return self.workers()
 
     def submit(self, bundle: Bundle) -> None:
         self._outbox.put(bundle)

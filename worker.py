@@ -9,8 +9,10 @@ For each request message, in ``-t`` threads:
      as long as the visibility timeout, renewed while the bundle runs; a bundle
      already ``done`` is a duplicate delivery (deleted unrun), one leased to a live
      worker is left alone (it comes back when the lease is over);
-  2. run its tasks (tasks.run_task, exactly as local workers do);
-  3. send the results to the message's ``reply_to`` queue;
+  2. run its tasks (tasks.run_bundle, exactly as local workers do) until its time box
+     runs out;
+  3. send the results, and the tasks not started (``returned``: the scheduler queues
+     them again), to the message's ``reply_to`` queue;
   4. mark the claim ``done``, then delete the message.
 A worker that dies mid-bundle stops renewing: its message reappears after the
 visibility timeout, its lease has run out, and another worker runs the bundle.
@@ -38,7 +40,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import aws
-from control import DEFAULT_CONTROL_TOPIC, ControlQueue, cancelled_jobs
+from control import DEFAULT_CONTROL_TOPIC, ControlQueue, cancelled_jobs, record_slots
 from errors import BackendError, CloudKonError, MalformedMessage
 from provisioning import Instance, metadata_instance_id, send_heartbeats
 from sqsbackend import parse_request, response_bodies
@@ -161,6 +163,7 @@ class Worker:
         self.claims = Claims(self.dynamodb, claim_table, self.identity, visibility_timeout)
         self.cancellations = Cancellations()
         self.control = ControlQueue(self.sqs, control_topic, identity)
+        record_slots(self.dynamodb, claim_table, identity, threads)  # schedulers size bundles by it
         self.leaving: str | None = None  # "drain" or "shutdown", once a control message says so
         self.threads = threads
         self.idle_timeout = idle_timeout
@@ -264,8 +267,12 @@ class Worker:
             self._last_work = time.monotonic()
 
     def _send(self, job: str, reply_to: str, batches: Iterable[ResultBatch]) -> None:
-        """Send results (once all are in: a bundle's results go in as few messages as fit)."""
-        bodies = [body for batch in batches for body in response_bodies(batch)]
+        """Send results (once all are in: a bundle's results go in as few messages as fit),
+        with the tasks a time-boxed bundle hands back."""
+        bodies = []
+        for batch in batches:
+            batch.worker = self.identity
+            bodies += response_bodies(batch)
         if self.leaving == "shutdown":
             return
         try:

@@ -4,6 +4,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,8 +23,7 @@ MIXED = ["sleep 0", "sleep 30", "echo hello", "exit 4", "printf 'a\\nb'", "echo 
 
 def test_remote_run_matches_local_semantics(remote, workload, tmp_path):
     sched = remote.scheduler()
-    remote.worker("-t", "2")
-    remote.worker("-t", "2")
+    workers = [remote.worker("-t", "2"), remote.worker("-t", "2")]
     tasks = MIXED * 30
     out = tmp_path / "r.jsonl"
     done = run_client("-s", sched.address, "-w", workload(tasks), "-o", str(out))
@@ -35,6 +35,8 @@ def test_remote_run_matches_local_semantics(remote, workload, tmp_path):
     binary = rows[6]["output"]  # 64 KiB kept, escaped to ~6x that: trimmed to fit an SQS message
     assert "output trimmed to fit an SQS message" in binary or "more bytes not kept" in binary
     assert f"{len(tasks)} tasks: {len(tasks) - 30} succeeded, 30 failed" in done.stderr
+    # Each result names the worker that ran it: its identity, host:pid off EC2.
+    assert {r["worker"] for r in rows} <= {f"{socket.gethostname()}:{w.pid}" for w in workers}
 
 
 def test_worker_killed_mid_task_its_bundle_runs_again(remote, workload, tmp_path):
@@ -96,6 +98,20 @@ def test_bundles_and_results_never_exceed_the_sqs_limit():
         bodies = response_bodies(batch)
         assert all(len(b.encode()) <= MAX_SQS_MESSAGE_BYTES for b in bodies)
         assert sorted(i for b in bodies for i in json.loads(b)["ids"]) == list(range(50))
+
+
+def test_split_messages_keep_the_budget_the_worker_and_the_returned_tasks():
+    url = "https://sqs.us-east-1.amazonaws.com/123456789012/cloudkon-responses-0123456789ab"
+    bodies, _ = request_bodies(Bundle("j", 1, list(range(8)), ["x" * 60_000] * 8, 30.0, 2.5), url)
+    assert len(bodies) > 1 and {json.loads(b)["budget"] for b in bodies} == {2.5}
+    batch = ResultBatch("j", 1, list(range(8)), [0] * 8, ["y" * 60_000] * 8, [1] * 8, [None] * 8,
+                        worker="i-0123456789abcdef0", returned=[8, 9])
+    messages = [json.loads(b) for b in response_bodies(batch)]
+    assert len(messages) > 1 and {m["worker"] for m in messages} == {"i-0123456789abcdef0"}
+    assert [i for m in messages for i in m.get("returned", [])] == [8, 9]  # said once
+    trimmed = json.loads(response_bodies(ResultBatch("j", 1, [0], [0], ["z" * 300_000], [1], [None],
+                                                     worker="h:1", returned=[1]))[0])
+    assert (trimmed["worker"], trimmed["returned"]) == ("h:1", [1]) and "trimmed" in trimmed["outputs"][0]
 
 
 def test_idle_worker_exits_on_its_own(remote):
@@ -185,14 +201,17 @@ def test_least_privilege_policies_cover_every_call_made(remote, workload, tmp_pa
 
 def test_killed_remote_scheduler_resumes_its_jobs_from_dynamodb(remote, workload, tmp_path):
     ran = tmp_path / "ran"
-    tasks = [f"echo {i} >> {ran}; echo out{i}" for i in range(30)]
-    tasks += [f"sleep 1; echo {i} >> {ran}; echo out{i}" for i in range(30, 36)]
     state = ["--state", f"resume-{remote.table}", "--jobs-table", f"jobs-{remote.table}"]
     sched = remote.scheduler(*state)
     remote.worker("-t", "2")
-    client = start_client("-s", sched.address, "-w", workload(tasks))
-    wait_until(lambda: ran.exists() and len(ran.read_text().split()) >= 31, timeout=60)
-    time.sleep(0.5)  # past the journal's write delay
+    # A finished job, and one whose tasks are still running when the scheduler is killed.
+    done = workload([f"echo {i} >> {ran}; echo out{i}" for i in range(30)])
+    first = run_client("-s", sched.address, "-w", done)
+    assert first.returncode == 0, first.stderr
+    finished = re.search(r"job ([0-9a-f]{16})", first.stderr).group(1)
+    client = start_client("-s", sched.address, "-w", workload(
+        [f"sleep 1; echo {i} >> {ran}; echo out{i}" for i in range(30, 36)]))
+    wait_until(lambda: len(ran.read_text().split()) >= 31, timeout=60)
     sched.proc.kill()
     sched.proc.wait()
     _, stderr = client.communicate(timeout=30)
@@ -200,10 +219,11 @@ def test_killed_remote_scheduler_resumes_its_jobs_from_dynamodb(remote, workload
     job = re.search(r"job ([0-9a-f]{16})", stderr).group(1)
 
     again = remote.scheduler(*state)  # same name: same response queue, where results kept arriving
-    out = tmp_path / "results.jsonl"
-    fetched = run_client("-s", again.address, "--cursor", job, "-o", str(out))
-    assert fetched.returncode == 0, fetched.stderr
-    assert [r["output"] for r in read_results(out)] == [f"out{i}\n" for i in range(36)]
+    for cursor, ids in ((finished, range(30)), (job, range(30, 36))):
+        out = tmp_path / f"{cursor}.jsonl"
+        fetched = run_client("-s", again.address, "--cursor", cursor, "-o", str(out))
+        assert fetched.returncode == 0, fetched.stderr
+        assert [r["output"] for r in read_results(out)] == [f"out{i}\n" for i in ids]
     runs = {i: ran.read_text().split().count(str(i)) for i in range(36)}
     assert all(runs[i] == 1 for i in range(30)), runs  # finished before the kill: not run again
     assert all(runs[i] >= 1 for i in range(30, 36)), runs
