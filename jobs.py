@@ -103,7 +103,9 @@ class Job:
         """The job's next tasks as bundle ``number``: handed-back ones first, then the next
         run of tasks without a result; about ``target_seconds`` of them by their estimates."""
         assert self.times is not None, "a job is bundled by the dispatcher that holds it"
-        even_share = -(-self.undispatched // max(slots, 1))
+        # What is left of the job, spread over every slot: the same share for each bundle cut
+        # now, however many are cut in a row.
+        even_share = -(-(self.total - self.done_count) // max(slots, 1))
         look = FIRST_LOOK_TASKS
         while True:
             ids = self._next_ids(look)

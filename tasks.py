@@ -126,6 +126,19 @@ class ResultBatch:
                 self.artifacts = [None] * (len(self.ids) - 1)
             self.artifacts.append(artifact)
 
+    def extend(self, other: ResultBatch) -> None:
+        """Append the rows of ``other`` (a later batch of the same bundle), and what it returned."""
+        if other.artifacts is not None and self.artifacts is None:
+            self.artifacts = [None] * len(self.ids)
+        self.ids += other.ids
+        self.exit_codes += other.exit_codes
+        self.outputs += other.outputs
+        self.elapsed_us += other.elapsed_us
+        self.errors += other.errors
+        if self.artifacts is not None:
+            self.artifacts += other.artifacts if other.artifacts is not None else [None] * len(other.ids)
+        self.returned += other.returned
+
     def select(self, positions: list[int]) -> ResultBatch:
         """A batch of the rows at ``positions``."""
         return ResultBatch(

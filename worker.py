@@ -269,10 +269,12 @@ class Worker:
     def _send(self, job: str, reply_to: str, batches: Iterable[ResultBatch]) -> None:
         """Send results (once all are in: a bundle's results go in as few messages as fit),
         with the tasks a time-boxed bundle hands back."""
-        bodies = []
-        for batch in batches:
-            batch.worker = self.identity
-            bodies += response_bodies(batch)
+        whole = ResultBatch(job)
+        for batch in batches:  # one batch per flush: sent as one, split only to fit a message
+            whole.bundle = batch.bundle
+            whole.extend(batch)
+        whole.worker = self.identity
+        bodies = response_bodies(whole)
         if self.leaving == "shutdown":
             return
         try:

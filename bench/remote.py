@@ -2,6 +2,7 @@
 
     python bench/remote.py                    # 10,000 sleep-0 tasks; baseline on 1,000
     python bench/remote.py --tasks 2000 --baseline-tasks 300
+    python bench/remote.py --tasks 4000 --task-ms 10 --baseline-tasks 0   # 8 slots x 500 x 10 ms
 
 Runs a moto_server on a free loopback port, then in the same invocation:
   cloudkon  scheduler.py --remote, two worker.py -t 4, client.py: every AWS API call
@@ -58,19 +59,24 @@ def start_emulator() -> tuple[subprocess.Popen, dict[str, str]]:
     raise SystemExit("moto_server did not start")
 
 
-def run_cloudkon(tasks: int, env: dict[str, str], workdir: str) -> tuple[float, int]:
-    """(tasks/s, API calls) of one remote run."""
+WORKERS, THREADS = 2, 4
+
+
+def run_cloudkon(tasks: int, env: dict[str, str], workdir: str, task_ms: int = 0) -> tuple[float, int, float]:
+    """(tasks/s, API calls, seconds from submission to the last result) of one remote run."""
     names = ["--request-queue", f"bench-{uuid.uuid4().hex[:8]}", "--table", f"bench-{uuid.uuid4().hex[:8]}"]
     full_env = {**os.environ, **env}
     sched = subprocess.Popen([sys.executable, str(ROOT / "scheduler.py"), "--remote", "--port", "0", *names],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env)
     address = sched.stdout.readline().strip().removeprefix("listening on ")
-    workers = [subprocess.Popen([sys.executable, str(ROOT / "worker.py"), "-t", "4", "--idle-timeout", "3",
-                                 *names], stderr=subprocess.PIPE, text=True, env=full_env)
-               for _ in range(2)]
-    workload = os.path.join(workdir, "zero.txt")
+    workers = [subprocess.Popen([sys.executable, str(ROOT / "worker.py"), "-t", str(THREADS),
+                                 "--idle-timeout", "3", *names],
+                                stderr=subprocess.PIPE, text=True, env=full_env)
+               for _ in range(WORKERS)]
+    time.sleep(3)  # as a user would: the workers are up before the job is submitted
+    workload = os.path.join(workdir, "tasks.txt")
     with open(workload, "w") as f:
-        f.write("sleep 0\n" * tasks)
+        f.write(f"sleep {task_ms}\n" * tasks)
     client = subprocess.run([sys.executable, str(ROOT / "client.py"), "-s", address, "-w", workload],
                             capture_output=True, text=True, env=full_env)
     summary = SUMMARY.search(client.stderr)
@@ -82,7 +88,7 @@ def run_cloudkon(tasks: int, env: dict[str, str], workdir: str) -> tuple[float, 
     calls = [CALLS.search(log) for log in logs]
     if not all(calls):
         raise SystemExit("a process did not report its API calls")
-    return tasks / float(summary[4]), sum(int(c[1]) for c in calls)
+    return tasks / float(summary[4]), sum(int(c[1]) for c in calls), float(summary[4])
 
 
 def run_baseline(tasks: int, env: dict[str, str], threads: int = 8) -> tuple[float, int]:
@@ -143,22 +149,33 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", type=int, default=10_000,
                         help="sleep-0 tasks for cloudkon (default 10,000)")
+    parser.add_argument("--task-ms", type=int, default=0,
+                        help="each task is 'sleep N' of this many milliseconds (default 0)")
     parser.add_argument("--baseline-tasks", type=int, default=1_000,
-                        help="tasks for the one-message-per-task baseline (default 1,000: it is slow)")
+                        help="tasks for the one-message-per-task baseline (default 1,000: it is slow; "
+                             "0 skips it)")
     args = parser.parse_args()
     print(f"machine: {machine()}")
     server, env = start_emulator()
     try:
         with tempfile.TemporaryDirectory() as workdir:
-            rate, calls = run_cloudkon(args.tasks, env, workdir)
-        base_rate, base_calls = run_baseline(args.baseline_tasks, env)
+            rate, calls, wall = run_cloudkon(args.tasks, env, workdir, args.task_ms)
+        if args.baseline_tasks:
+            base_rate, base_calls = run_baseline(args.baseline_tasks, env)
     finally:
         server.terminate()
         server.wait()
-    ours, theirs = calls / args.tasks, base_calls / args.baseline_tasks
+    ours = calls / args.tasks
     print(f"{'design':<40} {'tasks':>8} {'tasks/s':>10} {'API calls':>10} {'calls/task':>11}")
     print(f"{'cloudkon (bundles, batches of 10)':<40} {args.tasks:>8,} {rate:>10,.0f} {calls:>10,} "
           f"{ours:>11.4f}")
+    if args.task_ms:
+        work = args.tasks * args.task_ms / 1000 / (WORKERS * THREADS)
+        print(f"efficiency: {work:.2f} s of work per slot ({WORKERS} workers x {THREADS} threads) in "
+              f"{wall:.2f} s wall = {work / wall:.3f}")
+    if not args.baseline_tasks:
+        return
+    theirs = base_calls / args.baseline_tasks
     print(f"{'baseline (one message per task)':<40} {args.baseline_tasks:>8,} {base_rate:>10,.0f} "
           f"{base_calls:>10,} {theirs:>11.4f}")
     print(f"calls per task: {theirs / ours:,.0f}x fewer; tasks/s: {rate / base_rate:,.1f}x")
