@@ -28,6 +28,7 @@ JSON: nothing is pickled after start-up.
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -65,6 +66,11 @@ PREFETCH_BUNDLES = 2
 # the wait for the scheduler is negligible, and a bundle queued behind it could have
 # gone to the next worker that frees up.
 PREFETCH_BEHIND_SECONDS = 0.25
+
+# A worker steals only once it has had nothing for this long: between two bundles of a busy
+# job it has nothing for a moment (its results go to the dispatcher, which then sends it the
+# next), and taking another worker's queued bundle then would only send work round in circles.
+STEAL_AFTER_SECONDS = 0.005
 
 # Workers in a row that die before taking any work mean start-up itself is broken.
 MAX_STARTUP_DEATHS = 5
@@ -154,11 +160,11 @@ class LocalBackend(Backend):
         results: list[ResultBatch] = []
         self._apply_cancels(results)
         self._hand_out()
-        self._steal_for_idle()
+        steal_again = self._steal_for_idle()
         by_fd = {slot.conn: slot for slot in self._slots}
         by_sentinel = {slot.process.sentinel: slot for slot in self._slots}
         ready = multiprocessing.connection.wait(
-            [self._wakeup_read, *by_fd, *by_sentinel], timeout)
+            [self._wakeup_read, *by_fd, *by_sentinel], min(timeout, steal_again))
         for obj in ready:
             if obj == self._wakeup_read:
                 os.read(self._wakeup_read, 4096)
@@ -244,17 +250,23 @@ class LocalBackend(Backend):
             slot.held[bundle.bundle] = _Held(bundle)
             slot.took_work = True
 
-    def _steal_for_idle(self) -> None:
-        """With a worker idle and nothing queued, ask the worker holding the most unstarted
-        tasks to hand back its last bundle (queued: all of it; running: what it has not started)."""
-        if self._queue or not any(not slot.held and not slot.dead for slot in self._slots):
-            return
+    def _steal_for_idle(self) -> float:
+        """With a worker idle (for STEAL_AFTER_SECONDS) and nothing queued, ask the worker
+        holding the most unstarted tasks to hand back its last bundle (queued: all of it;
+        running: what it has not started).  Seconds until it is worth looking again."""
+        idle = [slot.idle_since for slot in self._slots if not slot.held and not slot.dead]
+        if self._queue or not idle:
+            return math.inf
+        wait = min(idle) + STEAL_AFTER_SECONDS - time.monotonic()
+        if wait > 0:
+            return wait
         victim = max((s for s in self._slots if not s.dead), key=_WorkerSlot.unstarted)
         if victim.unstarted() <= 0:
-            return
+            return math.inf
         number = next(reversed(victim.held))
         if number not in victim.asked and self._send(victim, {"type": "hand_back", "bundle": number}):
             victim.asked.add(number)
+        return math.inf
 
     @staticmethod
     def _send(slot: _WorkerSlot, message: dict) -> bool:
