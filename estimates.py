@@ -5,9 +5,11 @@ can cut a job's next tasks into a bundle of about the right length however mixed
 durations are.  An estimate comes from, in order:
 
   1. the task itself: ``sleep N`` runs N milliseconds (tasks.native_sleep_ms);
-  2. the same command seen before in this scheduler, then the same program (the
-     line's first word), weighted towards the longer runs so that a program whose
-     runs vary is not taken for its short ones;
+  2. the same command seen before in this scheduler (the mean of its runs), then the
+     same program (the line's first word: the longest of its recent runs, so that a
+     program whose runs vary, say most of them instant and some 10 s, is not taken for
+     its short ones: a bundle of them would run its first long one, and hold the rest
+     of it, however long that takes);
   3. a high percentile of the job's own results so far (never the mean: the first
      results of a mixed job are its short tasks);
   4. nothing: an unknown task is taken to be long (UNKNOWN_TASK_SECONDS), so it goes
@@ -23,6 +25,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from tasks import CANCELLED, ResultBatch, native_sleep_ms
 
@@ -36,14 +39,18 @@ UNKNOWN_TASK_SECONDS = math.inf
 # Commands and programs remembered; past this, the oldest half is forgotten (a workload of
 # a million distinct lines must not grow the scheduler by a million entries).
 MAX_REMEMBERED = 65_536
+MAX_PROGRAMS = 4_096
 
-# Results looked at per batch: enough to learn from, without a Python step per result on
-# the hot path (a batch of `sleep 0` holds thousands).
+# Recent runs kept per program, the longest of which is its estimate.
+PROGRAM_SAMPLE_SIZE = 32
+
+# Results looked at per batch, its longest among them: enough to learn from, without a
+# Python step per result on the hot path (a batch of `sleep 0` holds thousands).
 SAMPLES_PER_BATCH = 16
 
 # A job's own recent durations, for its high percentile.
 JOB_SAMPLE_SIZE = 256
-JOB_PERCENTILE = 0.9
+PERCENTILE = 0.9
 
 
 def program_of(command: str) -> str:
@@ -56,7 +63,8 @@ class TaskTimes:
 
     def __init__(self) -> None:
         self._by_command: dict[str, float] = {}
-        self._by_program: dict[str, float] = {}
+        self._by_program: dict[str, float] = {}  # the longest of the runs below
+        self._program_runs: dict[str, deque[float]] = {}
         # Bumped whenever an estimate changes, so that jobs drop the estimates they cached.
         self.generation = 0
 
@@ -75,12 +83,17 @@ class TaskTimes:
         if native_sleep_ms(command) is not None:
             return
         previous = self._by_command.get(command)
-        _remember(self._by_command, command, seconds if previous is None else (previous + seconds) / 2)
+        _remember(self._by_command, command, seconds if previous is None else (previous + seconds) / 2,
+                  MAX_REMEMBERED)
         program = program_of(command)
-        previous = self._by_program.get(program)
-        # Up at once to a longer run, down slowly: erring long costs a bundle, erring short a worker.
-        _remember(self._by_program, program,
-                  seconds if previous is None else max(seconds, 0.8 * previous + 0.2 * seconds))
+        runs = self._program_runs.get(program)
+        if runs is None:
+            runs = deque(maxlen=PROGRAM_SAMPLE_SIZE)
+            _remember(self._program_runs, program, runs, MAX_PROGRAMS)
+        runs.append(seconds)
+        # Erring long costs a bundle's overhead; erring short, a worker left idle (or, with the
+        # time box, tasks handed back late).
+        _remember(self._by_program, program, max(runs), MAX_PROGRAMS)
         self.generation += 1
 
 
@@ -102,10 +115,14 @@ class JobTimes:
         return list(map(self._cache.__getitem__, commands))
 
     def learn(self, commands: list[str], batch: ResultBatch) -> None:
-        """Take a batch of results of this job (a sample of them) into account; tasks that
-        never ran (cancelled, failed to start, reported by the scheduler) teach nothing."""
+        """Take a batch of results of this job (a sample of them, and its longest) into
+        account; tasks that never ran (cancelled, failed to start, reported by the scheduler)
+        teach nothing."""
+        elapsed = batch.elapsed_us
         step = max(1, len(batch.ids) // SAMPLES_PER_BATCH)
-        for position in range(0, len(batch.ids), step):
+        positions = range(0, len(batch.ids), step)
+        longest = elapsed.index(max(elapsed)) if elapsed else 0
+        for position in positions if longest in positions else [*positions, longest]:
             error, elapsed_us = batch.errors[position], batch.elapsed_us[position]
             if error is not None and (error == CANCELLED or not elapsed_us):
                 continue
@@ -119,9 +136,14 @@ class JobTimes:
         if seconds is not None:
             return seconds, True
         if self._fallback is None:
-            ordered = sorted(self._recent)
-            self._fallback = ordered[min(len(ordered) - 1, int(JOB_PERCENTILE * len(ordered)))]
+            self._fallback = percentile(self._recent)
         return self._fallback, False
+
+
+def percentile(values: Iterable[float]) -> float:
+    """The PERCENTILE-th of ``values`` (not empty)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(PERCENTILE * len(ordered)))]
 
 
 class _Cache(dict):
@@ -138,8 +160,8 @@ class _Cache(dict):
         return seconds
 
 
-def _remember(table: dict[str, float], key: str, seconds: float) -> None:
-    if key not in table and len(table) >= MAX_REMEMBERED:
-        for old in list(table)[:MAX_REMEMBERED // 2]:  # dicts keep insertion order: the oldest first
+def _remember(table: dict[str, Any], key: str, value: Any, limit: int) -> None:
+    if key not in table and len(table) >= limit:
+        for old in list(table)[:limit // 2]:  # dicts keep insertion order: the oldest first
             del table[old]
-    table[key] = seconds
+    table[key] = value

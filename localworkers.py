@@ -50,6 +50,7 @@ from tasks import (
     Bundle,
     Cancellations,
     ResultBatch,
+    TimeBoxes,
     failed_batch,
     kill_running_tasks,
     reduce_timer_slack,
@@ -81,15 +82,19 @@ _NO_TASK = -1
 
 @dataclass
 class _Held:
-    """A bundle a worker holds, and how many of its tasks it has reported (in task order,
-    results and then those it returned)."""
+    """A bundle a worker holds: the first ``reported`` of its tasks have results (a worker
+    reports a bundle's tasks in order), those from ``cut`` on were handed back."""
 
     bundle: Bundle
     reported: int = 0
+    cut: int = -1
+
+    def __post_init__(self) -> None:
+        self.cut = len(self.bundle.ids)
 
     @property
     def unreported(self) -> int:
-        return len(self.bundle.ids) - self.reported
+        return self.cut - self.reported
 
 
 @dataclass
@@ -290,7 +295,9 @@ class LocalBackend(Backend):
         held = slot.held.get(batch.bundle)  # type: ignore[arg-type]
         if held is None:
             return
-        held.reported += len(batch) + len(batch.returned)
+        held.reported += len(batch)
+        if batch.returned:  # always a tail of the bundle
+            held.cut = min(held.cut, len(held.bundle.ids) - len(batch.returned))
         if held.unreported <= 0:
             del slot.held[batch.bundle]  # type: ignore[arg-type]
             slot.asked.discard(batch.bundle)  # type: ignore[arg-type]
@@ -308,7 +315,7 @@ class LocalBackend(Backend):
         running_bundle, running_task = slot.progress[0], slot.progress[1]  # type: ignore[index]
         for held in reversed(slot.held.values()):
             bundle = held.bundle
-            ids, commands = bundle.ids[held.reported:], bundle.commands[held.reported:]
+            ids, commands = bundle.ids[held.reported:held.cut], bundle.commands[held.reported:held.cut]
             if bundle.bundle == running_bundle and running_task in ids:
                 index = ids.index(running_task)
                 if self._died_running(bundle.job, running_task):
@@ -341,18 +348,17 @@ class _Inbox:
     """The bundles a worker process holds but has not started, in order.
 
     The scheduler may ask for one back (``hand_back``): a bundle queued behind a running
-    one is withdrawn whole; any other gets its number in ``asked``, which run_bundle looks
-    at after its first task (so every request lets at least one task run: a bundle cannot
-    bounce between workers unstarted).  Requests and ``take`` share one lock, so none is
-    lost between the two (``asked`` only ever holds the numbers of the bundle running and
-    the next, or stale ones that ``take`` clears).
+    one is withdrawn whole; any other (the one running, or the next about to) has its time
+    box ended (TimeBoxes.end), which hands back what it has not started once its first
+    task runs, so a bundle cannot bounce between workers unstarted.  Both under one lock
+    with ``take``, so that a bundle is never both withdrawn and started.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, boxes: TimeBoxes) -> None:
         self._bundles: deque[Bundle | None] = deque()
         self._lock = threading.Condition()
         self._running = False
-        self.asked: set[int] = set()
+        self._boxes = boxes
 
     def put(self, bundle: Bundle | None) -> None:
         with self._lock:
@@ -363,23 +369,21 @@ class _Inbox:
         with self._lock:
             while not self._bundles:
                 self._lock.wait()
-            bundle = self._bundles.popleft()
-            self.asked.intersection_update(() if bundle is None else (bundle.bundle,))
             self._running = True
-            return bundle
+            return self._bundles.popleft()
 
     def finished(self) -> None:
         with self._lock:
             self._running = False
 
     def hand_back(self, number: int) -> Bundle | None:
-        """The bundle ``number`` if it waits behind another, taken out; else None, and it is asked."""
+        """The bundle ``number`` if it waits behind another, taken out; else None, its box ended."""
         with self._lock:
             for position, bundle in enumerate(self._bundles):
                 if bundle is not None and bundle.bundle == number and (self._running or position):
                     del self._bundles[position]
                     return bundle
-            self.asked.add(number)
+            self._boxes.end(number)
             return None
 
 
@@ -389,12 +393,12 @@ def _worker_main(conn: multiprocessing.connection.Connection, progress: object,
 
     A reader thread drains the pipe into an inbox, so the backend's sends never wait
     for a bundle to finish (and the two sides cannot deadlock on full pipes); it also
-    answers hand-back requests for bundles not started, so both threads send.
+    answers hand-back requests for bundles not started, and TimeBoxes' thread hands back
+    the rest of a bundle whose box runs out: three threads send.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the scheduler's to handle
     signal.signal(signal.SIGTERM, _stop_now)
     reduce_timer_slack()
-    inbox = _Inbox()
     cancellations = Cancellations()
     worker = f"{socket.gethostname()}:{os.getpid()}"  # where each result ran, as the user sees it
     sending = threading.Lock()
@@ -405,6 +409,8 @@ def _worker_main(conn: multiprocessing.connection.Connection, progress: object,
         with sending:
             conn.send_bytes(frame)
 
+    boxes = TimeBoxes(lambda bundle, ids: send(ResultBatch(bundle.job, bundle.bundle, returned=ids)))
+    inbox = _Inbox(boxes)
     threading.Thread(target=_read_bundles, args=(conn, inbox, cancellations, send), daemon=True).start()
 
     def mark_running(task_id: int) -> None:
@@ -412,7 +418,7 @@ def _worker_main(conn: multiprocessing.connection.Connection, progress: object,
 
     while (bundle := inbox.take()) is not None:
         progress[0] = bundle.bundle  # type: ignore[index]
-        for batch in run_bundle(bundle, output_cap, mark_running, cancellations, inbox.asked):
+        for batch in run_bundle(bundle, output_cap, mark_running, cancellations, boxes):
             send(batch)
         progress[1] = _NO_TASK  # type: ignore[index]
         inbox.finished()

@@ -25,6 +25,7 @@ and a long ``sleep N`` wakes up early.
 from __future__ import annotations
 
 import ctypes
+import logging
 import math
 import os
 import select
@@ -314,10 +315,107 @@ def _sleep(ms: int, timeout: float | None,
     return 0, None
 
 
+class _Box:
+    """A running bundle's time box, shared by the thread running it and TimeBoxes' thread.
+
+    The runner stores the position it is about to start in ``started``, then reads
+    ``ended``; TimeBoxes sets ``ended`` and reads ``started`` under ``lock``, and the
+    runner takes the lock to read ``cut`` once it sees ``ended``.  So a task is either
+    started (and ``cut`` is past it) or handed back, never both.
+    """
+
+    __slots__ = ("bundle", "ends_at", "lock", "started", "ended", "cut")  # read and written per task
+
+    def __init__(self, bundle: Bundle, ends_at: float) -> None:
+        self.bundle = bundle
+        self.ends_at = ends_at
+        self.lock = threading.Lock()
+        self.started = 0
+        self.ended = False
+        self.cut = len(bundle.ids)
+
+    def end(self) -> list[int]:
+        """End the box now: the tasks after the one running (or about to start), to hand back."""
+        with self.lock:
+            if self.ended:
+                return []
+            self.ended = True
+            self.cut = min(self.cut, self.started + 1)  # the first task of a bundle always runs
+            return self.bundle.ids[self.cut:]
+
+    def stops_before(self, position: int) -> bool:
+        with self.lock:
+            return position >= self.cut
+
+
+class TimeBoxes:
+    """The time boxes of the bundles a worker process runs, ended on time by a thread.
+
+    A box that runs out while a task runs does not wait for that task: the tasks the
+    bundle has not started go back at once (``hand_back(bundle, ids)``, from this
+    class's thread), and the runner stops before the next one.  ``end(number)`` ends a
+    box now, for the scheduler that wants the tasks for an idle worker; asked before the
+    bundle starts, it ends the box as soon as the first task has started.
+    """
+
+    def __init__(self, hand_back: Callable[[Bundle, list[int]], None]) -> None:
+        self._hand_back = hand_back
+        self._boxes: dict[int, _Box] = {}
+        self._asked: set[int] = set()  # bundles asked for before they started
+        self._changed = threading.Condition()
+        threading.Thread(target=self._watch, name="cloudkon-time-boxes", daemon=True).start()
+
+    @contextmanager
+    def open(self, bundle: Bundle) -> Iterator[_Box | None]:
+        """The bundle's box while it runs (None: no box and not asked for)."""
+        with self._changed:
+            asked = bundle.bundle in self._asked
+            self._asked.clear()  # asked for the bundle about to run, or for ones long gone
+            if bundle.budget is None and not asked:
+                box = None
+            else:
+                box = _Box(bundle, time.monotonic() + (0 if asked else bundle.budget))  # type: ignore[operator]
+                self._boxes[bundle.bundle] = box
+                self._changed.notify()
+        try:
+            yield box
+        finally:
+            if box is not None:
+                with self._changed:
+                    del self._boxes[bundle.bundle]
+
+    def end(self, number: int) -> None:
+        """End bundle ``number``'s box now (or as soon as it starts)."""
+        with self._changed:
+            box = self._boxes.get(number)
+            if box is None:
+                self._asked.add(number)
+                return
+            box.ends_at = 0.0
+            self._changed.notify()
+
+    def _watch(self) -> None:
+        while True:
+            with self._changed:
+                now = time.monotonic()
+                due = [box for box in self._boxes.values() if box.ends_at <= now and not box.ended]
+                if not due:
+                    waiting = [box.ends_at for box in self._boxes.values() if not box.ended]
+                    self._changed.wait(min(waiting) - now if waiting else None)
+                    continue
+            for box in due:
+                rest = box.end()
+                if rest:
+                    try:
+                        self._hand_back(box.bundle, rest)
+                    except Exception:  # noqa: BLE001 - the runner still stops; the tasks are re-run
+                        logging.getLogger("cloudkon.tasks").exception("handing back tasks failed")
+
+
 def run_bundle(bundle: Bundle, output_cap: int = OUTPUT_CAP_BYTES,
                on_task_start: Callable[[int], None] | None = None,
                cancellations: Cancellations | None = None,
-               hand_backs: set[int] | None = None) -> Iterator[ResultBatch]:
+               boxes: TimeBoxes | None = None) -> Iterator[ResultBatch]:
     """Run a bundle's tasks in order, yielding their results in batches.
 
     A batch is yielded every RESULT_FLUSH_SECONDS, or once it holds
@@ -326,29 +424,39 @@ def run_bundle(bundle: Bundle, output_cap: int = OUTPUT_CAP_BYTES,
     worker that died was running).  Once the bundle's job is in ``cancellations``,
     the running task stops and the rest report CANCELLED without running.
 
-    The bundle is a time-boxed lease: once it has run ``bundle.budget`` seconds, or its
-    number is in ``hand_backs`` (another thread may add it: the scheduler wants its
-    tasks for an idle worker), no more of its tasks start, and the last batch lists the
-    unstarted rest in ``returned``.  Both are looked at after each flush, or each task
-    once the box has run out: a task that started is never handed back, and the first
-    task of a bundle always runs (so that each hand-back makes progress).
+    The bundle is a time-boxed lease: once it has run ``bundle.budget`` seconds no more
+    of its tasks start.  With ``boxes``, the box ends on time even while a task runs,
+    and the rest goes back through ``boxes``; without, it is looked at after each flush,
+    or each task once the box has run out, and the last batch lists the unstarted rest
+    in ``returned``.  A task that started is never handed back, and the first task of a
+    bundle always runs (so that each hand-back makes progress).
     """
     if cancellations is None:
-        yield from _run_bundle(bundle, output_cap, on_task_start, None, hand_backs)
+        yield from _run_boxed(bundle, output_cap, on_task_start, None, boxes)
         return
     with cancellations.running(bundle.job) as cancelled:
-        yield from _run_bundle(bundle, output_cap, on_task_start, cancelled, hand_backs)
+        yield from _run_boxed(bundle, output_cap, on_task_start, cancelled, boxes)
+
+
+def _run_boxed(bundle: Bundle, output_cap: int, on_task_start: Callable[[int], None] | None,
+               cancelled: threading.Event | None, boxes: TimeBoxes | None) -> Iterator[ResultBatch]:
+    if boxes is None:
+        yield from _run_bundle(bundle, output_cap, on_task_start, cancelled, None)
+        return
+    with boxes.open(bundle) as box:
+        yield from _run_bundle(bundle, output_cap, on_task_start, cancelled, box)
 
 
 def _run_bundle(bundle: Bundle, output_cap: int, on_task_start: Callable[[int], None] | None,
-                cancelled: threading.Event | None, hand_backs: set[int] | None) -> Iterator[ResultBatch]:
+                cancelled: threading.Event | None, box: _Box | None) -> Iterator[ResultBatch]:
     # A hot loop (a million `sleep 0` tasks): names bound once, the common case first, and
     # one clock reading per task, against the next time anything is to be looked at.
     batch = ResultBatch(bundle.job, bundle.bundle)
     output_bytes = 0
     now = time.monotonic()
     flush_at = now + RESULT_FLUSH_SECONDS
-    box_ends = math.inf if bundle.budget is None else now + bundle.budget
+    # Without a watched box, its end is looked at here; with one, TimeBoxes ends it.
+    box_ends = math.inf if bundle.budget is None or box is not None else now + bundle.budget
     look_at = min(flush_at, box_ends)
     timeout = bundle.timeout
     ids = bundle.ids
@@ -357,10 +465,17 @@ def _run_bundle(bundle: Bundle, output_cap: int, on_task_start: Callable[[int], 
         if look:
             look = False
             if cancelled is not None and cancelled.is_set():
-                for skipped in ids[position:]:
+                for skipped in ids[position:None if box is None else box.cut]:  # not those handed back
                     batch.add(skipped, None, "", 0, CANCELLED)
                 break
-            if position and (now >= box_ends or (hand_backs and bundle.bundle in hand_backs)):
+            if position and now >= box_ends:
+                batch.returned = ids[position:]
+                break
+        if box is not None:
+            box.started = position
+            if box.ended and box.stops_before(position):
+                # Handed back already; said again here, in case that went astray (a duplicate
+                # hand-back is ignored: only the bundle that still holds a task gives it back).
                 batch.returned = ids[position:]
                 break
         if on_task_start is not None:

@@ -46,8 +46,10 @@ from provisioning import Instance, metadata_instance_id, send_heartbeats
 from sqsbackend import parse_request, response_bodies
 from tasks import (
     CANCELLED,
+    Bundle,
     Cancellations,
     ResultBatch,
+    TimeBoxes,
     failed_batch,
     kill_running_tasks,
     reduce_timer_slack,
@@ -162,6 +164,8 @@ class Worker:
         self.claim_table = claim_table
         self.claims = Claims(self.dynamodb, claim_table, self.identity, visibility_timeout)
         self.cancellations = Cancellations()
+        self.boxes = TimeBoxes(self._hand_back_rest)
+        self._reply_to: dict[int, str] = {}  # bundle number -> its scheduler's queue, while it runs
         self.control = ControlQueue(self.sqs, control_topic, identity)
         record_slots(self.dynamodb, claim_table, identity, threads)  # schedulers size bundles by it
         self.leaving: str | None = None  # "drain" or "shutdown", once a control message says so
@@ -252,7 +256,12 @@ class Worker:
             else:
                 with self._lock:
                     self._held[message["MessageId"]] = (receipt, key)
-                self._send(bundle.job, reply_to, run_bundle(bundle, cancellations=self.cancellations))
+                self._reply_to[bundle.bundle] = reply_to
+                try:
+                    self._send(bundle.job, reply_to,
+                               run_bundle(bundle, cancellations=self.cancellations, boxes=self.boxes))
+                finally:
+                    del self._reply_to[bundle.bundle]
                 if self.leaving == "shutdown":  # its results were not sent: the bundle runs again elsewhere
                     return
                 self.claims.finish(key)
@@ -283,6 +292,12 @@ class Worker:
             if not aws.is_missing_queue(exc):
                 raise
             log.warning("job %s: its scheduler's queue is gone; results dropped", job)
+
+    def _hand_back_rest(self, bundle: Bundle, ids: list[int]) -> None:
+        """Send the tasks a bundle whose time box ran out will not start to its scheduler, now
+        (TimeBoxes' thread); its last results say so again."""
+        self._send(bundle.job, self._reply_to[bundle.bundle], [ResultBatch(bundle.job, bundle.bundle,
+                                                                           returned=ids)])
 
     def _cancelled(self, job: str) -> bool:
         """True if ``job`` is cancelled, by what this worker heard or by its durable mark."""

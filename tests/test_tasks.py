@@ -5,7 +5,15 @@ import time
 import pytest
 
 from errors import WorkloadError
-from tasks import MAX_COMMAND_BYTES, Bundle, native_sleep_ms, parse_workload_bytes, run_bundle, run_task
+from tasks import (
+    MAX_COMMAND_BYTES,
+    Bundle,
+    TimeBoxes,
+    native_sleep_ms,
+    parse_workload_bytes,
+    run_bundle,
+    run_task,
+)
 
 
 def test_workload_skips_blanks_and_comments_and_strips():
@@ -107,8 +115,25 @@ def test_a_bundle_past_its_time_box_hands_back_the_tasks_it_did_not_start():
     assert batches[-1].returned == [1, 2] and batches[-1].bundle == 3
 
 
-def test_a_bundle_asked_back_runs_its_first_task_and_returns_the_rest():
-    bundle = Bundle("j", 4, [5, 6, 7], ["sleep 60", "sleep 0", "sleep 0"])  # looked at after a flush
-    batches = list(run_bundle(bundle, hand_backs={4}))
-    assert [i for batch in batches for i in batch.ids] == [5] and batches[-1].returned == [6, 7]
-    assert [i for batch in run_bundle(bundle, hand_backs={9}) for i in batch.ids] == [5, 6, 7]
+def test_a_box_that_runs_out_during_a_task_hands_back_the_rest_at_once():
+    handed_back: list[tuple[list[int], float]] = []
+    boxes = TimeBoxes(lambda bundle, ids: handed_back.append((ids, time.monotonic())))
+    bundle = Bundle("j", 5, [0, 1, 2], ["sleep 600", "sleep 0", "sleep 0"], budget=0.05)
+    start = time.monotonic()
+    batches = list(run_bundle(bundle, boxes=boxes))
+    ended = time.monotonic()
+    assert [i for batch in batches for i in batch.ids] == [0]
+    assert batches[-1].returned == [1, 2]  # said again with the last results
+    (ids, when), = handed_back
+    assert ids == [1, 2] and when - start < ended - start - 0.3, "not after the running task"
+
+
+def test_a_bundle_asked_back_runs_its_first_task_and_hands_back_the_rest():
+    handed_back: list[list[int]] = []
+    boxes = TimeBoxes(lambda bundle, ids: handed_back.append(ids))
+    boxes.end(4)  # asked for before it starts
+    bundle = Bundle("j", 4, [5, 6, 7], ["sleep 300", "sleep 0", "sleep 0"])
+    assert [i for batch in run_bundle(bundle, boxes=boxes) for i in batch.ids] == [5]
+    assert handed_back == [[6, 7]]
+    other = Bundle("j", 8, [1, 2], ["sleep 0", "sleep 0"])  # the request was for bundle 4 only
+    assert [i for batch in run_bundle(other, boxes=boxes) for i in batch.ids] == [1, 2]
