@@ -1,13 +1,14 @@
 """A/B of this checkout against an earlier commit, alternating runs on the same machine.
 
-    python bench/ab.py f198d80                  # 1,000,000 `sleep 0`, and 8 x 1,000 `sleep 10`
+    python bench/ab.py f198d80          # 1,000,000 `sleep 0`; 8 x 1,000 `sleep 10`; 16 x 1,000 `sleep 1`
     python bench/ab.py f198d80 --repeat 5 --tasks 300000
 
 Checks the earlier commit out into a temporary work tree, then alternates A (that commit)
 and B (this checkout): each run starts `scheduler.py --local 2 --no-state` (8 for the
-efficiency run) and times `client.py` from start to summary.  Prints the medians and
-B / A for throughput of `sleep 0` tasks and for the efficiency of 10 ms tasks (ideal time
-over measured time).  The machine is shared and noisy: read ratios of medians.
+efficiency runs, 16 for 1 ms) and times `client.py` from start to summary.  Prints the
+medians and B / A for throughput of `sleep 0` tasks and for the efficiency of 10 ms and
+1 ms tasks (ideal time over measured time, as bench/local.py measures them).  The machine
+is shared and noisy: read ratios of medians.
 """
 
 from __future__ import annotations
@@ -57,15 +58,17 @@ def main() -> None:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(base), args.base],
                        check=True)
         try:
-            zero, tens = Path(scratch) / "zero.txt", Path(scratch) / "tens.txt"
+            zero, tens, ones = (Path(scratch) / name for name in ("zero.txt", "tens.txt", "ones.txt"))
             zero.write_text("sleep 0\n" * args.tasks)
             tens.write_text("sleep 10\n" * 8000)
-            figures: dict[str, dict[str, list[float]]] = {"sleep 0 tasks/s": {"A": [], "B": []},
-                                                          "sleep 10 efficiency": {"A": [], "B": []}}
+            ones.write_text("sleep 1\n" * 16000)
+            names = ("sleep 0 tasks/s", "sleep 10 efficiency", "sleep 1 efficiency")
+            figures = {name: {"A": [], "B": []} for name in names}
             for _ in range(args.repeat):
                 for side, tree in (("A", base), ("B", ROOT)):
-                    figures["sleep 0 tasks/s"][side].append(args.tasks / timed_run(tree, zero, 2))
-                    figures["sleep 10 efficiency"][side].append(8000 * 0.010 / 8 / timed_run(tree, tens, 8))
+                    figures[names[0]][side].append(args.tasks / timed_run(tree, zero, 2))
+                    figures[names[1]][side].append(8000 * 0.010 / 8 / timed_run(tree, tens, 8))
+                    figures[names[2]][side].append(16000 * 0.001 / 16 / timed_run(tree, ones, 16))
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base)], check=True)
     print(f"A = {args.base}, B = this checkout; medians of {args.repeat}, alternating")
