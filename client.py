@@ -52,6 +52,7 @@ class Results:
         self.outputs: list[str] = [""] * total
         self.elapsed_us: list[int] = [0] * total
         self.errors: list[str | None] = [None] * total
+        self.workers: list[str | None] = [None] * total  # where each ran (host:pid, a worker's identity)
         self._seen = bytearray(total)
         self.artifacts: dict[int, dict[str, Any]] = {}  # where a job description's outputs went
         self.received = 0
@@ -64,12 +65,14 @@ class Results:
             if type(task_id) is not int or not 0 <= task_id < total or seen[task_id]:
                 raise MalformedMessage(f"result for unknown or already reported task {task_id!r}")
             seen[task_id] = 1
+        workers, worker = self.workers, batch.worker
         for task_id, code, output, elapsed, error in zip(
                 batch.ids, batch.exit_codes, batch.outputs, batch.elapsed_us, batch.errors, strict=True):
             self.exit_codes[task_id] = code
             self.outputs[task_id] = output
             self.elapsed_us[task_id] = elapsed
             self.errors[task_id] = error
+            workers[task_id] = worker
         if batch.artifacts is not None:
             self.artifacts.update((i, a) for i, a in zip(batch.ids, batch.artifacts, strict=True) if a)
         self.received += len(batch)
@@ -93,7 +96,7 @@ class Results:
             code, error = self.exit_codes[task_id], self.errors[task_id]
             record = {"id": task_id, "command": command, "status": task_status(code, error),
                       "exit_code": code, "output": self.outputs[task_id],
-                      "elapsed_ms": self.elapsed_us[task_id] / 1000}
+                      "elapsed_ms": self.elapsed_us[task_id] / 1000, "worker": self.workers[task_id]}
             if error is not None:
                 record["error"] = error
             if task_id in self.artifacts:

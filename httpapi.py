@@ -237,13 +237,14 @@ def task_reports(tasks: list[str], batches: list[ResultBatch], start: int, end: 
     """One object for each task from ``start`` to ``end`` (not included), in submission order."""
     reports: list[dict[str, Any]] = [{"id": i, "command": tasks[i]} for i in range(start, end)]
     for batch in batches:
+        worker = batch.worker
         for task_id, code, output, elapsed, error in zip(batch.ids, batch.exit_codes, batch.outputs,
                                                          batch.elapsed_us, batch.errors, strict=True):
             if not start <= task_id < end:
                 continue
             report = reports[task_id - start]
             report.update(result=task_status(code, error), exit_code=code,
-                          output=output, elapsed_ms=elapsed / 1000)
+                          output=output, elapsed_ms=elapsed / 1000, worker=worker)
             if error is not None:
                 report["error"] = error
     return reports

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -28,6 +29,7 @@ def test_killed_scheduler_resumes_the_job_without_rerunning_finished_tasks(start
     client = start_client("-s", sched.address, "-w", workload(tasks))
     wait_until(lambda: ran.exists() and len(ran.read_text().split()) >= 22)  # quick ones + 2 slow
     time.sleep(0.5)  # past the journal's write delay
+    first_workers = set(sched.worker_pids())
     sched.proc.kill()
     sched.proc.wait()
     _, stderr = client.communicate(timeout=30)
@@ -41,6 +43,11 @@ def test_killed_scheduler_resumes_the_job_without_rerunning_finished_tasks(start
     assert fetched.returncode == 0, fetched.stderr
     assert [r["output"] for r in read_results(out)] == [f"out{i}\n" for i in range(26)]
     assert [r["command"] for r in read_results(out)] == tasks
+    # Where each ran is kept in the store: the first 20 ran before the kill, on the first workers.
+    pids = [int(r["worker"].rpartition(":")[2]) for r in read_results(out)]
+    assert {r["worker"].rpartition(":")[0] for r in read_results(out)} == {socket.gethostname()}
+    assert set(pids[:20]) <= first_workers, (pids, first_workers)
+    assert set(pids) <= first_workers | set(again.worker_pids())
     runs = Counter(ran.read_text().split())
     assert all(runs[str(i)] == 1 for i in range(20)), runs  # finished before the kill: not run again
     assert all(runs[str(i)] == 1 for i in before if int(i) >= 20), runs
@@ -112,3 +119,18 @@ def test_a_store_serves_one_scheduler_at_a_time(start_scheduler, tmp_path):
                              "--state", str(state)], capture_output=True, text=True, timeout=60)
     assert second.returncode == 2
     assert f"job store {state} is in use by another scheduler" in second.stderr
+
+
+def test_the_store_keeps_where_each_result_ran(tmp_path):
+    from jobstore import JobOpened, ResultsAdded, SQLiteJobStore, TasksAdded
+    from tasks import ResultBatch
+
+    store = SQLiteJobStore(str(tmp_path / "jobs.sqlite"))
+    store.write([JobOpened("j", 1.0, None), TasksAdded("j", 0, ["true", "true"]),
+                 ResultsAdded("j", ResultBatch("j", 0, [0], [0], [""], [5], [None], worker="host:42"))])
+    # A row written before results named their worker reads back with none.
+    store._db.execute("INSERT INTO results (job, batch) VALUES (?, ?)", ("j", json.dumps(
+        {"type": "results", "job": "j", "ids": [1], "exit_codes": [0], "outputs": [""],
+         "elapsed_us": [5], "errors": [None]}).encode()))
+    assert [(batch.ids, batch.worker) for batch in store.read_results("j")] == [([0], "host:42"), ([1], None)]
+    store.close()

@@ -87,12 +87,16 @@ def test_http_job_matches_the_same_workload_over_tcp(start_scheduler, workload, 
     assert [t["result"] for t in report["tasks"]] == [r["status"] for r in over_tcp]
     assert [t["output"] for t in report["tasks"]] == [r["output"] for r in over_tcp]
     assert [t["exit_code"] for t in report["tasks"]] == [0, 0, 3, 0, 0, 0]
+    workers = [t["worker"] for t in report["tasks"]]  # where each ran: host:pid of a worker process
+    assert {w.rpartition(":")[0] for w in workers} == {socket.gethostname()}
+    assert {int(w.rpartition(":")[2]) for w in workers} <= set(sched.worker_pids())
 
     # The cursor is the job id of the TCP protocol too.
     again = tmp_path / "again.jsonl"
     fetched = run_client("-s", sched.address, "--cursor", accepted["cursor"], "-o", str(again))
     assert fetched.returncode == 1 and [r["output"] for r in read_results(again)] == \
         [t["output"] for t in report["tasks"]]
+    assert [r["worker"] for r in read_results(again)] == workers
 
 
 @pytest.mark.parametrize("body, error", [

@@ -1,7 +1,9 @@
 """End to end on the local backend: real scheduler and client processes on loopback."""
 
 import json
+import re
 import signal
+import socket
 import time
 
 import pytest
@@ -25,7 +27,22 @@ def test_every_task_one_result_in_workload_order(start_scheduler, workload, tmp_
     assert [r["exit_code"] for r in rows] == [0, 0, 0, 4, 0, 0]
     assert [r["output"] for r in rows] == ["", "", "hello\n", "", "a\nb", "err\n"]
     assert rows[1]["elapsed_ms"] >= 20
-    assert set(rows[0]) == {"id", "command", "status", "exit_code", "output", "elapsed_ms"}
+    assert set(rows[0]) == {"id", "command", "status", "exit_code", "output", "elapsed_ms", "worker"}
+    assert list(rows[0])[5:7] == ["elapsed_ms", "worker"]
+    assert all(re.fullmatch(r".+:\d+", r["worker"]) for r in rows)
+
+
+def test_each_result_names_the_worker_process_that_ran_it(start_scheduler, workload, tmp_path):
+    sched = start_scheduler("--local", "2")
+    out = tmp_path / "results.jsonl"
+    done = run_client("-s", sched.address, "-w", workload(["sleep 300"] * 6), "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    workers = [r["worker"] for r in read_results(out)]
+    hosts = {w.rpartition(":")[0] for w in workers}
+    pids = {int(w.rpartition(":")[2]) for w in workers}
+    assert hosts == {socket.gethostname()}
+    assert pids <= set(sched.worker_pids()), (pids, sched.worker_pids())  # still running: none died
+    assert len(pids) == 2, workers  # 1.8 s of work in one-task bundles: both workers took some
 
 
 def test_embedded_scheduler_is_the_default(workload, tmp_path):
@@ -159,6 +176,8 @@ def test_sigterm_without_a_store_finishes_in_flight_and_fails_the_rest(start_sch
     failed = [r for r in rows if r["status"] == "failed"]
     assert succeeded and failed
     assert {r["error"] for r in failed} == {"scheduler shut down before this task started"}
+    assert {r["worker"] for r in failed} == {None}  # made up by the scheduler: no worker ran them
+    assert all(r["worker"] for r in succeeded)
     client.stdout.close()
     client.stderr.close()
 

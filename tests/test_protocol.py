@@ -69,3 +69,51 @@ def test_results_with_non_integer_ids_are_refused():
     message = protocol.results_message(ResultBatch("j", None, ["0"], [0], [""], [1], [None]))
     with pytest.raises(MalformedMessage, match="integers"):
         protocol.results_from_message(message)
+
+
+def test_worker_returned_and_budget_round_trip():
+    bundle = Bundle("j", 3, [0, 1], ["sleep 1", "echo 1"], None, 2.5)
+    assert protocol.bundle_from_message(_through_the_wire(protocol.bundle_message(bundle))) == bundle
+    batch = ResultBatch("j", 3, [0], [0], [""], [10], [None], worker="buildhost:4121", returned=[1, 2])
+    assert protocol.results_from_message(_through_the_wire(protocol.results_message(batch))) == batch
+
+
+def test_results_carry_worker_and_returned_only_when_set():
+    message = protocol.results_message(ResultBatch("j", None, [0], [0], [""], [1], [None]))
+    assert "worker" not in message and "returned" not in message  # millions of results: no extra bytes
+    batch = protocol.results_from_message(_through_the_wire(message))
+    assert batch.worker is None and batch.returned == []
+    older = {**message, "worker": None, "returned": None}  # null says the same as absent
+    assert protocol.results_from_message(older) == batch
+
+
+@pytest.mark.parametrize("field, value", [
+    ("budget", -1), ("budget", float("nan")), ("budget", float("inf")), ("budget", "1"), ("budget", True),
+    ("timeout", -0.5), ("timeout", float("inf")), ("timeout", False),
+])
+def test_bundles_with_a_bad_budget_or_timeout_are_refused(field, value):
+    message = {**protocol.bundle_message(Bundle("j", 0, [0], ["true"])), field: value}
+    with pytest.raises(MalformedMessage, match=field):
+        protocol.bundle_from_message(_through_the_wire(message))
+
+
+def test_bundles_take_a_zero_or_whole_budget():
+    for budget in (0, 3, 0.25):
+        message = {**protocol.bundle_message(Bundle("j", 0, [0], ["true"])), "budget": budget}
+        assert protocol.bundle_from_message(_through_the_wire(message)).budget == budget
+
+
+@pytest.mark.parametrize("field, value", [
+    ("worker", 7), ("worker", ["h:1"]), ("worker", "h" * (protocol.MAX_WORKER_NAME + 1)),
+    ("returned", 3), ("returned", [-1]), ("returned", [True]), ("returned", ["1"]), ("returned", [1.0]),
+])
+def test_results_with_a_bad_worker_or_returned_are_refused(field, value):
+    message = {**protocol.results_message(ResultBatch("j", 0, [0], [0], [""], [1], [None])), field: value}
+    with pytest.raises(MalformedMessage, match=field):
+        protocol.results_from_message(_through_the_wire(message))
+
+
+def test_a_worker_name_of_the_longest_length_is_taken():
+    name = "h" * protocol.MAX_WORKER_NAME
+    message = {**protocol.results_message(ResultBatch("j", 0, [0], [0], [""], [1], [None])), "worker": name}
+    assert protocol.results_from_message(_through_the_wire(message)).worker == name
