@@ -159,13 +159,14 @@ class Job:
         return len(back)
 
     def keep_new(self, batch: ResultBatch) -> ResultBatch:
-        """Record the results in ``batch`` that are new, and return just those."""
+        """Record the results in ``batch`` that are new, and return just those (without the
+        tasks it handed back: those are the dispatcher's business, not its clients')."""
         done, total = self.done, self.total
         if self.finished:
             fresh = []
         else:
             fresh = [p for p, i in enumerate(batch.ids) if 0 <= i < total and not done[i]]
-        if len(fresh) != len(batch.ids):
+        if len(fresh) != len(batch.ids) or batch.returned:
             batch = batch.select(fresh)
         for i in batch.ids:
             done[i] = 1

@@ -367,7 +367,12 @@ class Scheduler:
             self.dispatcher.pump()
             raise
         if job.finished and not job.cancelled:  # it finished while the backend was told
-            return None
+            if not job.cancelled_count:
+                return None
+            # By this cancel: the backend reported the tasks it held cancelled, and they were
+            # the last ones (a local backend answers for the bundles it has not handed out).
+            job.cancelled = True
+            return job.cancelled_count
         self.dispatcher.cancel(job)
         await self.written()
         # Not what dispatcher.cancel counted: the backend may have reported some queued tasks

@@ -43,7 +43,7 @@ def _job_id(client) -> str:
 
 
 def test_remote_cancel_stops_the_running_task_and_skips_the_queued_ones(remote, aws, workload, tmp_path):
-    sched = remote.scheduler()
+    sched = remote.scheduler("--in-flight", "11")  # more bundles out than the one worker thread runs
     worker = remote.worker("-t", "1")
     ran = tmp_path / "ran"
     out = tmp_path / "r.jsonl"
@@ -68,7 +68,7 @@ def test_remote_cancel_stops_the_running_task_and_skips_the_queued_ones(remote, 
 
 
 def test_a_worker_that_missed_the_cancel_message_reads_it_from_dynamodb(remote, aws, workload, tmp_path):
-    sched = remote.scheduler()
+    sched = remote.scheduler("--in-flight", "8")  # the doomed job's bundles are queued behind the busy one
     worker = remote.worker("-t", "1")
     busy = start_client("-s", sched.address, "-w", workload(["sleep 3000"]))
     wait_until(lambda: aws.requests("NotVisible") == 1, timeout=20)  # the worker runs it
