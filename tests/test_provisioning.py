@@ -57,7 +57,10 @@ def test_scales_from_zero_to_max_and_back_to_zero(fleet, workload, tmp_path):
 
 
 def test_worker_killed_is_noticed_by_its_missing_heartbeat(fleet, workload, tmp_path):
-    sched = fleet.scheduler("--max-workers", "2", "--worker-threads", "1", "--worker-idle-timeout", "3")
+    # A loaded machine may start the victim's worker slower than the second below: killed before
+    # its first heartbeat, it is noticed by the boot timeout instead.
+    sched = fleet.scheduler("--max-workers", "2", "--worker-threads", "1", "--worker-idle-timeout", "3",
+                            "--boot-timeout", "15")
     out = tmp_path / "r.jsonl"
     client = start_client("-s", sched.address, "-w", workload([f"sleep 0.4; echo {i}" for i in range(30)]),
                           "-o", str(out))
