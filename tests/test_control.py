@@ -91,7 +91,7 @@ def test_a_worker_that_missed_the_cancel_message_reads_it_from_dynamodb(remote, 
 
 
 def test_drain_lets_workers_finish_what_they_hold_and_loses_nothing(remote, aws, workload, tmp_path):
-    sched = remote.scheduler()
+    sched = remote.scheduler("--in-flight", "8")  # every task out at once (alone: nothing is known of them)
     # On a queue of its own: the emulator would hand a bundle to the long poll it leaves open.
     killed = remote.worker("-t", "1", "--request-queue", f"{remote.request_queue}-elsewhere")
     wait_until(lambda: aws.subscribed() == 1)
