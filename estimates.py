@@ -37,8 +37,11 @@ TASK_OVERHEAD_SECONDS = 2e-6
 UNKNOWN_TASK_SECONDS = math.inf
 
 # Commands and programs remembered; past this, the oldest half is forgotten (a workload of
-# a million distinct lines must not grow the scheduler by a million entries).
+# a million distinct lines must not grow the scheduler by a million entries).  Commands longer
+# than MAX_REMEMBERED_COMMAND characters are known by their program only (a line of a job
+# description can be 128 KiB, and such lines rarely repeat): at most about 16 MiB of keys.
 MAX_REMEMBERED = 65_536
+MAX_REMEMBERED_COMMAND = 256
 MAX_PROGRAMS = 4_096
 
 # Recent runs kept per program, the longest of which is its estimate.
@@ -75,17 +78,18 @@ class TaskTimes:
             return ms / 1000 + TASK_OVERHEAD_SECONDS
         seconds = self._by_command.get(command)
         if seconds is None:
-            seconds = self._by_program.get(program_of(command))
+            seconds = self._by_program.get(program_of(command)[:MAX_REMEMBERED_COMMAND])
         return seconds
 
     def learn(self, command: str, seconds: float) -> None:
         """Take one run of ``command`` into account (a ``sleep N`` teaches nothing new)."""
         if native_sleep_ms(command) is not None:
             return
-        previous = self._by_command.get(command)
-        _remember(self._by_command, command, seconds if previous is None else (previous + seconds) / 2,
-                  MAX_REMEMBERED)
-        program = program_of(command)
+        if len(command) <= MAX_REMEMBERED_COMMAND:
+            previous = self._by_command.get(command)
+            _remember(self._by_command, command, seconds if previous is None else (previous + seconds) / 2,
+                      MAX_REMEMBERED)
+        program = program_of(command)[:MAX_REMEMBERED_COMMAND]
         runs = self._program_runs.get(program)
         if runs is None:
             runs = deque(maxlen=PROGRAM_SAMPLE_SIZE)
@@ -155,7 +159,7 @@ class _Cache(dict):
 
     def __missing__(self, command: str) -> float:
         seconds, cacheable = self._estimate(command)
-        if cacheable:
+        if cacheable and len(command) <= MAX_REMEMBERED_COMMAND:
             self[command] = seconds
         return seconds
 

@@ -219,6 +219,8 @@ class Dispatcher:
         # Bundle numbers are never reused, even across restarts (remote claims are per number).
         self._next_bundle = first_bundle
         self._held = False  # shutting down: no more bundles
+        # Shutting down without a store: why a task that is not run now never will be.
+        self._unrun_reason: str | None = None
 
     @property
     def idle(self) -> bool:
@@ -301,8 +303,9 @@ class Dispatcher:
         for batch in batches:
             job = self.jobs.get(batch.job)
             fresh = job.keep_new(batch) if job is not None else batch
-            if batch.bundle in self._in_flight:
-                due = self._in_flight[batch.bundle][1]
+            in_flight = self._in_flight.get(batch.bundle)  # type: ignore[arg-type]
+            if in_flight is not None and in_flight[0].job == batch.job:
+                due = in_flight[1]
                 due.difference_update(batch.ids)
                 if batch.returned:
                     self._take_back(job, due, batch.returned)
@@ -321,6 +324,10 @@ class Dispatcher:
         due.difference_update(held)
         if job is None or job.cancelling or not held:
             return
+        if self._unrun_reason is not None:  # nothing runs any more: it gets its result now
+            self.handle_results(_synthetic(job.id, None, [i for i in held if not job.done[i]],
+                                           self._unrun_reason))
+            return
         if job.give_back(held):
             if job in self._ready:
                 self._ready.remove(job)
@@ -331,7 +338,10 @@ class Dispatcher:
         self._held = True
 
     def fail_undispatched(self, reason: str) -> None:
-        """Report every task not yet given to the backend as failed (shutting down)."""
+        """Report every task not yet given to the backend as failed, and any a bundle hands
+        back from now on (shutting down without a store); submit no more bundles."""
+        self._held = True
+        self._unrun_reason = reason
         while self._ready:
             job = self._ready.popleft()
             self.handle_results(_synthetic(job.id, None, job.unqueue(in_flight=False), reason))

@@ -269,7 +269,9 @@ class LocalBackend(Backend):
         if victim.unstarted() <= 0:
             return math.inf
         number = next(reversed(victim.held))
-        if number not in victim.asked and self._send(victim, {"type": "hand_back", "bundle": number}):
+        job = victim.held[number].bundle.job
+        if number not in victim.asked and self._send(victim, {"type": "hand_back", "job": job,
+                                                              "bundle": number}):
             victim.asked.add(number)
         return math.inf
 
@@ -376,14 +378,14 @@ class _Inbox:
         with self._lock:
             self._running = False
 
-    def hand_back(self, number: int) -> Bundle | None:
+    def hand_back(self, job: str, number: int) -> Bundle | None:
         """The bundle ``number`` if it waits behind another, taken out; else None, its box ended."""
         with self._lock:
             for position, bundle in enumerate(self._bundles):
                 if bundle is not None and bundle.bundle == number and (self._running or position):
                     del self._bundles[position]
                     return bundle
-            self._boxes.end(number)
+            self._boxes.end(job, number)
             return None
 
 
@@ -438,7 +440,7 @@ def _read_bundles(conn: multiprocessing.connection.Connection, inbox: _Inbox,
         if message["type"] == "cancel":
             cancellations.cancel(message["job"])
         elif message["type"] == "hand_back":
-            withdrawn = inbox.hand_back(message["bundle"])
+            withdrawn = inbox.hand_back(message["job"], message["bundle"])
             if withdrawn is not None:
                 send(ResultBatch(withdrawn.job, withdrawn.bundle, returned=list(withdrawn.ids)))
         else:

@@ -66,7 +66,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "ready": {"job": str, "nonce": str},
     "error": {"code": str, "message": str},
     "bundle": {"job": str, "bundle": int, "ids": list, "commands": list},
-    "hand_back": {"bundle": int},
+    "hand_back": {"job": str, "bundle": int},
 }
 
 

@@ -135,6 +135,7 @@ class SQSBackend(Backend):
         self._response_url = aws.ensure_queue(self._sqs, response_queue, visibility_timeout)
         aws.ensure_claim_table(self._dynamodb, claim_table)
         self._control = ControlTopic(control_topic)
+        self._count_slots()  # before the first job: sized for the workers already there
         self._outbox: queue.SimpleQueue[Bundle | None] = queue.SimpleQueue()
         self._undeliverable: queue.SimpleQueue[ResultBatch] = queue.SimpleQueue()
         self._sender = threading.Thread(target=self._send_loop, name="cloudkon-sqs-send", daemon=True)
@@ -142,20 +143,26 @@ class SQSBackend(Backend):
         log.info("requests on %s, results on %s", self._request_url, self._response_url)
 
     def workers(self) -> int:
+        """The slots counted last (no AWS call: this runs on the scheduler's event loop)."""
         if self._in_flight is not None:
             return self._in_flight
-        now = time.monotonic()
-        if now - self._slots_counted >= (SLOTS_REFRESH_SECONDS if self._slots else 1.0):
-            self._slots_counted = now
-            try:
-                slots = self._control.slots(self._dynamodb, self._claim_table)
-            except BackendError as exc:
-                log.warning("counting the workers: %s", exc)
-            else:
-                if slots != self._slots:
-                    log.info("workers subscribed run %d bundle(s) at once", slots)
-                self._slots = slots
         return self._slots or SLOTS_WITHOUT_WORKERS
+
+    def _count_slots(self) -> None:
+        """Count the workers' slots again if it is time (from the receiving thread)."""
+        now = time.monotonic()
+        if self._in_flight is not None or now - self._slots_counted < (
+                SLOTS_REFRESH_SECONDS if self._slots else 1.0):
+            return
+        self._slots_counted = now
+        try:
+            slots = self._control.slots(self._dynamodb, self._claim_table)
+        except BackendError as exc:
+            log.warning("counting the workers: %s", exc)
+            return
+        if slots != self._slots:
+            log.info("workers subscribed run %d bundle(s) at once", slots)
+        self._slots = slots
 
     def capacity(self) -> int:
         return self.workers()
@@ -164,6 +171,7 @@ class SQSBackend(Backend):
         self._outbox.put(bundle)
 
     def receive(self, timeout: float) -> list[ResultBatch]:
+        self._count_slots()
         results = _drain(self._undeliverable)
         messages = aws.receive_messages(self._sqs, self._response_url, aws.SQS_MAX_BATCH,
                                         0 if results else int(timeout))

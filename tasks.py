@@ -360,8 +360,10 @@ class TimeBoxes:
 
     def __init__(self, hand_back: Callable[[Bundle, list[int]], None]) -> None:
         self._hand_back = hand_back
+        # By the bundle object: bundle numbers are a scheduler's own (several share a remote
+        # worker), and a bundle split over several messages runs as parts with one number.
         self._boxes: dict[int, _Box] = {}
-        self._asked: set[int] = set()  # bundles asked for before they started
+        self._asked: set[tuple[str, int]] = set()  # (job, bundle) asked for before it started
         self._changed = threading.Condition()
         threading.Thread(target=self._watch, name="cloudkon-time-boxes", daemon=True).start()
 
@@ -369,29 +371,31 @@ class TimeBoxes:
     def open(self, bundle: Bundle) -> Iterator[_Box | None]:
         """The bundle's box while it runs (None: no box and not asked for)."""
         with self._changed:
-            asked = bundle.bundle in self._asked
+            asked = (bundle.job, bundle.bundle) in self._asked
             self._asked.clear()  # asked for the bundle about to run, or for ones long gone
             if bundle.budget is None and not asked:
                 box = None
             else:
                 box = _Box(bundle, time.monotonic() + (0 if asked else bundle.budget))  # type: ignore[operator]
-                self._boxes[bundle.bundle] = box
+                self._boxes[id(bundle)] = box
                 self._changed.notify()
         try:
             yield box
         finally:
             if box is not None:
                 with self._changed:
-                    del self._boxes[bundle.bundle]
+                    del self._boxes[id(bundle)]
 
-    def end(self, number: int) -> None:
-        """End bundle ``number``'s box now (or as soon as it starts)."""
+    def end(self, job: str, number: int) -> None:
+        """End the box of ``job``'s bundle ``number`` now (or as soon as it starts)."""
         with self._changed:
-            box = self._boxes.get(number)
-            if box is None:
-                self._asked.add(number)
+            boxes = [box for box in self._boxes.values()
+                     if box.bundle.bundle == number and box.bundle.job == job]
+            if not boxes:
+                self._asked.add((job, number))
                 return
-            box.ends_at = 0.0
+            for box in boxes:
+                box.ends_at = 0.0
             self._changed.notify()
 
     def _watch(self) -> None:

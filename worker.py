@@ -165,7 +165,7 @@ class Worker:
         self.claims = Claims(self.dynamodb, claim_table, self.identity, visibility_timeout)
         self.cancellations = Cancellations()
         self.boxes = TimeBoxes(self._hand_back_rest)
-        self._reply_to: dict[int, str] = {}  # bundle number -> its scheduler's queue, while it runs
+        self._reply_to: dict[int, str] = {}  # id(bundle) -> its scheduler's queue, while it runs
         self.control = ControlQueue(self.sqs, control_topic, identity)
         record_slots(self.dynamodb, claim_table, identity, threads)  # schedulers size bundles by it
         self.leaving: str | None = None  # "drain" or "shutdown", once a control message says so
@@ -244,7 +244,8 @@ class Worker:
                 self._send(bundle.job, reply_to, [skipped])
                 aws.delete_messages(self.sqs, self.request_url, [receipt])
                 return
-            key = f"{bundle.job}:{bundle.bundle}"
+            # A bundle too large for one message travels as parts with its number: each is claimed.
+            key = f"{bundle.job}:{bundle.bundle}:{bundle.ids[0] if bundle.ids else 0}"
             claim = self.claims.claim(key)
             if claim == "done":
                 aws.delete_messages(self.sqs, self.request_url, [receipt])
@@ -256,12 +257,12 @@ class Worker:
             else:
                 with self._lock:
                     self._held[message["MessageId"]] = (receipt, key)
-                self._reply_to[bundle.bundle] = reply_to
+                self._reply_to[id(bundle)] = reply_to
                 try:
                     self._send(bundle.job, reply_to,
                                run_bundle(bundle, cancellations=self.cancellations, boxes=self.boxes))
                 finally:
-                    del self._reply_to[bundle.bundle]
+                    del self._reply_to[id(bundle)]
                 if self.leaving == "shutdown":  # its results were not sent: the bundle runs again elsewhere
                     return
                 self.claims.finish(key)
@@ -296,8 +297,8 @@ class Worker:
     def _hand_back_rest(self, bundle: Bundle, ids: list[int]) -> None:
         """Send the tasks a bundle whose time box ran out will not start to its scheduler, now
         (TimeBoxes' thread); its last results say so again."""
-        self._send(bundle.job, self._reply_to[bundle.bundle], [ResultBatch(bundle.job, bundle.bundle,
-                                                                           returned=ids)])
+        self._send(bundle.job, self._reply_to[id(bundle)], [ResultBatch(bundle.job, bundle.bundle,
+                                                                        returned=ids)])
 
     def _cancelled(self, job: str) -> bool:
         """True if ``job`` is cancelled, by what this worker heard or by its durable mark."""

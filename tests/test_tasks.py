@@ -131,7 +131,7 @@ def test_a_box_that_runs_out_during_a_task_hands_back_the_rest_at_once():
 def test_a_bundle_asked_back_runs_its_first_task_and_hands_back_the_rest():
     handed_back: list[list[int]] = []
     boxes = TimeBoxes(lambda bundle, ids: handed_back.append(ids))
-    boxes.end(4)  # asked for before it starts
+    boxes.end("j", 4)  # asked for before it starts
     bundle = Bundle("j", 4, [5, 6, 7], ["sleep 300", "sleep 0", "sleep 0"])
     assert [i for batch in run_bundle(bundle, boxes=boxes) for i in batch.ids] == [5]
     assert handed_back == [[6, 7]]
