@@ -54,13 +54,11 @@ def plan_bundle(times: list[float], target_seconds: float, even_share: int) -> t
 
     As many as fit in ``target_seconds`` (at least one, however long); never more than
     ``even_share`` (what is left of the job over the slots that run it, so that a job's
-    last tasks spread over every worker), but never under an eighth of the target, where
-    the bundle's own cost would outweigh the balance gained.
+    last tasks spread over every worker, even when their estimates are wrong: balance
+    before the cost of more bundles).
     """
     total = list(accumulate(times))
-    count = max(1, bisect_right(total, target_seconds * TARGET_TOLERANCE))
-    floor = max(1, bisect_right(total, target_seconds / 8))
-    count = min(count, max(even_share, floor))
+    count = min(max(1, bisect_right(total, target_seconds * TARGET_TOLERANCE)), max(1, even_share))
     expected = total[count - 1]
     if math.isinf(expected):
         return count, None

@@ -44,8 +44,10 @@ MAX_REMEMBERED = 65_536
 MAX_REMEMBERED_COMMAND = 256
 MAX_PROGRAMS = 4_096
 
-# Recent runs kept per program, the longest of which is its estimate.
-PROGRAM_SAMPLE_SIZE = 32
+# Recent runs kept per program, the longest of which is its estimate: enough that a program
+# whose runs are mostly instant and 10% long is not taken for an instant one after a streak
+# (the chance that 256 runs in a row are all short is 0.9 ** 256, about 2e-12).
+PROGRAM_SAMPLE_SIZE = 256
 
 # Results looked at per batch, its longest among them: enough to learn from, without a
 # Python step per result on the hot path (a batch of `sleep 0` holds thousands).

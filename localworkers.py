@@ -114,6 +114,14 @@ class _WorkerSlot:
         """Tasks it holds that it has not started (its first bundle's next task is running)."""
         return sum(held.unreported for held in self.held.values()) - (1 if self.held else 0)
 
+    def stealable(self) -> int:
+        """Its unstarted tasks, if its last bundle has not been asked for yet (once asked, its
+        results may lag: they go out at its next flush, after the running task, so it may seem
+        to hold tasks it has run or handed back)."""
+        if not self.held or next(reversed(self.held)) in self.asked:
+            return 0
+        return self.unstarted()
+
     def takes_more(self) -> bool:
         """Whether it may be handed another bundle now."""
         if not self.held:
@@ -265,13 +273,11 @@ class LocalBackend(Backend):
         wait = min(idle) + STEAL_AFTER_SECONDS - time.monotonic()
         if wait > 0:
             return wait
-        victim = max((s for s in self._slots if not s.dead), key=_WorkerSlot.unstarted)
-        if victim.unstarted() <= 0:
+        victim = max((s for s in self._slots if not s.dead), key=_WorkerSlot.stealable)
+        if victim.stealable() <= 0:
             return math.inf
         number = next(reversed(victim.held))
-        job = victim.held[number].bundle.job
-        if number not in victim.asked and self._send(victim, {"type": "hand_back", "job": job,
-                                                              "bundle": number}):
+        if self._send(victim, {"type": "hand_back", "job": victim.held[number].bundle.job, "bundle": number}):
             victim.asked.add(number)
         return math.inf
 

@@ -32,7 +32,7 @@ def test_bundle_rule_cuts_by_estimated_time():
     assert plan_bundle([1e-6] * MAX_BUNDLE_TASKS, 0.02, 10**6)[0] == MAX_BUNDLE_TASKS
     assert plan_bundle([0.01] * 100, 0.02, 10**6) == (2, 0.04)  # 10 ms tasks: 20 ms worth, boxed at 2x
     assert plan_bundle([0.001] * 100, 0.02, 3) == (3, 0.04)  # near the end: an even share of what is left
-    assert plan_bundle([0.001] * 100, 0.02, 1)[0] == 2  # but not under an eighth of the target
+    assert plan_bundle([0.0] * 100, 0.02, 5)[0] == 5  # even when the estimates say it would cost nothing
     assert plan_bundle([0.001, 10.0, 0.001], 0.02, 100) == (1, 0.04)  # a long task is not bundled behind
     assert plan_bundle([10.0, 0.001], 0.02, 100) == (1, 20.0)  # a long task goes alone, boxed at 2x
 
