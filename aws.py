@@ -26,6 +26,7 @@ import logging
 import os
 import threading
 from collections.abc import Iterator
+from concurrent.futures import Executor
 from typing import Any
 
 import boto3
@@ -153,17 +154,27 @@ def ensure_table(dynamodb: Any, name: str, keys: list[tuple[str, str]],
                 "Enabled": True, "AttributeName": ttl_attribute})
 
 
-def send_messages(sqs: Any, queue_url: str, bodies: list[str]) -> None:
-    """Send message bodies (each already within MAX_SQS_MESSAGE_BYTES) in as few batches as fit."""
-    for batch in _batches(bodies):
-        entries = [{"Id": str(i), "MessageBody": body} for i, body in enumerate(batch)]
-        with aws_errors("sending to SQS"):
-            failed = sqs.send_message_batch(QueueUrl=queue_url, Entries=entries).get("Failed", [])
-            if failed:  # throttled or internal errors: once more, only those
-                retry = [entries[int(f["Id"])] for f in failed]
-                failed = sqs.send_message_batch(QueueUrl=queue_url, Entries=retry).get("Failed", [])
-        if failed:
-            raise BackendError(f"sending to SQS: {len(failed)} messages refused: {failed[0].get('Message')}")
+def send_messages(sqs: Any, queue_url: str, bodies: list[str], calls: Executor | None = None) -> None:
+    """Send message bodies (each already within MAX_SQS_MESSAGE_BYTES) in as few batches as fit,
+    the batches at once through ``calls`` if given."""
+    batches = list(_batches(bodies))
+    if calls is None or len(batches) < 2:
+        for batch in batches:
+            _send_batch(sqs, queue_url, batch)
+        return
+    for done in [calls.submit(_send_batch, sqs, queue_url, batch) for batch in batches]:
+        done.result()
+
+
+def _send_batch(sqs: Any, queue_url: str, batch: list[str]) -> None:
+    entries = [{"Id": str(i), "MessageBody": body} for i, body in enumerate(batch)]
+    with aws_errors("sending to SQS"):
+        failed = sqs.send_message_batch(QueueUrl=queue_url, Entries=entries).get("Failed", [])
+        if failed:  # throttled or internal errors: once more, only those
+            retry = [entries[int(f["Id"])] for f in failed]
+            failed = sqs.send_message_batch(QueueUrl=queue_url, Entries=retry).get("Failed", [])
+    if failed:
+        raise BackendError(f"sending to SQS: {len(failed)} messages refused: {failed[0].get('Message')}")
 
 
 def _batches(bodies: list[str]) -> Iterator[list[str]]:
@@ -188,11 +199,22 @@ def receive_messages(sqs: Any, queue_url: str, max_messages: int, wait_seconds: 
             WaitTimeSeconds=max(0, min(wait_seconds, SQS_MAX_WAIT_SECONDS))).get("Messages", [])
 
 
-def delete_messages(sqs: Any, queue_url: str, receipt_handles: list[str]) -> None:
-    for start in range(0, len(receipt_handles), SQS_MAX_BATCH):
-        entries = [{"Id": str(i), "ReceiptHandle": handle}
-                   for i, handle in enumerate(receipt_handles[start:start + SQS_MAX_BATCH])]
-        with aws_errors("deleting from SQS"):
-            failed = sqs.delete_message_batch(QueueUrl=queue_url, Entries=entries).get("Failed", [])
-        for failure in failed:  # a stale receipt: the message comes back and is skipped as done
-            log.warning("could not delete a message: %s", failure.get("Message"))
+def delete_messages(sqs: Any, queue_url: str, receipt_handles: list[str],
+                    calls: Executor | None = None) -> None:
+    """Delete messages, ten to a call, the calls at once through ``calls`` if given."""
+    chunks = [receipt_handles[start:start + SQS_MAX_BATCH]
+              for start in range(0, len(receipt_handles), SQS_MAX_BATCH)]
+    if calls is None or len(chunks) < 2:
+        for chunk in chunks:
+            _delete_batch(sqs, queue_url, chunk)
+        return
+    for done in [calls.submit(_delete_batch, sqs, queue_url, chunk) for chunk in chunks]:
+        done.result()
+
+
+def _delete_batch(sqs: Any, queue_url: str, receipt_handles: list[str]) -> None:
+    entries = [{"Id": str(i), "ReceiptHandle": handle} for i, handle in enumerate(receipt_handles)]
+    with aws_errors("deleting from SQS"):
+        failed = sqs.delete_message_batch(QueueUrl=queue_url, Entries=entries).get("Failed", [])
+    for failure in failed:  # a stale receipt: the message comes back and is skipped as done
+        log.warning("could not delete a message: %s", failure.get("Message"))

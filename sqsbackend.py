@@ -26,6 +26,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import aws
@@ -41,6 +42,12 @@ log = logging.getLogger("cloudkon.sqs")
 # Slots assumed while no worker is subscribed to the control topic (bundles wait in the
 # queue for workers still starting).
 SLOTS_WITHOUT_WORKERS = 8
+# SQS calls the scheduler makes at once when results or bundles pile up (a fleet of a
+# thousand workers finishes a wave of bundles together; one call at a time takes ten
+# messages per round trip).  The first receive of each round is a long poll alone; more
+# follow, without waiting, only while every receive comes back full.
+PARALLEL_SQS_CALLS = 8
+
 # How often the workers that are there are counted again (one listing, one batch read);
 # every second while none is there.
 SLOTS_REFRESH_SECONDS = 30.0
@@ -136,6 +143,7 @@ class SQSBackend(Backend):
         aws.ensure_claim_table(self._dynamodb, claim_table)
         self._control = ControlTopic(control_topic)
         self._count_slots()  # before the first job: sized for the workers already there
+        self._calls = ThreadPoolExecutor(PARALLEL_SQS_CALLS, thread_name_prefix="cloudkon-sqs")
         self._outbox: queue.SimpleQueue[Bundle | None] = queue.SimpleQueue()
         self._undeliverable: queue.SimpleQueue[ResultBatch] = queue.SimpleQueue()
         self._sender = threading.Thread(target=self._send_loop, name="cloudkon-sqs-send", daemon=True)
@@ -175,12 +183,19 @@ class SQSBackend(Backend):
         results = _drain(self._undeliverable)
         messages = aws.receive_messages(self._sqs, self._response_url, aws.SQS_MAX_BATCH,
                                         0 if results else int(timeout))
+        width = 1
+        while len(messages) == width * aws.SQS_MAX_BATCH and width < PARALLEL_SQS_CALLS:  # a backlog
+            width = min(2 * width, PARALLEL_SQS_CALLS)
+            more = [self._calls.submit(aws.receive_messages, self._sqs, self._response_url,
+                                       aws.SQS_MAX_BATCH, 0) for _ in range(width)]
+            messages += [message for done in more for message in done.result()]
         for message in messages:
             try:
                 results.append(protocol.results_from_message(protocol.decode(message["Body"].encode())))
             except MalformedMessage as exc:
                 log.error("dropping a malformed message on the response queue: %s", exc)
-        aws.delete_messages(self._sqs, self._response_url, [m["ReceiptHandle"] for m in messages])
+        aws.delete_messages(self._sqs, self._response_url, [m["ReceiptHandle"] for m in messages],
+                            self._calls)
         return results
 
     def cancel(self, job: str) -> None:
@@ -193,6 +208,7 @@ class SQSBackend(Backend):
     def close(self, wait: bool = True) -> None:
         self._outbox.put(None)
         self._sender.join(30 if wait else 5)
+        self._calls.shutdown(wait=False)
         if self._owns_response_queue:
             try:
                 with aws_errors("deleting the response queue"):
@@ -219,7 +235,7 @@ class SQSBackend(Backend):
                 fail(failed_batch(alone.job, alone.bundle, alone.ids,
                                   f"task too large for an SQS message ({MAX_SQS_MESSAGE_BYTES} bytes)"))
         try:
-            aws.send_messages(self._sqs, self._request_url, bodies)
+            aws.send_messages(self._sqs, self._request_url, bodies, self._calls)
         except BackendError as exc:
             log.error("%s", exc)
             for bundle in bundles:
