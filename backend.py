@@ -39,8 +39,9 @@ MAX_BUNDLE_TASKS = 4096
 MAX_BUNDLE_COMMAND_BYTES = 128 * 1024
 
 
-# A bundle's time box is this many times its estimated length (at least its backend's
-# target): room for estimates that are a little off, a stop for those that are far off.
+# A bundle's time box is this many times its estimated length, plus its backend's
+# ``time_box_margin``: room for estimates that are a little off, a stop for those that are
+# far off.
 TIME_BOX_SLACK = 2.0
 
 # "About the target": 20 tasks of 1 ms (and a few microseconds of overhead each) make a
@@ -48,7 +49,8 @@ TIME_BOX_SLACK = 2.0
 TARGET_TOLERANCE = 1.01
 
 
-def plan_bundle(times: list[float], target_seconds: float, even_share: int) -> tuple[int, float | None]:
+def plan_bundle(times: list[float], target_seconds: float, even_share: int,
+                margin_seconds: float) -> tuple[int, float | None]:
     """How many of a job's next tasks (expected to take ``times`` seconds each) make its
     next bundle, and the bundle's time box in seconds (None: no box).
 
@@ -62,7 +64,7 @@ def plan_bundle(times: list[float], target_seconds: float, even_share: int) -> t
     expected = total[count - 1]
     if math.isinf(expected):
         return count, None
-    return count, TIME_BOX_SLACK * max(expected, target_seconds)
+    return count, TIME_BOX_SLACK * expected + margin_seconds
 
 
 class Backend(ABC):
@@ -76,6 +78,8 @@ class Backend(ABC):
     # per-bundle cost stays near 1%, short enough that a job submitted behind a big
     # one waits about this long at most.
     target_bundle_seconds: float = 0.02
+    # Added to twice a bundle's estimated length for its time box (backend.plan_bundle).
+    time_box_margin: float = 0.04
 
     @abstractmethod
     def workers(self) -> int:

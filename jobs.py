@@ -99,7 +99,7 @@ class Job:
         self.total += len(commands)
         self.undispatched += len(commands)
 
-    def take_bundle(self, number: int, target_seconds: float, slots: int) -> Bundle:
+    def take_bundle(self, number: int, target_seconds: float, slots: int, margin_seconds: float) -> Bundle:
         """The job's next tasks as bundle ``number``: handed-back ones first, then the next
         run of tasks without a result; about ``target_seconds`` of them by their estimates."""
         assert self.times is not None, "a job is bundled by the dispatcher that holds it"
@@ -110,7 +110,8 @@ class Job:
         while True:
             ids = self._next_ids(look)
             commands = [self.commands[i] for i in ids]
-            count, budget = plan_bundle(self.times.estimates(commands), target_seconds, even_share)
+            count, budget = plan_bundle(self.times.estimates(commands), target_seconds, even_share,
+                                        margin_seconds)
             if count < len(ids) or len(ids) < look or look >= MAX_BUNDLE_TASKS:
                 break
             look = min(look * 8, MAX_BUNDLE_TASKS)
@@ -292,7 +293,8 @@ class Dispatcher:
             job = self._ready.popleft()
             if not job.undispatched or job.cancelling:  # results from an earlier start's bundles; a cancel
                 continue
-            bundle = job.take_bundle(self._next_bundle, self.backend.target_bundle_seconds, slots)
+            bundle = job.take_bundle(self._next_bundle, self.backend.target_bundle_seconds, slots,
+                                     self.backend.time_box_margin)
             self._next_bundle += 1
             self._in_flight[bundle.bundle] = (bundle, set(bundle.ids))
             self.backend.submit(bundle)

@@ -136,6 +136,9 @@ class LocalBackend(Backend):
 
     name = "local"
     target_bundle_seconds = 0.02  # a bundle costs ~0.1 ms of encoding and IPC here
+    # Twice the target: a hand-back costs a round trip to the scheduler, and stealing catches
+    # a bundle whose box is too generous.
+    time_box_margin = 0.04
 
     def __init__(self, workers: int, output_cap: int = OUTPUT_CAP_BYTES) -> None:
         if workers < 1:

@@ -47,6 +47,8 @@ SLOTS_WITHOUT_WORKERS = 8
 # messages per round trip).  The first receive of each round is a long poll alone; more
 # follow, without waiting, only while every receive comes back full.
 PARALLEL_SQS_CALLS = 8
+# Result messages taken in one receive, at most: the dispatcher hears of them between rounds.
+MAX_RECEIVED = 400
 
 # How often the workers that are there are counted again (one listing, one batch read);
 # every second while none is there.
@@ -125,6 +127,9 @@ class SQSBackend(Backend):
     # of the time and at 0.01 calls per task for 10 ms tasks.  Jobs behind a big one wait
     # about this long for their turn.
     target_bundle_seconds = 5.0
+    # A quarter of the target, not the target: there is no stealing remotely, so a bundle of
+    # tasks taken for instant ones that meets a long one must give up the rest soon.
+    time_box_margin = 1.25
 
     def __init__(self, request_queue: str = aws.DEFAULT_REQUEST_QUEUE, response_queue: str | None = None,
                  claim_table: str = aws.DEFAULT_CLAIM_TABLE, in_flight: int | None = None,
@@ -183,12 +188,13 @@ class SQSBackend(Backend):
         results = _drain(self._undeliverable)
         messages = aws.receive_messages(self._sqs, self._response_url, aws.SQS_MAX_BATCH,
                                         0 if results else int(timeout))
-        width = 1
-        while len(messages) == width * aws.SQS_MAX_BATCH and width < PARALLEL_SQS_CALLS:  # a backlog
+        width, last = 1, messages
+        while len(last) == width * aws.SQS_MAX_BATCH and len(messages) < MAX_RECEIVED:  # a backlog
             width = min(2 * width, PARALLEL_SQS_CALLS)
             more = [self._calls.submit(aws.receive_messages, self._sqs, self._response_url,
                                        aws.SQS_MAX_BATCH, 0) for _ in range(width)]
-            messages += [message for done in more for message in done.result()]
+            last = [message for done in more for message in done.result()]
+            messages += last
         for message in messages:
             try:
                 results.append(protocol.results_from_message(protocol.decode(message["Body"].encode())))

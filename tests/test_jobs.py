@@ -28,13 +28,17 @@ def test_second_result_for_a_task_is_ignored():
 
 def test_bundle_rule_cuts_by_estimated_time():
     inf = math.inf
-    assert plan_bundle([inf] * 5, 0.02, 100) == (1, None)  # nothing known: alone, with no time box
-    assert plan_bundle([1e-6] * MAX_BUNDLE_TASKS, 0.02, 10**6)[0] == MAX_BUNDLE_TASKS
-    assert plan_bundle([0.01] * 100, 0.02, 10**6) == (2, 0.04)  # 10 ms tasks: 20 ms worth, boxed at 2x
-    assert plan_bundle([0.001] * 100, 0.02, 3) == (3, 0.04)  # near the end: an even share of what is left
-    assert plan_bundle([0.0] * 100, 0.02, 5)[0] == 5  # even when the estimates say it would cost nothing
-    assert plan_bundle([0.001, 10.0, 0.001], 0.02, 100) == (1, 0.04)  # a long task is not bundled behind
-    assert plan_bundle([10.0, 0.001], 0.02, 100) == (1, 20.0)  # a long task goes alone, boxed at 2x
+    assert plan_bundle([inf] * 5, 0.02, 100, 0.005) == (1, None)  # nothing known: alone, with no time box
+    assert plan_bundle([1e-6] * MAX_BUNDLE_TASKS, 0.02, 10**6, 0.005)[0] == MAX_BUNDLE_TASKS
+    # 10 ms tasks: 20 ms worth, boxed at twice that and the backend's margin
+    assert plan_bundle([0.01] * 100, 0.02, 10**6, 0.005) == (2, pytest.approx(0.045))
+    assert plan_bundle([0.001] * 100, 0.02, 3, 0.005)[0] == 3  # near the end: an even share of what is left
+    assert plan_bundle([0.0] * 100, 0.02, 5, 0.005)[0] == 5  # even if estimated to cost nothing
+    assert plan_bundle([0.001, 10.0, 0.001], 0.02, 100, 0.005)[0] == 1  # a long task is not bundled behind
+    assert plan_bundle([10.0, 0.001], 0.02, 100, 0.005) == (1, pytest.approx(20.005))  # goes alone
+    # Taken for instant tasks, a bundle is boxed at the margin (remotely, a quarter of the
+    # target): one that meets a long task hands back the rest that soon, not after it.
+    assert plan_bundle([0.0] * 50, 5.0, 20, 1.25) == (20, 1.25)
 
 
 def test_estimates_come_from_the_task_then_what_was_seen_then_the_job():
@@ -142,7 +146,7 @@ def test_handed_back_tasks_run_next_and_only_the_bundle_holding_them_hands_them_
     dispatcher.close_job(job)
     first, second = backend.submitted
     assert (first.ids, second.ids) == (list(range(20)), list(range(20, 40)))
-    assert first.budget == pytest.approx(0.04, rel=0.01)
+    assert first.budget == pytest.approx(0.08, rel=0.01)  # twice 20 ms, and the local margin
     # The first bundle runs 5 tasks and hands back the rest: they go out next, before task 40.
     handed_back = _ok(job.id, first.bundle, first.ids[:5])
     handed_back.returned = first.ids[5:]
