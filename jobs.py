@@ -324,7 +324,7 @@ class Dispatcher:
         """Queue again the tasks a bundle handed back, if that bundle still holds them."""
         held = [i for i in returned if i in due]
         due.difference_update(held)
-        if job is None or job.cancelling or not held:
+        if job is None or not held:  # queued even while a cancel is told: it may fail (then they run)
             return
         if self._unrun_reason is not None:  # nothing runs any more: it gets its result now
             self.handle_results(_synthetic(job.id, None, [i for i in held if not job.done[i]],
