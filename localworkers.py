@@ -10,11 +10,12 @@ results, and replacing any that die.  Data flow::
 
 Each worker has its own duplex pipe and holds at most PREFETCH_BUNDLES bundles (a
 second one only behind a short one), so the backend always knows which tasks a worker
-holds.  No worker idles while another holds tasks it has not started: when one has
-nothing and nothing is queued, the backend sends a ``hand_back`` frame to the worker
-holding the most unstarted tasks; it returns its queued bundle at once, or stops its
-running bundle after the current task, and reports the rest as ``returned``
-(tasks.run_bundle), which the dispatcher queues first.  ``receive`` waits on the
+holds.  No worker idles while another holds tasks it has not started: when one has had
+nothing for STEAL_AFTER_SECONDS and nothing is queued, the backend sends a ``hand_back``
+frame to the worker holding the most unstarted tasks; it returns a bundle it has not
+started at once, or ends the time box of the one it runs (tasks.TimeBoxes: the rest goes
+back at once as ``returned``, the task in hand runs on), and the dispatcher queues those
+tasks first.  A box that runs out by itself does the same.  ``receive`` waits on the
 pipes, the process sentinels and a wakeup pipe together (as concurrent.futures
 does), so a worker killed with SIGKILL is noticed at once rather than hanging the
 job.  A dead worker's tasks are re-queued; the one it was running (known from a
