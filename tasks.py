@@ -368,23 +368,21 @@ class TimeBoxes:
         threading.Thread(target=self._watch, name="cloudkon-time-boxes", daemon=True).start()
 
     @contextmanager
-    def open(self, bundle: Bundle) -> Iterator[_Box | None]:
-        """The bundle's box while it runs (None: no box and not asked for)."""
+    def open(self, bundle: Bundle) -> Iterator[_Box]:
+        """The bundle's box while it runs (one that never runs out without a budget: it can
+        still be ended, for an idle worker)."""
         with self._changed:
             asked = (bundle.job, bundle.bundle) in self._asked
             self._asked.clear()  # asked for the bundle about to run, or for ones long gone
-            if bundle.budget is None and not asked:
-                box = None
-            else:
-                box = _Box(bundle, time.monotonic() + (0 if asked else bundle.budget))  # type: ignore[operator]
-                self._boxes[id(bundle)] = box
-                self._changed.notify()
+            budget = math.inf if bundle.budget is None else bundle.budget
+            box = _Box(bundle, time.monotonic() + (0 if asked else budget))
+            self._boxes[id(bundle)] = box
+            self._changed.notify()
         try:
             yield box
         finally:
-            if box is not None:
-                with self._changed:
-                    del self._boxes[id(bundle)]
+            with self._changed:
+                del self._boxes[id(bundle)]
 
     def end(self, job: str, number: int) -> None:
         """End the box of ``job``'s bundle ``number`` now (or as soon as it starts)."""
@@ -404,7 +402,8 @@ class TimeBoxes:
                 now = time.monotonic()
                 due = [box for box in self._boxes.values() if box.ends_at <= now and not box.ended]
                 if not due:
-                    waiting = [box.ends_at for box in self._boxes.values() if not box.ended]
+                    waiting = [box.ends_at for box in self._boxes.values()
+                               if not box.ended and box.ends_at < math.inf]
                     self._changed.wait(min(waiting) - now if waiting else None)
                     continue
             for box in due:
