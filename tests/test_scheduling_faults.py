@@ -47,12 +47,12 @@ def test_sigterm_without_a_store_fails_handed_back_tasks_too(start_scheduler, wo
     tail during the grace, one slot frees and the rest of the tail waits in _ready."""
     turn = tmp_path / "turn"
     turn.write_text('#!/bin/sh\nn=$(cat "$0.count" 2>/dev/null || echo 0)\necho $((n + 1)) > "$0.count"\n'
-                    '[ "$n" -lt 20 ] || exec sleep 2\n')
+                    '[ "$n" -lt 20 ] || exec sleep 2.0625\n')
     turn.chmod(0o755)
     sched = start_scheduler("--local", "1", "--no-state", "--grace", "4")
     out = tmp_path / "r.jsonl"
     client = start_client("-s", sched.address, "-w", workload([str(turn)] * 40), "-o", str(out))
-    wait_until(lambda: _process_running("sleep 2"), timeout=60)
+    wait_until(lambda: _process_running("sleep 2.0625"), timeout=60)  # not another test's sleep 2...
     assert sched.stop(signal.SIGTERM) == 0
     code = client.wait(60)
     stderr = client.stderr.read()
