@@ -365,6 +365,9 @@ class TimeBoxes:
         self._boxes: dict[int, _Box] = {}
         self._asked: set[tuple[str, int]] = set()  # (job, bundle) asked for before it started
         self._changed = threading.Condition()
+        # When the thread looks next: a box that runs out later needs no wake-up (bundles of a
+        # few milliseconds open a box each; waking the thread for each costs a busy machine).
+        self._looks_at = math.inf
         threading.Thread(target=self._watch, name="cloudkon-time-boxes", daemon=True).start()
 
     @contextmanager
@@ -377,7 +380,8 @@ class TimeBoxes:
             budget = math.inf if bundle.budget is None else bundle.budget
             box = _Box(bundle, time.monotonic() + (0 if asked else budget))
             self._boxes[id(bundle)] = box
-            self._changed.notify()
+            if box.ends_at < self._looks_at:
+                self._changed.notify()
         try:
             yield box
         finally:
@@ -402,9 +406,10 @@ class TimeBoxes:
                 now = time.monotonic()
                 due = [box for box in self._boxes.values() if box.ends_at <= now and not box.ended]
                 if not due:
-                    waiting = [box.ends_at for box in self._boxes.values()
-                               if not box.ended and box.ends_at < math.inf]
-                    self._changed.wait(min(waiting) - now if waiting else None)
+                    self._looks_at = min((box.ends_at for box in self._boxes.values() if not box.ended),
+                                         default=math.inf)
+                    self._changed.wait(None if math.isinf(self._looks_at) else self._looks_at - now)
+                    self._looks_at = -math.inf  # awake: every change is seen on the next look
                     continue
             for box in due:
                 rest = box.end()
