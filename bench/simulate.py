@@ -271,6 +271,9 @@ class SimTimeBoxes(TimeBoxes):
         self._changed = SimCondition(self)  # type: ignore[assignment]
         self._free_at = 0.0  # the thread is handing back until then
         self._next_look = math.inf
+        # TimeBoxes.open notifies only for a box due before the thread's next look; the
+        # simulated thread (``wake``) keeps its own next look, so it hears of every box.
+        self._looks_at = math.inf
 
     def wake(self) -> None:
         waiting = [box.ends_at for box in self._boxes.values() if not box.ended]
