@@ -25,7 +25,7 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from typing import Any
 
@@ -157,12 +157,17 @@ def ensure_table(dynamodb: Any, name: str, keys: list[tuple[str, str]],
 def send_messages(sqs: Any, queue_url: str, bodies: list[str], calls: Executor | None = None) -> None:
     """Send message bodies (each already within MAX_SQS_MESSAGE_BYTES) in as few batches as fit,
     the batches at once through ``calls`` if given."""
-    batches = list(_batches(bodies))
-    if calls is None or len(batches) < 2:
-        for batch in batches:
-            _send_batch(sqs, queue_url, batch)
+    _each(calls, _send_batch, sqs, queue_url, list(_batches(bodies)))
+
+
+def _each(calls: Executor | None, call: Callable[[Any, str, list[str]], None], sqs: Any, queue_url: str,
+          parts: list[list[str]]) -> None:
+    """``call(sqs, queue_url, part)`` for each part: one after another, or at once through ``calls``."""
+    if calls is None or len(parts) < 2:
+        for part in parts:
+            call(sqs, queue_url, part)
         return
-    for done in [calls.submit(_send_batch, sqs, queue_url, batch) for batch in batches]:
+    for done in [calls.submit(call, sqs, queue_url, part) for part in parts]:
         done.result()
 
 
@@ -202,14 +207,8 @@ def receive_messages(sqs: Any, queue_url: str, max_messages: int, wait_seconds: 
 def delete_messages(sqs: Any, queue_url: str, receipt_handles: list[str],
                     calls: Executor | None = None) -> None:
     """Delete messages, ten to a call, the calls at once through ``calls`` if given."""
-    chunks = [receipt_handles[start:start + SQS_MAX_BATCH]
-              for start in range(0, len(receipt_handles), SQS_MAX_BATCH)]
-    if calls is None or len(chunks) < 2:
-        for chunk in chunks:
-            _delete_batch(sqs, queue_url, chunk)
-        return
-    for done in [calls.submit(_delete_batch, sqs, queue_url, chunk) for chunk in chunks]:
-        done.result()
+    _each(calls, _delete_batch, sqs, queue_url, [receipt_handles[start:start + SQS_MAX_BATCH]
+                                                 for start in range(0, len(receipt_handles), SQS_MAX_BATCH)])
 
 
 def _delete_batch(sqs: Any, queue_url: str, receipt_handles: list[str]) -> None:
