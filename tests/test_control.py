@@ -47,16 +47,17 @@ def test_remote_cancel_stops_the_running_task_and_skips_the_queued_ones(remote, 
     worker = remote.worker("-t", "1")
     ran = tmp_path / "ran"
     out = tmp_path / "r.jsonl"
-    client = start_client("-s", sched.address, "-w", workload(["sleep 60000"] + [f"echo {i} >> {ran}"
-                                                                              for i in range(10)]),
+    # Every task is the long one: bundles are sent in parallel batches, so which the worker takes first is open.
+    client = start_client("-s", sched.address, "-w", workload([f"sleep 60000 && echo {i} >> {ran}"
+                                                                for i in range(11)]),
                           "-o", str(out))
     job = _job_id(client)
     wait_until(lambda: aws.requests() == 11, timeout=20)  # each task alone: nothing is known of them
-    wait_until(lambda: aws.requests("NotVisible") == 1, timeout=20)  # the worker runs the sleep
+    wait_until(lambda: aws.requests("NotVisible") == 1, timeout=20)  # the worker runs one of them
     assert run_client("-s", sched.address, "--cancel", job).returncode == 0
     assert client.wait(10) == 3
     assert {r["status"] for r in read_results(out)} == {"cancelled"} and len(read_results(out)) == 11
-    # The worker heard it over SNS: the 60 s sleep stops and the queued bundles are skipped, not run.
+    # The worker heard it over SNS: the running task stops and the queued bundles are skipped, not run.
     wait_until(lambda: aws.requests() == 0, timeout=20)
     assert not ran.exists()
     assert run_client("-s", sched.address, "-w", workload(["echo after"]), timeout=15).returncode == 0
