@@ -30,7 +30,7 @@ from typing import Any, TextIO
 import protocol
 from errors import CloudKonError, ConfigError, IncompleteFrame, MalformedMessage, ProtocolError
 from jdl import JobSpec, read_jdl, workload_specs
-from options import REMOTE_GROUP_TITLES, add_remote_arguments
+from options import REMOTE_GROUP_TITLES, add_remote_arguments, task_timeout_argument
 from tasks import ResultBatch, parse_workload_bytes, read_workload, task_status
 
 log = logging.getLogger("cloudkon.client")
@@ -370,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the scheduler's secret (default: $CLOUDKON_TOKEN)")
     parser.add_argument("--local", type=int, metavar="N",
                         help="worker processes of the embedded scheduler (default: the CPU count)")
-    parser.add_argument("--task-timeout", type=float, metavar="SECONDS",
+    parser.add_argument("--task-timeout", type=task_timeout_argument, metavar="SECONDS",
                         help="kill a task's process group after this long and report it failed")
     parser.add_argument("-y", "--yes", action="store_true",
                         help="on Ctrl-C, cancel the job without asking")
@@ -418,8 +418,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--cursor and -l do not go together")
     if args.local is not None and args.local < 1:
         parser.error("--local needs at least 1 worker")
-    if args.task_timeout is not None and args.task_timeout <= 0:
-        parser.error("--task-timeout must be positive")
     try:
         return run(args, embedded_options(args, parser))
     except KeyboardInterrupt:

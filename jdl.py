@@ -11,7 +11,6 @@ is sandbox.py's business; docs/jobs.md documents both forms.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shlex
@@ -23,6 +22,11 @@ from errors import WorkloadError
 
 # Bytes of local input files one task may stage (URL inputs are fetched by the worker).
 MAX_INPUT_SANDBOX_BYTES = 512 * 1024 * 1024
+
+# Longest timeout a job description may ask for (30 days), the scheduler's limit for any task
+# (protocol.MAX_TASK_TIMEOUT_SECONDS; jdl sits above protocol and cannot import it): a longer one
+# is a mistake, and a deadline past every clock's range breaks the worker's timers.
+MAX_TIMEOUT_SECONDS = 30 * 86400.0
 
 _FIELDS = ("executable", "arguments", "input_sandbox", "output_sandbox", "prologue", "env", "timeout")
 # Classic JDL attribute names (case-insensitive) and their JSON field.
@@ -97,6 +101,8 @@ def parse_json_spec(text: str, base: Path, where: tuple[str, int | None]) -> Job
         values = json.loads(text)
     except ValueError as exc:
         raise WorkloadError(f"not a JSON job description: {exc}", *where) from None
+    except RecursionError:  # the decoder recurses per level: [[[[... runs out of stack
+        raise WorkloadError("not a JSON job description: nested too deeply", *where) from None
     if not isinstance(values, dict):
         raise WorkloadError("a job description is a JSON object", *where)
     return build_spec(values, base, where)
@@ -163,6 +169,11 @@ def build_spec(values: dict[str, Any], base: Path, where: tuple[str, int | None]
         items = values.get(key, [])
         if not isinstance(items, list) or not all(isinstance(i, str) and i for i in items):
             raise fail(f"{key!r} is a list of non-empty strings", key)
+    for key in ("executable", "arguments", "input_sandbox", "output_sandbox", "prologue"):
+        items = values.get(key, [])
+        bad = next((i for i in ([items] if isinstance(items, str) else items) if not _is_text(i)), None)
+        if bad is not None:
+            raise fail(f"{key}: {bad!r} holds a NUL character or a lone surrogate", key)
     for item in values.get("input_sandbox", []):
         if is_url(item):
             spec.urls.append(item)
@@ -184,14 +195,15 @@ def build_spec(values: dict[str, Any], base: Path, where: tuple[str, int | None]
     env = values.get("env", {})
     if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
         raise fail("'env' is an object of strings", "env")
-    bad_name = next((k for k, v in env.items() if not k or "=" in k or "\0" in k + v), None)
+    bad_name = next((k for k, v in env.items() if not k or "=" in k or not _is_text(k + v)), None)
     if bad_name is not None:
         raise fail(f"env: {bad_name!r} cannot be an environment variable", "env")
     spec.env = dict(env)
     timeout = values.get("timeout")
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                or not 0 < timeout < math.inf):
-        raise fail("'timeout' is a positive number of seconds", "timeout")
+                                or not 0 < timeout <= MAX_TIMEOUT_SECONDS):
+        raise fail(f"'timeout' is a positive number of seconds, at most {MAX_TIMEOUT_SECONDS:.0f} (30 days)",
+                   "timeout")
     spec.timeout = timeout
     size = spec.input_bytes()
     if size > MAX_INPUT_SANDBOX_BYTES:
@@ -203,9 +215,25 @@ def build_spec(values: dict[str, Any], base: Path, where: tuple[str, int | None]
 def _existing_file(base: Path, item: str, fail: Any, key: str) -> str:
     """The absolute path of an input, as named (a symbolic link keeps its own name in the sandbox)."""
     path = os.path.abspath(base / item)
-    if not Path(path).is_file():
+    try:
+        is_file = Path(path).is_file()
+    except OSError as exc:  # is_file() passes on all but "no such file": a name too long, a denied folder
+        raise fail(f"{key}: {item!r} cannot be read (looked for {path}: {exc.strerror})", key) from None
+    if not is_file:
         raise fail(f"{key}: {item!r} is not a file (looked for {path})", key)
     return path
+
+
+def _is_text(value: str) -> bool:
+    """True if ``value`` can be a file name, an argument or an environment entry: no NUL, and
+    valid Unicode (JSON's ``\\ud800`` escape makes a lone surrogate, which no encoding can write)."""
+    if "\0" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _same_file(spec: JobSpec, name: str) -> bool:

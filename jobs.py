@@ -38,6 +38,9 @@ FIRST_LOOK_TASKS = 16
 # Tasks per batch of results the scheduler makes up itself (cancelled, failed at shutdown):
 # a batch of a million would not fit in one frame to the client or one job-store record.
 SYNTHETIC_BATCH_TASKS = 50_000
+# What a task held in memory counts beyond its command's length (its string, id and result
+# bookkeeping), so that a limit on held bytes bounds memory for short commands too.
+TASK_OVERHEAD_BYTES = 64
 
 
 class Job:
@@ -51,6 +54,7 @@ class Job:
         self.id = job_id
         self.timeout = timeout
         self.commands: list[str] = []
+        self.held_bytes = 0  # what its commands weigh in memory (TASK_OVERHEAD_BYTES each included)
         self.total = 0
         self.closed = False  # every task has been submitted
         self.next_task = 0  # tasks before it are in a bundle or have a result
@@ -95,6 +99,7 @@ class Job:
 
     def add_tasks(self, commands: list[str]) -> None:
         self.commands.extend(commands)
+        self.held_bytes += held_bytes(commands)
         self.done.extend(bytes(len(commands)))
         self.total += len(commands)
         self.undispatched += len(commands)
@@ -189,6 +194,7 @@ class Job:
     def release(self) -> None:
         """Drop what a finished job no longer needs in memory (its store keeps it)."""
         self.commands, self.done, self.results, self.times = [], bytearray(), None, None
+        self.held_bytes = 0
 
     def unqueue(self, in_flight: bool = True) -> list[int]:
         """Empty the job's queue (no more of its tasks will be bundled): the ids of its tasks
@@ -222,6 +228,7 @@ class Dispatcher:
         self._held = False  # shutting down: no more bundles
         # Shutting down without a store: why a task that is not run now never will be.
         self._unrun_reason: str | None = None
+        self.held_bytes = 0  # of every job's commands held in memory (Job.held_bytes)
 
     @property
     def idle(self) -> bool:
@@ -241,6 +248,8 @@ class Dispatcher:
     def restore(self, job: Job) -> None:
         """Take over a job read back from a store; its tasks without a result run again."""
         self.jobs[job.id] = job
+        job.held_bytes = held_bytes(job.commands)
+        self.held_bytes += job.held_bytes
         job.times = JobTimes(self.task_times)
         if job.undispatched:
             self._ready.append(job)
@@ -253,14 +262,19 @@ class Dispatcher:
             return
         if job.cancelled:  # still arriving after a cancel: each gets its result at once
             first = job.total
-            job.add_tasks(commands)
+            self._add(job, commands)
             job.next_task, job.undispatched = job.total, 0
             self.handle_results(_synthetic(job.id, None, list(range(first, job.total)), CANCELLED))
             return
         if job.undispatched == 0:
             self._ready.append(job)
-        job.add_tasks(commands)
+        self._add(job, commands)
         self.pump()
+
+    def _add(self, job: Job, commands: list[str]) -> None:
+        before = job.held_bytes
+        job.add_tasks(commands)
+        self.held_bytes += job.held_bytes - before
 
     def cancel(self, job: Job) -> int:
         """Give every task of ``job`` still without a result the result CANCELLED; how many.
@@ -284,7 +298,13 @@ class Dispatcher:
             self._finish(job)
 
     def forget(self, job: Job) -> None:
-        self.jobs.pop(job.id, None)
+        if self.jobs.pop(job.id, None) is not None:
+            self.held_bytes -= job.held_bytes
+
+    def release(self, job: Job) -> None:
+        """Drop a finished job's commands and results from memory (a store keeps them)."""
+        self.held_bytes -= job.held_bytes
+        job.release()
 
     def pump(self) -> None:
         """Submit bundles, one job's at a time in turn, until the backend holds enough."""
@@ -366,6 +386,11 @@ class Dispatcher:
                  "cancelled" if job.cancelled else "finished", job.total, counts["failed"],
                  counts["cancelled"], elapsed)
         self._on_finished(job)
+
+
+def held_bytes(commands: list[str]) -> int:
+    """What ``commands`` weigh held in memory, by the measure of Job.held_bytes."""
+    return sum(map(len, commands)) + TASK_OVERHEAD_BYTES * len(commands)
 
 
 def _synthetic(job: str, bundle: int | None, ids: list[int], error: str) -> list[ResultBatch]:

@@ -10,9 +10,23 @@ from __future__ import annotations
 
 import argparse
 
+from protocol import check_task_timeout
+
 # Titles of the option groups that a client with --remote forwards to its embedded scheduler.
 REMOTE_GROUP_TITLES = ("remote mode (AWS settings come from boto3's standard chain)",
                        "provisioning of EC2 workers (remote mode)")
+
+
+def task_timeout_argument(text: str) -> float:
+    """argparse type of --task-timeout: seconds, positive, finite, at most protocol's limit."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    try:
+        return check_task_timeout(seconds)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_remote_arguments(parser: argparse.ArgumentParser) -> None:

@@ -18,8 +18,10 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import socket
 import struct
+from array import array
 from collections.abc import Iterator
 from typing import Any
 
@@ -41,6 +43,14 @@ _HEADER = struct.Struct(">I")
 HEADER_BYTES = _HEADER.size
 
 _RESULT_COLUMNS = ("ids", "exit_codes", "outputs", "elapsed_us", "errors")
+
+# Longest task timeout a job may ask for (30 days): a longer one is a mistake (1e308, or
+# milliseconds taken for seconds), and a deadline past every clock's range breaks timers.
+MAX_TASK_TIMEOUT_SECONDS = 30 * 86400.0
+
+# A lone surrogate escape (``\ud800``) is valid JSON but no valid text: it cannot be written
+# to a file or passed to a process.  Frames are ASCII, so surrogates can arrive only this way.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 # Longest ``worker`` name a results message may carry (host:pid, or a remote worker's identity).
 MAX_WORKER_NAME = 256
@@ -78,7 +88,7 @@ def encode(message: dict[str, Any], max_frame: int = MAX_FRAME_BYTES) -> bytes:
 
 def encode_body(message: dict[str, Any], max_frame: int = MAX_FRAME_BYTES) -> bytes:
     """The JSON body of a frame, for carriers that delimit messages themselves (pipes, SQS)."""
-    body = json.dumps(message, separators=(",", ":")).encode("ascii")
+    body = json.dumps(message, separators=(",", ":"), allow_nan=False).encode("ascii")
     if len(body) > max_frame:
         raise FrameTooLarge(len(body), max_frame)
     return body
@@ -95,9 +105,13 @@ def frame_length(header: bytes, max_frame: int = MAX_FRAME_BYTES) -> int:
 def decode(body: bytes) -> dict[str, Any]:
     """The message in a frame body.  Raises MalformedMessage for anything but a valid message."""
     try:
-        message = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+        message = json.loads(body.decode("utf-8"), parse_constant=_refuse_constant)
+        if _SURROGATE_ESCAPE.search(body):  # rare: a pair is fine, a lone one is not
+            json.dumps(message, ensure_ascii=False).encode("utf-8")
+    except (UnicodeError, ValueError) as exc:
         raise MalformedMessage(f"frame is not UTF-8 JSON: {exc}", body) from None
+    except RecursionError:
+        raise MalformedMessage("frame is JSON nested too deeply", body) from None
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
         raise MalformedMessage("a message must be a JSON object with a string 'type'", body)
     fields = _SCHEMA.get(message["type"])
@@ -109,6 +123,21 @@ def decode(body: bytes) -> dict[str, Any]:
             raise MalformedMessage(
                 f"{message['type']}: field {name!r} must be {_type_name(kind)}", body)
     return message
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def check_task_timeout(value: object) -> float:
+    """``value`` as a task timeout in seconds: positive, finite and at most MAX_TASK_TIMEOUT_SECONDS.
+
+    Raises ValueError saying what is wrong otherwise (NaN and infinity included)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not 0 < value <= MAX_TASK_TIMEOUT_SECONDS:
+        raise ValueError(f"a task timeout must be a number of seconds above 0 and at most "
+                         f"{MAX_TASK_TIMEOUT_SECONDS:.0f} (30 days), not {value!r}")
+    return float(value)
 
 
 def _type_name(kind: type | tuple[type, ...]) -> str:
@@ -137,8 +166,10 @@ def bundle_message(bundle: Bundle) -> dict[str, Any]:
 
 def bundle_from_message(message: dict[str, Any]) -> Bundle:
     ids, commands = message["ids"], message["commands"]
-    if len(ids) != len(commands) or not all(isinstance(c, str) for c in commands):
+    if len(ids) != len(commands) or not _are_text(commands):
         raise MalformedMessage("bundle: 'commands' must be strings, one per id")
+    if not _are_whole(ids):
+        raise MalformedMessage("bundle: 'ids' must be non-negative integers")
     return Bundle(message["job"], message["bundle"], ids, commands,
                   _seconds(message, "timeout"), _seconds(message, "budget"))
 
@@ -183,8 +214,14 @@ def results_from_message(message: dict[str, Any]) -> ResultBatch:
     columns = [message[name] for name in _RESULT_COLUMNS]
     if len({len(column) for column in columns}) != 1:
         raise MalformedMessage("results: columns of different lengths")
-    if not all(type(i) is int for i in message["ids"]):
-        raise MalformedMessage("results: task ids must be integers")
+    if not _are_whole(message["ids"]):
+        raise MalformedMessage("results: task ids must be non-negative integers")
+    for name, valid, meaning in (("exit_codes", _are_exit_codes, "integers or nulls"),
+                                 ("outputs", _are_text, "strings"),
+                                 ("elapsed_us", _are_whole, "non-negative integers"),
+                                 ("errors", _are_errors, "strings or nulls")):
+        if not valid(message[name]):
+            raise MalformedMessage(f"results: {name!r} must hold {meaning}")
     bundle = message.get("bundle")
     if bundle is not None and (not isinstance(bundle, int) or isinstance(bundle, bool)):
         raise MalformedMessage("results: 'bundle' must be an integer")
@@ -198,9 +235,39 @@ def results_from_message(message: dict[str, Any]) -> ResultBatch:
     returned = message.get("returned")
     if returned is None:
         returned = []
-    elif not isinstance(returned, list) or not all(type(i) is int and i >= 0 for i in returned):
+    elif not isinstance(returned, list) or not all(type(i) is int and i >= 0 for i in returned):  # a few
         raise MalformedMessage("results: 'returned' must be a list of non-negative task ids")
     return ResultBatch(message["job"], bundle, *columns, artifacts, worker, returned)
+
+
+# These checks run on every results message, thousands of tasks each, in the scheduler and the
+# client: each is one pass in C (array() refuses what is no integer, or negative for "Q").
+
+def _are_whole(column: list[Any], signed: bool = False) -> bool:
+    """Integers every one (non-negative unless ``signed``), each fitting 64 bits."""
+    try:
+        array("q" if signed else "Q", column)
+    except (TypeError, OverflowError):
+        return False
+    return True
+
+
+def _are_text(column: list[Any]) -> bool:
+    try:
+        "".join(column)
+    except TypeError:
+        return False
+    return True
+
+
+def _are_exit_codes(column: list[Any]) -> bool:
+    """Integers or nulls (null: no process ran to completion)."""
+    return _are_whole(column, signed=True) or _are_whole([c for c in column if c is not None], signed=True)
+
+
+def _are_errors(column: list[Any]) -> bool:
+    """Nulls (the usual case) or strings."""
+    return column.count(None) == len(column) or _are_text([e for e in column if e is not None])
 
 
 # --- reading and writing frames -------------------------------------------------

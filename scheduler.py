@@ -26,7 +26,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +34,9 @@ import protocol
 from backend import Backend
 from errors import BackendError, BadRequest, CloudKonError, ConfigError, ProtocolError
 from httpapi import HttpApi, JobReport
-from jobs import Dispatcher, Job
+from jobs import Dispatcher, Job, held_bytes
 from jobstore import JobFinished, JobOpened, JobStore, Journal, ResultsAdded, SQLiteJobStore, TasksAdded
-from options import add_remote_arguments
+from options import add_remote_arguments, task_timeout_argument
 from tasks import MAX_COMMAND_BYTES, ResultBatch
 
 log = logging.getLogger("cloudkon.scheduler")
@@ -46,13 +46,36 @@ DEFAULT_RESULT_TTL_SECONDS = 86400.0
 DEFAULT_GRACE_SECONDS = 30.0
 # A connection must say hello this soon, so idle sockets cannot pile up.
 HELLO_TIMEOUT_SECONDS = 30.0
+# Largest frame before hello: a stranger (no token yet) makes the scheduler hold no more.
+MAX_HELLO_FRAME_BYTES = 64 * 1024
+# Connections served at once; one more is told so and closed.
+MAX_CONNECTIONS = 512
+# A connection that holds nothing (no job open, none streaming to it, no request pending)
+# and sends nothing for this long is closed.
+IDLE_TIMEOUT_SECONDS = 900.0
+# Jobs one connection may have open (submitting) at once.
+MAX_OPEN_JOBS_PER_CONNECTION = 64
+# Requests (fetch, cancel) one connection may have pending; past it, it is not read.
+MAX_PENDING_REQUESTS = 64
+# Answers queued for a connection: past the first, the scheduler stops reading its requests
+# and fetches pause until it reads; past the second it is disconnected (its jobs run on).
+OUTBOX_PAUSE_BYTES = 8 * 1024 * 1024
+MAX_OUTBOX_BYTES = 256 * 1024 * 1024
 # Tasks in one job: bounds the memory one client can make the scheduler hold.
 MAX_JOB_TASKS = 10_000_000
+# Tasks held in memory at once over every job, weighed by jobs.held_bytes (--max-held-bytes).
+DEFAULT_MAX_HELD_BYTES = 1024 ** 3
 # Jobs a list_jobs answers with unless it asks for another limit (the newest ones).
 DEFAULT_LISTED_JOBS = 1000
 # How long the receiving thread waits in backend.receive before checking for shutdown
 # (for SQS, one long poll: at most one idle API call a second).
 RECEIVE_POLL_SECONDS = 1.0
+# Receiving results that fails unexpectedly (no file descriptors left, say) is retried after
+# a pause that doubles up to the second figure.
+RECEIVE_RETRY_SECONDS = (0.1, 5.0)
+# The same unexpected error of the event loop (accept failing for want of file descriptors,
+# say) is logged at most once in this long.
+LOOP_ERROR_LOG_SECONDS = 10.0
 EXPIRY_CHECK_SECONDS = 10.0
 
 
@@ -64,25 +87,71 @@ class _Peer:
     """One client connection and the frames queued for it, written in order.
 
     A callable in the queue runs once everything before it has been written; a
-    future holds back what follows until it gives the frame to write.
+    future holds back what follows until it gives the frame to write.  The queue is
+    bounded in bytes (OUTBOX_PAUSE_BYTES, MAX_OUTBOX_BYTES) so that a client that
+    does not read cannot make the scheduler hold its answers without end.
     """
 
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self.writer = writer
         self.address = writer.get_extra_info("peername")
         self.open_jobs: dict[str, Job] = {}
+        self.streaming: set[str] = set()  # jobs whose results go to this connection as they come
+        self.requests: set[asyncio.Task[None]] = set()
+        self.answering = asyncio.Lock()  # one fetch at a time reads a job's results for it
+        self.queued_bytes = 0
+        self.closed = False
+        self._room = asyncio.Event()
+        self._room.set()
         self._outbox: asyncio.Queue[Outgoing | None] = asyncio.Queue()
         self._writing = asyncio.create_task(self._write_loop())
 
+    @property
+    def idle(self) -> bool:
+        """Nothing open, streaming or pending: the connection may be closed without loss."""
+        return not (self.open_jobs or self.streaming or self.requests)
+
     def send(self, item: Outgoing) -> None:
-        if not self._writing.done():
-            self._outbox.put_nowait(item)
+        if self.closed:
+            return
+        if isinstance(item, bytes):
+            self.queued_bytes += len(item)
+            if self.queued_bytes > MAX_OUTBOX_BYTES:
+                self._drop(f"{self.queued_bytes >> 20} MiB of answers it does not read")
+                return
+            if self.queued_bytes > OUTBOX_PAUSE_BYTES:
+                self._room.clear()
+        self._outbox.put_nowait(item)
+
+    def start(self, request: Coroutine[Any, Any, None]) -> None:
+        """Run ``request`` (a fetch, a cancel) for this connection, counted as pending."""
+        task = asyncio.create_task(request)
+        self.requests.add(task)
+        task.add_done_callback(self.requests.discard)
+
+    async def room(self) -> None:
+        """Until the queue of answers is short enough to add more (at once if closed)."""
+        await self._room.wait()
+
+    async def ready_to_read(self) -> None:
+        """Until the connection may send another request: it reads its answers, few pending."""
+        while not self.closed and (not self._room.is_set() or len(self.requests) >= MAX_PENDING_REQUESTS):
+            await self._room.wait()
+            if len(self.requests) >= MAX_PENDING_REQUESTS:
+                await asyncio.wait(set(self.requests), return_when=asyncio.FIRST_COMPLETED)
+
+    def _drop(self, reason: str) -> None:
+        log.warning("%s: disconnected: %s", _format_address(*self.address[:2]), reason)
+        self.closed = True
+        self._outbox = asyncio.Queue()  # frees what was queued
+        self._room.set()
+        self._writing.cancel()
+        self.writer.transport.abort()
 
     async def close(self, timeout: float = 5.0) -> None:
         self._outbox.put_nowait(None)
-        try:
-            await asyncio.wait_for(asyncio.shield(self._writing), timeout)
-        except asyncio.TimeoutError:
+        finished, _ = await asyncio.wait({self._writing}, timeout=timeout)
+        if not finished:
             self._writing.cancel()
 
     async def _write_loop(self) -> None:
@@ -95,9 +164,14 @@ class _Peer:
                     continue
                 self.writer.write(item)
                 await self.writer.drain()
+                self.queued_bytes -= len(item)
+                if self.queued_bytes <= OUTBOX_PAUSE_BYTES:
+                    self._room.set()
         except (ConnectionError, OSError):
             pass
         finally:
+            self.closed = True
+            self._room.set()
             self.writer.close()
 
 
@@ -108,8 +182,9 @@ class Scheduler:
                  result_ttl: float = DEFAULT_RESULT_TTL_SECONDS,
                  task_timeout: float | None = None, grace: float = DEFAULT_GRACE_SECONDS,
                  fleet: Any = None, scale_interval: float = 5.0, journal: Journal | None = None,
-                 first_bundle: int = 0) -> None:
+                 first_bundle: int = 0, max_held_bytes: int = DEFAULT_MAX_HELD_BYTES) -> None:
         self.backend = backend
+        self._max_held_bytes = max_held_bytes
         self.fleet = fleet  # provisioning.Fleet in remote mode with --provision
         self.journal = journal
         self._scale_interval = scale_interval
@@ -136,6 +211,8 @@ class Scheduler:
         self._force = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal)
+        self._loop_errors: dict[str, float] = {}
+        loop.set_exception_handler(self._on_loop_error)
         if self.journal is not None:
             await self._restore_jobs()
         server = await asyncio.start_server(self._serve_peer, host, port)
@@ -224,12 +301,23 @@ class Scheduler:
         return finished
 
     def _receive_loop(self, loop: asyncio.AbstractEventLoop, stop: threading.Event) -> None:
+        pause, failing_since = RECEIVE_RETRY_SECONDS[0], None
         while not stop.is_set():
             try:
                 batches = self.backend.receive(RECEIVE_POLL_SECONDS)
             except BackendError as exc:
                 loop.call_soon_threadsafe(self._on_backend_failure, exc)
                 return
+            except Exception:  # this thread must not die: every result comes through it
+                if failing_since is None:
+                    failing_since = time.monotonic()
+                    log.exception("receiving results failed (retrying; logged once until it works)")
+                stop.wait(pause)
+                pause = min(pause * 2, RECEIVE_RETRY_SECONDS[1])
+                continue
+            if failing_since is not None:
+                log.warning("receiving results works again, after %.1f s", time.monotonic() - failing_since)
+                pause, failing_since = RECEIVE_RETRY_SECONDS[0], None
             if batches:
                 loop.call_soon_threadsafe(self.dispatcher.handle_results, batches)
 
@@ -240,6 +328,21 @@ class Scheduler:
                 self.fleet.scale(self.dispatcher.bundles_in_flight)
             except BackendError as exc:
                 log.error("provisioning: %s", exc)
+            except Exception:  # the next round may work: this thread must not die
+                log.exception("provisioning failed")
+
+    def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """The event loop's unexpected errors, each kind logged at most once per LOOP_ERROR_LOG_SECONDS."""
+        kind = context.get("message", "")
+        now = time.monotonic()
+        if now - self._loop_errors.get(kind, -LOOP_ERROR_LOG_SECONDS) < LOOP_ERROR_LOG_SECONDS:
+            return
+        first = kind not in self._loop_errors
+        self._loop_errors[kind] = now
+        exc = context.get("exception")
+        log.error("%s%s%s", kind, f": {exc!r}" if exc else "",
+                  "" if first else f" (again; logged at most every {LOOP_ERROR_LOG_SECONDS:g} s)",
+                  exc_info=exc if first else None)
 
     def _on_backend_failure(self, exc: BackendError) -> None:
         log.error("backend failed: %s", exc)
@@ -276,9 +379,17 @@ class Scheduler:
 
     async def _serve_peer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = _Peer(writer)
+        if len(self._peers) >= MAX_CONNECTIONS:
+            log.warning("%s: refused: %d connections already", _format_address(*peer.address[:2]),
+                        MAX_CONNECTIONS)
+            peer.send(protocol.encode(protocol.error_message(
+                "too_many_connections", f"the scheduler serves at most {MAX_CONNECTIONS} connections")))
+            await peer.close()
+            return
         self._peers.add(peer)
         try:
-            hello = await asyncio.wait_for(protocol.read_message(reader), HELLO_TIMEOUT_SECONDS)
+            hello = await asyncio.wait_for(protocol.read_message(reader, MAX_HELLO_FRAME_BYTES),
+                                           HELLO_TIMEOUT_SECONDS)
             if hello is None:
                 return
             self._check_hello(hello)
@@ -287,11 +398,13 @@ class Scheduler:
             if self.backend.staging is not None:
                 welcome["staging"] = self.backend.staging
             peer.send(protocol.encode(welcome))
-            while (message := await protocol.read_message(reader)) is not None:
+            while (message := await self._next_request(peer, reader)) is not None:
                 self._handle(peer, message)
         except ProtocolError as exc:
             code = exc.code if isinstance(exc, BadRequest) else type(exc).__name__
             log.warning("%s: %s", _format_address(*peer.address[:2]), exc)
+            for job in peer.open_jobs.values():  # refused with it: the client knows, nothing of it runs
+                self.dispatcher.cancel(job)
             peer.send(protocol.encode(protocol.error_message(code, str(exc))))
         except asyncio.TimeoutError:
             log.warning("%s: no hello within %g s", _format_address(*peer.address[:2]),
@@ -301,10 +414,25 @@ class Scheduler:
         finally:
             for job in list(peer.open_jobs.values()):  # gone mid-submission: run what it sent
                 self.dispatcher.close_job(job)
-            for job_id in [j for j, p in self._subscribers.items() if p is peer]:
+            for job_id in peer.streaming:
                 del self._subscribers[job_id]
+            peer.streaming.clear()
             self._peers.discard(peer)
             await peer.close()
+
+    @staticmethod
+    async def _next_request(peer: _Peer, reader: asyncio.StreamReader) -> dict[str, Any] | None:
+        """The connection's next message once it may send one; None at its end (or idle too long)."""
+        await peer.ready_to_read()
+        if peer.closed:
+            return None
+        if not peer.idle:
+            return await protocol.read_message(reader)
+        try:
+            return await asyncio.wait_for(protocol.read_message(reader), IDLE_TIMEOUT_SECONDS)
+        except asyncio.TimeoutError:
+            log.info("%s: closed after %g s idle", _format_address(*peer.address[:2]), IDLE_TIMEOUT_SECONDS)
+            return None
 
     def _check_hello(self, message: dict[str, Any]) -> None:
         if message["type"] != "hello":
@@ -320,6 +448,9 @@ class Scheduler:
     def _handle(self, peer: _Peer, message: dict[str, Any]) -> None:
         kind = message["type"]
         if kind == "job_open":
+            if len(peer.open_jobs) >= MAX_OPEN_JOBS_PER_CONNECTION:
+                raise BadRequest("too_many_jobs", f"a connection may have at most "
+                                 f"{MAX_OPEN_JOBS_PER_CONNECTION} jobs open at once")
             self._open_job(peer, message)
         elif kind == "tasks":
             self.add_tasks(self._open_job_of(peer, message["job"]), message["tasks"])
@@ -333,9 +464,9 @@ class Scheduler:
             self.dispatcher.close_job(job)
         elif kind == "fetch":
             job = self._known_job(message["job"])
-            asyncio.create_task(self._send_when_finished(peer, job, message.get("commands") is True))
+            peer.start(self._send_when_finished(peer, job, message.get("commands") is True))
         elif kind == "cancel":
-            asyncio.create_task(self._answer_cancel(peer, self._known_job(message["job"])))
+            peer.start(self._answer_cancel(peer, self._known_job(message["job"])))
         elif kind == "list_jobs":
             limit = message.get("limit", DEFAULT_LISTED_JOBS)
             if type(limit) is not int or limit < 1:
@@ -401,8 +532,11 @@ class Scheduler:
             raise BadRequest("shutting_down", "scheduler is shutting down")
         if timeout is None:
             timeout = self._task_timeout
-        elif not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
-            raise BadRequest("bad_request", "timeout must be a positive number of seconds")
+        else:
+            try:
+                timeout = protocol.check_task_timeout(timeout)
+            except ValueError as exc:
+                raise BadRequest("bad_request", str(exc)) from None
         job = self.dispatcher.open_job(timeout)
         if self.journal is not None:
             self.journal.record(JobOpened(job.id, job.created_at, job.timeout))
@@ -411,7 +545,15 @@ class Scheduler:
     def add_tasks(self, job: Job, tasks: list[Any]) -> None:
         """Check and add tasks to an open job, recording them in the store."""
         check_tasks(tasks, job.total)
+        self._check_room(tasks)
         self._add_checked_tasks(job, tasks)
+
+    def _check_room(self, tasks: list[str]) -> None:
+        """BadRequest if holding ``tasks`` too would take the scheduler past --max-held-bytes."""
+        if self.dispatcher.held_bytes + held_bytes(tasks) > self._max_held_bytes:
+            raise BadRequest("too_large", f"the scheduler holds {self.dispatcher.held_bytes >> 20} MiB "
+                             f"of tasks and takes no more than {self._max_held_bytes >> 20} MiB "
+                             "(--max-held-bytes): submit again once jobs have finished")
 
     def _add_checked_tasks(self, job: Job, tasks: list[str]) -> None:
         if self.journal is not None and tasks:
@@ -421,6 +563,7 @@ class Scheduler:
     async def submit_job(self, tasks: list[Any]) -> str:
         """A whole job at once (the HTTP API): its cursor, once its tasks are stored."""
         check_tasks(tasks, 0)  # before the job exists: a refused submission leaves nothing behind
+        self._check_room(tasks)
         job = self.open_job()
         self._add_checked_tasks(job, tasks)
         self.dispatcher.close_job(job)
@@ -464,6 +607,7 @@ class Scheduler:
         peer.open_jobs[job.id] = job
         if message.get("stream", True):
             self._subscribers[job.id] = peer
+            peer.streaming.add(job.id)
         if callback is not None:
             self._callbacks[job.id] = (peer.address[0], callback["port"], callback["nonce"])
         peer.send(protocol.encode({"type": "job_opened", "job": job.id}))
@@ -489,8 +633,8 @@ class Scheduler:
         if self.journal is not None:
             self.journal.record(JobFinished(job.id, job.total, job.finished_at, job.succeeded_count,
                                             job.failed_count, job.cancelled_count))
-            job.release()  # the store has it all, and fetches read it from there
-        peer = self._subscribers.pop(job.id, None)
+            self.dispatcher.release(job)  # the store has it all, and fetches read it from there
+        peer = self._unsubscribe(job.id)
         if peer is not None:
             peer.send(self._once_written(_done_message(job)))
             if self.journal is None:
@@ -519,6 +663,12 @@ class Scheduler:
 
     async def _send_when_finished(self, peer: _Peer, job: Job, commands: bool) -> None:
         await self.wait_finished(job)
+        async with peer.answering:
+            await self._send_job(peer, job, commands)
+
+    async def _send_job(self, peer: _Peer, job: Job, commands: bool) -> None:
+        if peer.closed:
+            return
         try:
             tasks, results = await self.read_job(job, commands)
         except BackendError as exc:
@@ -526,8 +676,10 @@ class Scheduler:
             return
         peer.send(protocol.encode({"type": "job_accepted", "job": job.id, "count": job.total}))
         for message in protocol.task_messages(job.id, tasks):
+            await peer.room()  # a client that does not read makes its fetch wait, not the answer pile up
             peer.send(protocol.encode(message))
         for batch in results:
+            await peer.room()
             peer.send(protocol.encode(protocol.results_message(batch)))
         peer.send(protocol.encode(_done_message(job)))
         if self.journal is None:
@@ -546,8 +698,15 @@ class Scheduler:
 
     def _forget(self, job: Job) -> None:
         self.dispatcher.forget(job)
-        self._subscribers.pop(job.id, None)
+        self._unsubscribe(job.id)
         self._callbacks.pop(job.id, None)
+
+    def _unsubscribe(self, job_id: str) -> _Peer | None:
+        """Stop streaming a job's results; the connection they went to, if any."""
+        peer = self._subscribers.pop(job_id, None)
+        if peer is not None:
+            peer.streaming.discard(job_id)
+        return peer
 
 
 def _log_failure(future: concurrent.futures.Future[Any]) -> None:
@@ -625,8 +784,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--token", default=os.environ.get("CLOUDKON_TOKEN"),
                         help="secret every client must present (default: $CLOUDKON_TOKEN); "
                              "required to listen on a non-loopback address")
-    parser.add_argument("--task-timeout", type=float, metavar="SECONDS", default=None,
-                        help="kill a task's process group after this long (default: no limit)")
+    parser.add_argument("--task-timeout", type=task_timeout_argument, metavar="SECONDS", default=None,
+                        help="kill a task's process group after this long (default: no limit; at most "
+                             f"{protocol.MAX_TASK_TIMEOUT_SECONDS:.0f}, 30 days)")
     parser.add_argument("--result-ttl", type=float, metavar="SECONDS", default=DEFAULT_RESULT_TTL_SECONDS,
                         help="keep a finished job and its results this long "
                              f"(default: {DEFAULT_RESULT_TTL_SECONDS:g}, a day)")
@@ -640,6 +800,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="remote mode: DynamoDB table of jobs and results (default: cloudkon-jobs)")
     state.add_argument("--no-state", action="store_true",
                        help="keep jobs in memory only: results are dropped once delivered")
+    parser.add_argument("--max-held-bytes", type=int, metavar="BYTES", default=DEFAULT_MAX_HELD_BYTES,
+                        help="tasks the scheduler holds in memory at once, over every job, weighed as their "
+                             "commands' bytes plus 64 each; a submission past it is refused (default: "
+                             f"{DEFAULT_MAX_HELD_BYTES >> 30} GiB)")
     parser.add_argument("--grace", type=float, metavar="SECONDS", default=DEFAULT_GRACE_SECONDS,
                         help="on shutdown, wait this long for tasks in flight before failing them "
                              f"(default: {DEFAULT_GRACE_SECONDS:g})")
@@ -770,8 +934,6 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s scheduler %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("botocore").setLevel(logging.WARNING)  # its INFO lines are noise here
     try:
-        if args.task_timeout is not None and args.task_timeout <= 0:
-            raise ConfigError("--task-timeout must be positive")
         for flag, port in (("--port", args.port), ("--http-port", args.http_port)):
             if port is not None and not 0 <= port < 65536:
                 raise ConfigError(f"{flag} {port} is not a TCP port")
@@ -792,7 +954,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"scheduler.py: error: {exc}", file=sys.stderr)
         return 2
     scheduler = Scheduler(backend, args.token or None, args.result_ttl, args.task_timeout, args.grace,
-                          fleet, args.scale_interval, journal, first_bundle)
+                          fleet, args.scale_interval, journal, first_bundle, args.max_held_bytes)
     try:
         return asyncio.run(scheduler.serve(args.host, args.port, args.exit_with_parent, args.http_port))
     except OSError as exc:

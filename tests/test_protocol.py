@@ -1,5 +1,6 @@
 """Framing and message schema, then the scheduler's handling of bad frames over real sockets."""
 
+import json
 import socket
 import struct
 
@@ -88,13 +89,33 @@ def test_results_carry_worker_and_returned_only_when_set():
 
 
 @pytest.mark.parametrize("field, value", [
-    ("budget", -1), ("budget", float("nan")), ("budget", float("inf")), ("budget", "1"), ("budget", True),
-    ("timeout", -0.5), ("timeout", float("inf")), ("timeout", False),
+    ("budget", -1), ("budget", 1e400), ("budget", "1"), ("budget", True),
+    ("timeout", -0.5), ("timeout", -1e400), ("timeout", False),
 ])
 def test_bundles_with_a_bad_budget_or_timeout_are_refused(field, value):
     message = {**protocol.bundle_message(Bundle("j", 0, [0], ["true"])), field: value}
+    body = json.dumps(message).replace("Infinity", "1e400").encode()  # how JSON says infinity
     with pytest.raises(MalformedMessage, match=field):
-        protocol.bundle_from_message(_through_the_wire(message))
+        protocol.bundle_from_message(protocol.decode(body))
+
+
+@pytest.mark.parametrize("body", [
+    b'{"type":"job_open","timeout":NaN}', b'{"type":"job_open","timeout":-Infinity}',
+    b'{"type":"hello","version":1,"token":"\\ud800"}', b'{"type":"hello","version":1,"token":"\\udc00x"}',
+    b'[' * 100_000 + b']' * 100_000, b'{"type":"x","a":' * 50_000 + b'1' + b'}' * 50_000,
+])
+def test_frames_no_text_or_number_can_hold_are_malformed(body):
+    with pytest.raises(MalformedMessage):
+        protocol.decode(body)
+
+
+def test_a_surrogate_pair_is_text():
+    assert protocol.decode(b'{"type":"hello","version":1,"token":"\\ud83d\\ude00"}')["token"] == "\U0001f600"
+
+
+def test_nan_is_never_sent():
+    with pytest.raises(ValueError):
+        protocol.encode({"type": "job_open", "timeout": float("nan")})
 
 
 def test_bundles_take_a_zero_or_whole_budget():
