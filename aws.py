@@ -46,6 +46,12 @@ DEFAULT_REQUEST_QUEUE = "cloudkon-requests"
 RESPONSE_QUEUE_PREFIX = "cloudkon-responses-"
 DEFAULT_CLAIM_TABLE = "cloudkon-claims"
 DEFAULT_VISIBILITY_TIMEOUT = 60
+# How long the queues made here keep a message nobody took.
+MESSAGE_RETENTION_SECONDS = 4 * 24 * 3600
+# Where workers put request messages they refuse (not signed by the fleet), next to the request queue.
+DEAD_LETTER_SUFFIX = "-dead"
+# SQS's limit on a queue name.
+SQS_MAX_QUEUE_NAME = 80
 
 _calls: collections.Counter[str] = collections.Counter()
 _calls_lock = threading.Lock()
@@ -122,8 +128,13 @@ def ensure_queue(sqs: Any, name: str, visibility_timeout: int = DEFAULT_VISIBILI
         log.info("creating queue %s", name)
         return sqs.create_queue(QueueName=name, Attributes={
             "VisibilityTimeout": str(visibility_timeout),
-            "MessageRetentionPeriod": str(4 * 24 * 3600),
+            "MessageRetentionPeriod": str(MESSAGE_RETENTION_SECONDS),
         })["QueueUrl"]
+
+
+def dead_letter_queue(request_queue: str) -> str:
+    """The name of the queue where refused messages of ``request_queue`` go."""
+    return request_queue[:SQS_MAX_QUEUE_NAME - len(DEAD_LETTER_SUFFIX)] + DEAD_LETTER_SUFFIX
 
 
 def ensure_claim_table(dynamodb: Any, name: str) -> None:

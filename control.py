@@ -8,9 +8,12 @@ subscribed to it, and the cancellation marks in the claim table::
 
 Messages are protocol bodies: ``cancel`` (a job), ``drain`` (finish what you hold, take
 nothing new, exit) and ``shutdown`` (stop now; the request queue redelivers what was
-held).  SNS is fast but not durable for a worker that is not subscribed yet or lost
-its queue, so a cancel is first written to the claim table under the job's id; a
-worker reads that mark before it runs a bundle and again while it runs one.
+held), sealed with the publisher's key (signing.py): a worker ignores, with a log
+line, any it cannot verify, so whoever may publish to the topic or send to a worker's
+queue cannot stop the fleet without the key.  SNS is fast but not durable for a
+worker that is not subscribed yet or lost its queue, so a cancel is first written to
+the claim table under the job's id; a worker reads that mark before it runs a bundle
+and again while it runs one.
 
 The subscriptions also tell a scheduler who is there: each worker records its thread
 count in the claim table under ``slots:<its control queue>``, and ``ControlTopic.slots``
@@ -33,7 +36,8 @@ from typing import Any
 
 import aws
 import protocol
-from errors import BackendError, MalformedMessage
+from errors import BackendError, ProtocolError
+from signing import Keyring, Signer
 
 log = logging.getLogger("cloudkon.control")
 
@@ -95,14 +99,15 @@ def record_slots(dynamodb: Any, claim_table: str, identity: str, threads: int) -
 class ControlTopic:
     """The scheduler's side: publish control messages to every subscribed worker."""
 
-    def __init__(self, name: str = DEFAULT_CONTROL_TOPIC) -> None:
+    def __init__(self, name: str, signer: Signer) -> None:
         self.name = name
+        self._signer = signer
         self.sns = aws.client("sns")
         self.arn = ensure_topic(self.sns, name)
 
     def publish(self, message: dict[str, Any]) -> None:
         """Send ``message`` to every worker; a subscription whose queue is gone is removed first."""
-        body = protocol.encode_body(message).decode("ascii")
+        body = self._signer.sign(protocol.encode_body(message).decode("ascii"))
         try:
             with aws.aws_errors(f"publishing {message['type']} on {self.name}"):
                 self.sns.publish(TopicArn=self.arn, Message=body)
@@ -233,8 +238,9 @@ def delete_queue(sqs: Any, name: str) -> None:
 class ControlQueue:
     """A worker's side: its own queue, subscribed to the topic while the worker runs."""
 
-    def __init__(self, sqs: Any, topic: str, identity: str) -> None:
+    def __init__(self, sqs: Any, topic: str, identity: str, keyring: Keyring) -> None:
         self.sqs = sqs
+        self._keyring = keyring
         self.sns = aws.client("sns")
         self._topic_arn = ensure_topic(self.sns, topic)
         self._name = queue_name(identity)
@@ -258,15 +264,20 @@ class ControlQueue:
         log.info("control messages on %s", self.url)
 
     def receive(self, wait_seconds: int) -> list[dict[str, Any]]:
-        """Control messages that arrived within ``wait_seconds`` (deleted once read)."""
+        """Control messages that arrived within ``wait_seconds``, signed by the fleet (deleted once
+        read; one whose key could not be read is left to come back)."""
         messages = aws.receive_messages(self.sqs, self.url, aws.SQS_MAX_BATCH, wait_seconds)
-        aws.delete_messages(self.sqs, self.url, [m["ReceiptHandle"] for m in messages])
-        decoded = []
+        decoded, read = [], []
         for message in messages:
             try:
-                decoded.append(protocol.decode(message["Body"].encode()))
-            except MalformedMessage as exc:
-                log.error("ignoring a malformed control message: %s", exc)
+                decoded.append(protocol.decode(self._keyring.open(message["Body"]).encode()))
+            except ProtocolError as exc:  # refused (unsigned, forged) or malformed
+                log.error("ignoring control message %s: %s", message["MessageId"], exc)
+            except BackendError as exc:
+                log.warning("control message %s kept for later: %s", message["MessageId"], exc)
+                continue
+            read.append(message["ReceiptHandle"])
+        aws.delete_messages(self.sqs, self.url, read)
         return decoded
 
     def close(self) -> None:

@@ -20,6 +20,7 @@ back unprocessed; a Query returns one partition's items in sort-key order, a pag
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Iterable, Iterator
@@ -35,6 +36,7 @@ from jobstore import (
     Record,
     ResultsAdded,
     TasksAdded,
+    checked_job,
     decode_results,
     finished_job,
     restore_job,
@@ -84,21 +86,27 @@ class DynamoJobStore(JobStore):
                 ExpressionAttributeValues={":job": {"S": "job"}, ":name": {"S": self.name}})
                 for item in page["Items"]]
         jobs, expired = [], []
-        for meta in sorted(metas, key=lambda item: float(item["created_at"]["N"])):
+        for meta in metas:
             job_id = meta["job"]["S"]
             self._meta[job_id] = meta
-            created_at, finished_at = float(meta["created_at"]["N"]), _number(meta, "finished_at")
-            if finished_at is not None and finished_at < finished_since:
+            job = checked_job(job_id, functools.partial(self._job, job_id, meta))
+            if job is not None and job.finished_at is not None and job.finished_at < finished_since:
                 expired.append(job_id)
-            elif finished_at is not None:
-                jobs.append(finished_job(job_id, created_at, int(meta["total"]["N"]), finished_at,
-                                         int(meta["succeeded"]["N"]), int(meta["failed"]["N"]),
-                                         int(_number(meta, "cancelled") or 0)))
-            else:
-                jobs.append(restore_job(job_id, created_at, _number(meta, "timeout"),
-                                        self.read_commands(job_id), self.read_results(job_id)))
+            elif job is not None:
+                jobs.append(job)
         self.remove(expired)
-        return jobs
+        return sorted(jobs, key=lambda job: job.created_at)
+
+    def _job(self, job_id: str, meta: dict[str, Any]) -> Job:
+        """A job from its item (and, unfinished, its tasks and results); ValueError and the like if
+        an item is not of the right shape."""
+        created_at, finished_at = float(meta["created_at"]["N"]), _number(meta, "finished_at")
+        if finished_at is not None:
+            return finished_job(job_id, created_at, int(meta["total"]["N"]), finished_at,
+                                int(meta["succeeded"]["N"]), int(meta["failed"]["N"]),
+                                int(_number(meta, "cancelled") or 0))
+        return restore_job(job_id, created_at, _number(meta, "timeout"), self.read_commands(job_id),
+                           self.read_results(job_id))
 
     def write(self, records: list[Record]) -> None:
         # BatchWriteItem takes one write per item: the last one wins.

@@ -83,5 +83,9 @@ class RemoteError(ProtocolError):
         self.code = code
 
 
+class RefusedMessage(ProtocolError):
+    """Raised when a message body off a queue is unsigned, or not signed by a known, unexpired key."""
+
+
 class BackendError(CloudKonError):
     """Raised when a backend cannot run, queue or report tasks."""

@@ -13,6 +13,12 @@ scheduler waits for the journal only where a promise depends on it: a job is
 accepted once its tasks are written.  Results are written within WRITE_DELAY_SECONDS;
 a scheduler killed before that runs those tasks again after its restart (each task
 still gets exactly one result).
+
+A store file is its user's alone (0600, in a 0700 folder if the store makes it: commands
+and outputs are private), is locked while a scheduler uses it (the lock is on the file
+itself, so a symlink or another name for it finds it taken), and is read back row by row:
+a job whose rows are not of the right shape is skipped and named in the log, the others
+resume.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import concurrent.futures
 import fcntl
 import json
 import logging
+import math
+import os
 import queue
 import sqlite3
 import threading
@@ -28,10 +36,10 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import IO, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import protocol
-from errors import BackendError, ConfigError
+from errors import BackendError, ConfigError, ProtocolError
 from jobs import Job
 from tasks import ResultBatch
 
@@ -112,9 +120,27 @@ class JobStore(ABC):
         """Release the store's connection or file."""
 
 
+def checked_job(job_id: str, build: Callable[[], Job]) -> Job | None:
+    """The job ``build`` makes from its rows, or None (named in the log) if they are not of
+    the right shape: one bad job must not stop the others from resuming, nor reach a worker."""
+    try:
+        return build()
+    except (ValueError, TypeError, LookupError, ProtocolError) as exc:  # json's errors are ValueErrors
+        log.error("job store: job %s skipped, its rows are not of the right shape: %s "
+                  "(they are left in the store)", job_id, exc)
+        return None
+
+
 def restore_job(job_id: str, created_at: float, timeout: float | None, commands: list[str],
                 batches: Iterable[ResultBatch]) -> Job:
-    """A job rebuilt from what a store holds: results replayed, the rest to run."""
+    """A job rebuilt from what a store holds: results replayed, the rest to run.
+
+    ValueError if a field is not of its type (the store was edited or damaged)."""
+    _check_seconds("created_at", created_at)
+    if timeout is not None:
+        _check_seconds("timeout", timeout)
+    if not isinstance(commands, list) or not all(isinstance(command, str) for command in commands):
+        raise ValueError("its tasks are not strings")
     job = Job(job_id, timeout, created_at)
     job.results = None
     job.add_tasks(commands)
@@ -126,13 +152,27 @@ def restore_job(job_id: str, created_at: float, timeout: float | None, commands:
 
 def finished_job(job_id: str, created_at: float, total: int, finished_at: float,
                  succeeded: int, failed: int, cancelled: int) -> Job:
-    """A finished job as the scheduler keeps it until its results expire: counts only."""
+    """A finished job as the scheduler keeps it until its results expire: counts only.
+
+    ValueError if a field is not of its type."""
+    _check_seconds("created_at", created_at)
+    _check_seconds("finished_at", finished_at)
+    for name, count in (("total", total), ("succeeded", succeeded), ("failed", failed),
+                        ("cancelled", cancelled)):
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise ValueError(f"{name} is {count!r}, not a count")
     job = Job(job_id, None, created_at)
     job.release()
     job.total, job.closed, job.finished_at = total, True, finished_at
     job.done_count, job.failed_count = succeeded + failed, failed
     job.cancelled_count, job.cancelled = cancelled, cancelled > 0
     return job
+
+
+def _check_seconds(name: str, value: object) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
+            or value < 0:
+        raise ValueError(f"{name} is {value!r}, not a number of seconds")
 
 
 def encode_results(batch: ResultBatch) -> bytes:
@@ -158,7 +198,7 @@ class SQLiteJobStore(JobStore):
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._lock = None if path == ":memory:" else _lock_beside(Path(path))
+        self._lock = None if path == ":memory:" else _open_locked(Path(path))
         try:
             # Opened here, used by the journal thread only.
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -170,6 +210,8 @@ class SQLiteJobStore(JobStore):
             if "cancelled" not in {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}:
                 self._db.execute("ALTER TABLE jobs ADD COLUMN cancelled INTEGER")  # made before cancel
         except sqlite3.Error as exc:
+            if self._lock is not None:
+                os.close(self._lock)  # free for a retry in this process
             raise ConfigError(f"cannot use {path} as the job store: {exc}") from exc
 
     def start(self) -> int:
@@ -181,17 +223,17 @@ class SQLiteJobStore(JobStore):
         expired = [row[0] for row in db.execute(
             "SELECT id FROM jobs WHERE finished_at < ?", (finished_since,))]
         self.remove(expired)
-        jobs = []
-        for job_id, created_at, timeout, total, finished_at, succeeded, failed, cancelled in db.execute(
-                "SELECT id, created_at, timeout, total, finished_at, succeeded, failed, cancelled "
-                "FROM jobs ORDER BY created_at").fetchall():
-            if finished_at is not None:
-                jobs.append(finished_job(job_id, created_at, total, finished_at, succeeded, failed,
-                                         cancelled or 0))
-            else:
-                jobs.append(restore_job(job_id, created_at, timeout, self.read_commands(job_id),
-                                        self.read_results(job_id)))
-        return jobs
+        rows = db.execute("SELECT id, created_at, timeout, total, finished_at, succeeded, failed, cancelled "
+                          "FROM jobs ORDER BY created_at").fetchall()
+        jobs = [checked_job(row[0], lambda row=row: self._job(*row)) for row in rows]
+        return [job for job in jobs if job is not None]
+
+    def _job(self, job_id: str, created_at: float, timeout: float | None, total: int | None,
+             finished_at: float | None, succeeded: int | None, failed: int | None,
+             cancelled: int | None) -> Job:
+        if finished_at is not None:
+            return finished_job(job_id, created_at, total, finished_at, succeeded, failed, cancelled or 0)
+        return restore_job(job_id, created_at, timeout, self.read_commands(job_id), self.read_results(job_id))
 
     def write(self, records: list[Record]) -> None:
         db = self._db
@@ -239,23 +281,38 @@ class SQLiteJobStore(JobStore):
     def close(self) -> None:
         self._db.close()
         if self._lock is not None:
-            self._lock.close()
+            os.close(self._lock)
 
 
-def _lock_beside(path: Path) -> IO[bytes]:
-    """Hold an exclusive lock on ``path``.lock: two schedulers on one store would run its jobs twice."""
+def _open_locked(path: Path) -> int:
+    """The store file, opened (created 0600 if new, in a new folder 0700) and exclusively locked.
+
+    The lock is on the file itself, not on a name: two schedulers on one store would run
+    its jobs twice, whatever names they reach it by.  SQLite locks with fcntl, flock is
+    apart from that (on Linux, but for NFS).  A file that exists but is empty is refused:
+    it is not a store, and taking it for a new one would hide the loss of one.
+    """
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(path.with_name(path.name + ".lock"), "a+b")  # noqa: SIM115 (held until close)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # an existing folder is left as it is
+        try:
+            fd, new = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600), True
+        except FileExistsError:
+            fd, new = os.open(path, os.O_RDWR), False
     except OSError as exc:
         raise ConfigError(f"cannot use {path} as the job store: {exc.strerror or exc}") from exc
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        lock.close()
-        raise ConfigError(f"job store {path} is in use by another scheduler "
+        os.close(fd)
+        real = os.path.realpath(path)
+        also = f" (which is {real})" if real != os.path.abspath(path) else ""
+        raise ConfigError(f"job store {path}{also} is in use by another scheduler "
                           "(give this one its own --state)") from None
-    return lock
+    if not new and os.fstat(fd).st_size == 0:
+        os.close(fd)
+        raise ConfigError(f"job store {path} is an empty file, not a job store "
+                          "(remove it to start a new store, or give another --state)")
+    return fd
 
 
 _IDLE = object()  # the journal's queue went quiet while gathering records

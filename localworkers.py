@@ -20,10 +20,16 @@ pipes, the process sentinels and a wakeup pipe together (as concurrent.futures
 does), so a worker killed with SIGKILL is noticed at once rather than hanging the
 job.  A dead worker's tasks are re-queued; the one it was running (known from a
 shared progress slot the worker writes before each task) is retried once, then
-reported failed.  ``cancel(job)`` drops the job's queued bundles and sends a
-``cancel`` frame to each worker holding one of its bundles: the worker kills the job's
-running task and skips its other tasks.  Frames on the pipes are protocol.py's
-JSON: nothing is pickled after start-up.
+reported failed.  A replacement that cannot be started (no file descriptors left, say)
+is tried again with a growing pause, never raised out of ``receive``; with no worker
+alive for NO_WORKERS_FAIL_SECONDS, the queued tasks are reported failed rather than
+held.  A worker exits when its scheduler dies: its pipe reaches end of file or, should
+its reader be gone or the pipe be held open elsewhere, a thread watching the scheduler's
+process (a pidfd, Linux) sees it end.  (A parent-death signal would not do: a worker's
+parent is the forkserver, which lives as long as any worker does.)  ``cancel(job)``
+drops the job's queued bundles and sends a ``cancel`` frame to each worker holding one
+of its bundles: the worker kills the job's running task and skips its other tasks.
+Frames on the pipes are protocol.py's JSON: nothing is pickled after start-up.
 """
 
 from __future__ import annotations
@@ -34,17 +40,19 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import queue
+import select
 import signal
 import socket
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import protocol
 from backend import Backend
-from errors import BackendError
+from errors import BackendError, MalformedMessage
 from tasks import (
     CANCELLED,
     OUTPUT_CAP_BYTES,
@@ -76,6 +84,16 @@ STEAL_AFTER_SECONDS = 0.005
 
 # Workers in a row that die before taking any work mean start-up itself is broken.
 MAX_STARTUP_DEATHS = 5
+
+# A worker that cannot be started (no file descriptors or memory left: usually passing) is
+# tried again after this long, the pause doubling up to the maximum: soon enough to be back
+# at work shortly after the shortage ends, rarely enough not to add to it.
+RESTART_PAUSE_SECONDS = 0.5
+MAX_RESTART_PAUSE_SECONDS = 10.0
+
+# With no worker alive for this long, queued tasks are reported failed (saying why) rather
+# than held: a client waits out a passing shortage, but not one that lasts.
+NO_WORKERS_FAIL_SECONDS = 60.0
 
 _STOP = b""
 _NO_TASK = -1
@@ -159,7 +177,14 @@ class LocalBackend(Backend):
         self._deaths: dict[tuple[str, int], int] = {}
         self._startup_deaths = 0
         self._closed = False
-        self._slots = [self._start_worker() for _ in range(workers)]
+        self._restart_pause = RESTART_PAUSE_SECONDS
+        self._restart_at = 0.0  # monotonic time of the next try to start dead workers' replacements
+        self._start_failure: str | None = None  # why the last try failed (logged once)
+        self._no_workers_since: float | None = None
+        try:
+            self._slots = [self._start_worker() for _ in range(workers)]
+        except OSError as exc:
+            raise BackendError(f"cannot start worker processes: {exc}") from exc
 
     def workers(self) -> int:
         return len(self._slots)
@@ -176,12 +201,14 @@ class LocalBackend(Backend):
     def receive(self, timeout: float) -> list[ResultBatch]:
         results: list[ResultBatch] = []
         self._apply_cancels(results)
+        restart_again = self._replace_dead(results)
         self._hand_out()
         steal_again = self._steal_for_idle()
-        by_fd = {slot.conn: slot for slot in self._slots}
-        by_sentinel = {slot.process.sentinel: slot for slot in self._slots}
+        live = [slot for slot in self._slots if not slot.dead]
+        by_fd = {slot.conn: slot for slot in live}
+        by_sentinel = {slot.process.sentinel: slot for slot in live}
         ready = multiprocessing.connection.wait(
-            [self._wakeup_read, *by_fd, *by_sentinel], min(timeout, steal_again))
+            [self._wakeup_read, *by_fd, *by_sentinel], min(timeout, steal_again, restart_again))
         for obj in ready:
             if obj == self._wakeup_read:
                 os.read(self._wakeup_read, 4096)
@@ -198,6 +225,7 @@ class LocalBackend(Backend):
         if self._closed:
             return
         self._closed = True
+        self._slots = [slot for slot in self._slots if not slot.dead]
         for slot in self._slots:
             try:
                 if wait:
@@ -224,14 +252,65 @@ class LocalBackend(Backend):
             pass  # the pipe is full of wakeups already
 
     def _start_worker(self) -> _WorkerSlot:
+        """A new worker process; OSError if one cannot be started (nothing is left open then)."""
         parent_end, child_end = self._context.Pipe(duplex=True)
-        progress = self._context.RawArray("q", [_NO_TASK, _NO_TASK])
-        process = self._context.Process(
-            target=_worker_main, args=(child_end, progress, self._output_cap),
-            name="cloudkon-worker", daemon=True)
-        process.start()
-        child_end.close()
+        try:
+            progress = self._context.RawArray("q", [_NO_TASK, _NO_TASK])
+            process = self._context.Process(
+                target=_worker_main, args=(child_end, progress, self._output_cap, os.getpid()),
+                name="cloudkon-worker", daemon=True)
+            process.start()
+        except BaseException:
+            parent_end.close()
+            raise
+        finally:
+            child_end.close()
         return _WorkerSlot(process, parent_end, progress)
+
+    def _replace_dead(self, results: list[ResultBatch]) -> float:
+        """Start workers in place of dead ones when it is time to try; with none alive for
+        NO_WORKERS_FAIL_SECONDS, report the queued tasks failed.  Seconds until the next try."""
+        if self._closed or not any(slot.dead for slot in self._slots):
+            return math.inf
+        now = time.monotonic()
+        if now >= self._restart_at:
+            self._try_restart(now)
+        if self._start_failure is None:
+            return math.inf
+        self._fail_queued_if_no_workers(now, results)
+        return max(0.0, self._restart_at - now)
+
+    def _try_restart(self, now: float) -> None:
+        try:
+            for index, slot in enumerate(self._slots):
+                if slot.dead:
+                    self._slots[index] = self._start_worker()
+        except OSError as exc:
+            if self._start_failure is None:  # once: it may fail for a long time
+                log.error("cannot start a worker process: %s; trying again, every %g s at most",
+                          exc, MAX_RESTART_PAUSE_SECONDS)
+            self._start_failure = str(exc)
+            self._restart_at = now + self._restart_pause
+            self._restart_pause = min(2 * self._restart_pause, MAX_RESTART_PAUSE_SECONDS)
+            return
+        if self._start_failure is not None:
+            log.warning("worker processes start again")
+        self._start_failure, self._no_workers_since = None, None
+        self._restart_pause = RESTART_PAUSE_SECONDS
+
+    def _fail_queued_if_no_workers(self, now: float, results: list[ResultBatch]) -> None:
+        if any(not slot.dead for slot in self._slots):
+            self._no_workers_since = None
+            return
+        if self._no_workers_since is None:
+            self._no_workers_since = now
+        if now - self._no_workers_since < NO_WORKERS_FAIL_SECONDS:
+            return
+        with self._queue_lock:
+            dropped, self._queue = list(self._queue), deque()
+        error = (f"no worker process could be started for {NO_WORKERS_FAIL_SECONDS:g} s "
+                 f"({self._start_failure})")
+        results += [failed_batch(bundle.job, bundle.bundle, bundle.ids, error) for bundle in dropped]
 
     def _apply_cancels(self, results: list[ResultBatch]) -> None:
         """Drop cancelled jobs' queued bundles (reporting them), and tell their workers."""
@@ -344,7 +423,7 @@ class LocalBackend(Backend):
             return
         if self._startup_deaths >= MAX_STARTUP_DEATHS:
             raise BackendError(f"{MAX_STARTUP_DEATHS} worker processes in a row died at start-up")
-        self._slots[self._slots.index(slot)] = self._start_worker()
+        self._replace_dead(results)
 
     def _died_running(self, job: str, task_id: int) -> bool:
         """Count a death against the task; True once it has killed its worker twice."""
@@ -400,7 +479,7 @@ class _Inbox:
 
 
 def _worker_main(conn: multiprocessing.connection.Connection, progress: object,
-                 output_cap: int) -> None:
+                 output_cap: int, scheduler_pid: int) -> None:
     """A worker process: run bundles from ``conn`` and send back their results.
 
     A reader thread drains the pipe into an inbox, so the backend's sends never wait
@@ -410,6 +489,7 @@ def _worker_main(conn: multiprocessing.connection.Connection, progress: object,
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the scheduler's to handle
     signal.signal(signal.SIGTERM, _stop_now)
+    threading.Thread(target=_stop_with_scheduler, args=(scheduler_pid,), daemon=True).start()
     reduce_timer_slack()
     cancellations = Cancellations()
     worker = f"{socket.gethostname()}:{os.getpid()}"  # where each result ran, as the user sees it
@@ -436,16 +516,34 @@ def _worker_main(conn: multiprocessing.connection.Connection, progress: object,
         inbox.finished()
 
 
+def _stop_with_scheduler(pid: int) -> None:
+    """Exit once the scheduler process ``pid`` has ended (where pidfds exist: Linux 5.3 on)."""
+    try:
+        watch = os.pidfd_open(pid)
+    except ProcessLookupError:
+        _stop_now()  # gone already
+    except (AttributeError, OSError):
+        return  # no pidfds here: the pipe's end of file alone tells
+    select.select([watch], [], [])  # readable once the process has ended
+    _stop_now()
+
+
 def _read_bundles(conn: multiprocessing.connection.Connection, inbox: _Inbox,
                   cancellations: Cancellations, send: Callable[[ResultBatch], None]) -> None:
-    while True:
-        try:
-            data = conn.recv_bytes()
-        except (EOFError, OSError):
-            _stop_now()  # the backend is gone: nobody wants what is running
-        if data == _STOP:
-            inbox.put(None)
-            return
+    """The worker's reader thread: a worker without one would hold its bundles forever, so any
+    failure here ends the process, which the backend notices (its sentinel) and replaces."""
+    try:
+        _read_frames(conn, inbox, cancellations, send)
+    except (EOFError, OSError):
+        _stop_now()  # the backend is gone: nobody wants what is running
+    except Exception:  # a frame it cannot read: say so where the scheduler's log goes
+        traceback.print_exc()
+        _stop_now()
+
+
+def _read_frames(conn: multiprocessing.connection.Connection, inbox: _Inbox,
+                 cancellations: Cancellations, send: Callable[[ResultBatch], None]) -> None:
+    while (data := conn.recv_bytes()) != _STOP:
         message = protocol.decode(data)
         if message["type"] == "cancel":
             cancellations.cancel(message["job"])
@@ -454,7 +552,12 @@ def _read_bundles(conn: multiprocessing.connection.Connection, inbox: _Inbox,
             if withdrawn is not None:
                 send(ResultBatch(withdrawn.job, withdrawn.bundle, returned=list(withdrawn.ids)))
         else:
-            inbox.put(protocol.bundle_from_message(message))
+            try:
+                inbox.put(protocol.bundle_from_message(message))
+            except MalformedMessage as exc:  # its tasks fail, not the worker: a new one would fail too
+                send(failed_batch(message["job"], message["bundle"], message["ids"],
+                                  f"the worker could not read this task's bundle: {exc}"))
+    inbox.put(None)
 
 
 def _stop_now(signum: int | None = None, frame: object = None) -> None:

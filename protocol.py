@@ -105,13 +105,9 @@ def frame_length(header: bytes, max_frame: int = MAX_FRAME_BYTES) -> int:
 def decode(body: bytes) -> dict[str, Any]:
     """The message in a frame body.  Raises MalformedMessage for anything but a valid message."""
     try:
-        message = json.loads(body.decode("utf-8"), parse_constant=_refuse_constant)
-        if _SURROGATE_ESCAPE.search(body):  # rare: a pair is fine, a lone one is not
-            json.dumps(message, ensure_ascii=False).encode("utf-8")
-    except (UnicodeError, ValueError) as exc:
+        message = parse_json(body)
+    except ValueError as exc:
         raise MalformedMessage(f"frame is not UTF-8 JSON: {exc}", body) from None
-    except RecursionError:
-        raise MalformedMessage("frame is JSON nested too deeply", body) from None
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
         raise MalformedMessage("a message must be a JSON object with a string 'type'", body)
     fields = _SCHEMA.get(message["type"])
@@ -123,6 +119,20 @@ def decode(body: bytes) -> dict[str, Any]:
             raise MalformedMessage(
                 f"{message['type']}: field {name!r} must be {_type_name(kind)}", body)
     return message
+
+
+def parse_json(data: bytes | bytearray) -> Any:
+    """The JSON value in ``data``, which must be UTF-8 JSON holding only text and finite numbers.
+
+    ValueError (UnicodeError included) says what is wrong otherwise: not UTF-8, not JSON,
+    NaN or Infinity, a lone surrogate, or nesting too deep for the parser."""
+    try:
+        value = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
+        if _SURROGATE_ESCAPE.search(data):  # rare: a pair is fine, a lone one is not
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    return value
 
 
 def _refuse_constant(name: str) -> None:

@@ -912,8 +912,10 @@ def run_fleet_command(args: argparse.Namespace) -> int:
         raise ConfigError("--drain, --shutdown and --cleanup are separate commands: one at a time")
     import aws  # boto3 is loaded in remote mode only
     from control import DEFAULT_CONTROL_TOPIC, ControlTopic
-    try:
-        topic = ControlTopic(args.control_topic or DEFAULT_CONTROL_TOPIC)
+    from signing import Signer
+    try:  # drain and shutdown are signed with a key of this command's own, written at first use
+        topic = ControlTopic(args.control_topic or DEFAULT_CONTROL_TOPIC,
+                             Signer(aws.client("dynamodb"), args.table or aws.DEFAULT_CLAIM_TABLE))
         if args.drain or args.shutdown:
             return 0 if topic.stop_workers("drain" if args.drain else "shutdown", args.grace) else 1
         fleet = create_fleet(args)

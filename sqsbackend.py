@@ -7,9 +7,10 @@ Owns the scheduler's side of remote mode and the shape of its messages::
     receive() <- long poll <- response queue (one per scheduler) <-+
 
 A request message is a protocol ``bundle`` plus ``reply_to`` (the response queue's
-URL); a response message is a protocol ``results`` with its ``bundle``.  Both are
-kept within MAX_SQS_MESSAGE_BYTES here, whatever the emulator accepts: a bundle that
-encodes too large is split, a result whose output alone is too large is trimmed.
+URL), sealed with this scheduler's key (signing.py: workers refuse any other); a
+response message is a protocol ``results`` with its ``bundle``.  Both are kept within
+MAX_SQS_MESSAGE_BYTES here, whatever the emulator accepts: a bundle that encodes too
+large (seal included) is split, a result whose output alone is too large is trimmed.
 Response messages are deleted once the results are handed to the scheduler.
 ``cancel(job)`` marks the job cancelled in the claim table (durable: every worker
 reads it before running a bundle), then tells the workers over the control topic
@@ -35,6 +36,7 @@ from aws import MAX_SQS_MESSAGE_BYTES, aws_errors
 from backend import Backend
 from control import DEFAULT_CONTROL_TOPIC, ControlTopic, mark_cancelled
 from errors import BackendError, FrameTooLarge, MalformedMessage
+from signing import SEAL_BYTES, Signer
 from tasks import Bundle, ResultBatch, failed_batch
 
 log = logging.getLogger("cloudkon.sqs")
@@ -78,9 +80,9 @@ def parse_request(body: str) -> tuple[Bundle, str]:
 
 
 def request_bodies(bundle: Bundle, reply_to: str,
-                   limit: int = MAX_SQS_MESSAGE_BYTES) -> tuple[list[str], list[Bundle]]:
-    """Message bodies carrying ``bundle`` (split in halves until each fits), and any
-    single-task bundles too large for one message."""
+                   limit: int = MAX_SQS_MESSAGE_BYTES - SEAL_BYTES) -> tuple[list[str], list[Bundle]]:
+    """Message bodies carrying ``bundle`` (split in halves until each fits, with room for
+    the seal), and any single-task bundles too large for one message."""
     body = _fits(lambda: request_body(bundle, reply_to), limit)
     if body is not None:
         return [body], []
@@ -146,7 +148,9 @@ class SQSBackend(Backend):
         response_queue = self.response_queue
         self._response_url = aws.ensure_queue(self._sqs, response_queue, visibility_timeout)
         aws.ensure_claim_table(self._dynamodb, claim_table)
-        self._control = ControlTopic(control_topic)
+        self._signer = Signer(self._dynamodb, claim_table)
+        self._signer.key()  # now: a missing permission stops the start, not every send
+        self._control = ControlTopic(control_topic, self._signer)
         self._count_slots()  # before the first job: sized for the workers already there
         self._calls = ThreadPoolExecutor(PARALLEL_SQS_CALLS, thread_name_prefix="cloudkon-sqs")
         self._outbox: queue.SimpleQueue[Bundle | None] = queue.SimpleQueue()
@@ -241,7 +245,8 @@ class SQSBackend(Backend):
                 fail(failed_batch(alone.job, alone.bundle, alone.ids,
                                   f"task too large for an SQS message ({MAX_SQS_MESSAGE_BYTES} bytes)"))
         try:
-            aws.send_messages(self._sqs, self._request_url, bodies, self._calls)
+            signed = [self._signer.sign(body) for body in bodies]  # may publish a new key: a call
+            aws.send_messages(self._sqs, self._request_url, signed, self._calls)
         except BackendError as exc:
             log.error("%s", exc)
             for bundle in bundles:

@@ -5,6 +5,9 @@ the receive/claim/run/report/delete loop, the claim of each bundle in DynamoDB, 
 extension of visibility and lease while a bundle runs, and the idle exit.
 
 For each request message, in ``-t`` threads:
+  0. check its seal (signing.py): a message not signed by a key of the fleet (its
+     scheduler's, published in the claim table) is never run, but moved to the
+     dead-letter queue ``<request queue>-dead`` with one log line;
   1. claim ``job:bundle`` in DynamoDB with a conditional write.  The claim is a lease
      as long as the visibility timeout, renewed while the bundle runs; a bundle
      already ``done`` is a duplicate delivery (deleted unrun), one leased to a live
@@ -20,8 +23,9 @@ visibility timeout, its lease has run out, and another worker runs the bundle.
 Control (control.py): the worker subscribes its own queue to the fleet's control
 topic and obeys ``cancel`` (stop the job's tasks), ``drain`` (finish the bundles held,
 take no new one, exit) and ``shutdown`` (stop now, handing the bundles held back to
-the queue).  Before running a bundle, and while it runs, it also reads the job's
-durable cancellation mark, so a cancel it never heard still stops the job's tasks.
+the queue), when signed by a key of the fleet.  Before running a bundle, and while it
+runs, it also reads the job's durable cancellation mark, so a cancel it never heard
+still stops the job's tasks.
 Its identity (logs, claims, control queue) is its EC2 instance id when IMDSv2 has one.
 """
 
@@ -41,8 +45,9 @@ from typing import Any
 
 import aws
 from control import DEFAULT_CONTROL_TOPIC, ControlQueue, cancelled_jobs, record_slots
-from errors import BackendError, CloudKonError, MalformedMessage
+from errors import BackendError, CloudKonError, MalformedMessage, RefusedMessage
 from provisioning import Instance, metadata_instance_id, send_heartbeats
+from signing import Keyring
 from sqsbackend import parse_request, response_bodies
 from tasks import (
     CANCELLED,
@@ -158,6 +163,8 @@ class Worker:
             threading.Thread(target=send_heartbeats, args=(instance, self.dynamodb, self.exiting),
                              name="cloudkon-heartbeat", daemon=True).start()
         self.request_url = aws.ensure_queue(self.sqs, request_queue, visibility_timeout)
+        self.dead_letter_queue = aws.dead_letter_queue(request_queue)
+        self._dead_letter_url: str | None = None  # made at the first refusal: none costs nothing
         aws.ensure_claim_table(self.dynamodb, claim_table)
         self.identity = identity
         self.instance = instance
@@ -166,7 +173,8 @@ class Worker:
         self.cancellations = Cancellations()
         self.boxes = TimeBoxes(self._hand_back_rest)
         self._reply_to: dict[int, str] = {}  # id(bundle) -> its scheduler's queue, while it runs
-        self.control = ControlQueue(self.sqs, control_topic, identity)
+        self.keyring = Keyring(self.dynamodb, claim_table)
+        self.control = ControlQueue(self.sqs, control_topic, identity, self.keyring)
         record_slots(self.dynamodb, claim_table, identity, threads)  # schedulers size bundles by it
         self.leaving: str | None = None  # "drain" or "shutdown", once a control message says so
         self.threads = threads
@@ -233,7 +241,12 @@ class Worker:
         receipt = message["ReceiptHandle"]
         try:
             try:
-                bundle, reply_to = parse_request(message["Body"])
+                body = self.keyring.open(message["Body"])
+            except RefusedMessage as exc:
+                self._refuse(message, exc)
+                return
+            try:
+                bundle, reply_to = parse_request(body)
             except MalformedMessage as exc:
                 log.error("deleting a malformed request message: %s", exc)
                 aws.delete_messages(self.sqs, self.request_url, [receipt])
@@ -275,6 +288,19 @@ class Worker:
             with self._lock:
                 self._held.pop(message["MessageId"], None)
             self._last_work = time.monotonic()
+
+    def _refuse(self, message: dict[str, Any], reason: RefusedMessage) -> None:
+        """Move a request message the fleet did not sign to the dead-letter queue, unrun, and
+        delete it (even if the move fails: it must not come back)."""
+        try:
+            if self._dead_letter_url is None:
+                self._dead_letter_url = aws.ensure_queue(self.sqs, self.dead_letter_queue)
+            aws.send_messages(self.sqs, self._dead_letter_url, [message["Body"]])
+            outcome = f"moved to {self.dead_letter_queue}"
+        except BackendError as exc:
+            outcome = f"dropped, not moved to {self.dead_letter_queue}: {exc}"
+        log.error("refused request message %s (%s): %s", message["MessageId"], reason, outcome)
+        aws.delete_messages(self.sqs, self.request_url, [message["ReceiptHandle"]])
 
     def _send(self, job: str, reply_to: str, batches: Iterable[ResultBatch]) -> None:
         """Send results (once all are in: a bundle's results go in as few messages as fit),

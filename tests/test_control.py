@@ -47,7 +47,7 @@ def test_remote_cancel_stops_the_running_task_and_skips_the_queued_ones(remote, 
     worker = remote.worker("-t", "1")
     ran = tmp_path / "ran"
     out = tmp_path / "r.jsonl"
-    # Every task is the long one: bundles are sent in parallel batches, so which the worker takes first is open.
+    # Every task is the long one: bundles go out in parallel batches, so which one runs first is open.
     client = start_client("-s", sched.address, "-w", workload([f"sleep 60000 && echo {i} >> {ran}"
                                                                 for i in range(11)]),
                           "-o", str(out))

@@ -13,7 +13,8 @@ import boto3
 from conftest import ROOT, read_results, run_client, start_client, wait_until
 
 import protocol
-from aws import MAX_SQS_MESSAGE_BYTES
+from aws import MAX_SQS_MESSAGE_BYTES, ensure_claim_table
+from signing import Signer
 from sqsbackend import request_bodies, request_body, response_bodies
 from tasks import OUTPUT_CAP_BYTES, Bundle, ResultBatch
 
@@ -65,8 +66,11 @@ def test_duplicate_delivery_runs_the_bundle_once(remote, tmp_path):
     sqs = _emulator_client("sqs", remote.env)
     request_url = sqs.create_queue(QueueName=remote.request_queue)["QueueUrl"]
     reply_url = sqs.create_queue(QueueName=remote.request_queue + "-replies")["QueueUrl"]
+    dynamodb = _emulator_client("dynamodb", remote.env)
+    ensure_claim_table(dynamodb, remote.table)
     ran = tmp_path / "ran"
-    body = request_body(Bundle("job1", 0, [0], [f"echo once >> {ran}; sleep 0.5"]), reply_url)
+    body = Signer(dynamodb, remote.table).sign(  # as a scheduler of the fleet signs it
+        request_body(Bundle("job1", 0, [0], [f"echo once >> {ran}; sleep 0.5"]), reply_url))
     for _ in range(2):  # SQS delivering one message twice, as it may
         sqs.send_message(QueueUrl=request_url, MessageBody=body)
     remote.worker("-t", "1", "--visibility-timeout", "3")
@@ -171,7 +175,8 @@ _S3_ACTIONS = {"s3:HeadObject": "s3:GetObject", "s3:ListObjectsV2": "s3:ListBuck
 
 def _allowed(policy: str) -> set[str]:
     document = json.loads((ROOT / "iam" / f"{policy}-policy.json").read_text())
-    return {action for statement in document["Statement"] for action in statement["Action"]}
+    return {action for statement in document["Statement"] if statement["Effect"] == "Allow"
+            for action in statement["Action"]}
 
 
 def test_least_privilege_policies_cover_every_call_made(remote, workload, tmp_path):
