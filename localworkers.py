@@ -498,8 +498,11 @@ def _worker_main(conn: multiprocessing.connection.Connection, progress: object,
     def send(batch: ResultBatch) -> None:
         batch.worker = worker
         frame = protocol.encode_body(protocol.results_message(batch))
-        with sending:
-            conn.send_bytes(frame)
+        try:
+            with sending:
+                conn.send_bytes(frame)
+        except OSError:  # the scheduler is gone (killed): nobody wants the result
+            _stop_now()
 
     boxes = TimeBoxes(lambda bundle, ids: send(ResultBatch(bundle.job, bundle.bundle, returned=ids)))
     inbox = _Inbox(boxes)

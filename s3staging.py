@@ -14,8 +14,11 @@ Owns the remote form of a sandbox's files:
     result carries, and unpacked into ``--outputs DIR/<task id>/``;
   - cleanup: the files under the prefix, and the bucket once nothing else is in it.
 Transfers are boto3's managed ones (multipart above 8 MiB).  Archives hold regular
-files and directories only; unpacking refuses anything that would land outside the
-target directory.
+files and directories only.  Before writing anything, unpacking checks every member's
+header: a link, a device, or a name that would land outside the target directory is
+refused, and so is an input archive whose files add up to more than the job's input
+limit (jdl.MAX_INPUT_SANDBOX_BYTES, which the client checked before uploading) or that
+holds more than MAX_ARCHIVE_MEMBERS members: a gzip of zeros unpacks 1000 to 1.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import botocore.exceptions
 
 import aws
 from errors import BackendError
-from jdl import JobSpec
+from jdl import MAX_INPUT_SANDBOX_BYTES, JobSpec
 
 log = logging.getLogger("cloudkon.s3")
 
@@ -42,6 +45,18 @@ DEFAULT_PREFIX = "jobs"
 DEFAULT_RETENTION_DAYS = 7
 _DOWNLOAD_NAME = ".cloudkon-download"
 _ARCHIVE_NAME = ".cloudkon-outputs.tar.gz"
+
+# Members of one archive: each costs an inode once unpacked and a header object while the
+# archive is checked.  Far above any real input sandbox or output sandbox.
+MAX_ARCHIVE_MEMBERS = 100_000
+
+# An input archive is downloaded before its members can be checked: the inputs plus what gzip
+# and tar add to incompressible files (5 bytes per 64 KiB, 1.5 KiB of headers per file).
+MAX_INPUT_ARCHIVE_BYTES = MAX_INPUT_SANDBOX_BYTES + MAX_INPUT_SANDBOX_BYTES // 64
+
+# Regular files and directories: no links, devices, FIFOs, or sparse files (whose size on
+# disk is not the one their header announces).
+_PLAIN_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE)
 
 
 def split_url(url: str) -> tuple[str, str]:
@@ -127,18 +142,19 @@ class InputUploader:
 
 
 def fetch_archive(url: str, root: Path) -> None:
-    """Download an input archive and unpack it into the sandbox ``root``."""
+    """Download an input archive and unpack it into the sandbox ``root``; BackendError if it is
+    over the job's input limit, or holds anything but files and folders inside ``root``."""
     download = root / _DOWNLOAD_NAME
-    _download(url, download)
+    _download(url, download, MAX_INPUT_ARCHIVE_BYTES)
     try:
-        _unpack(download, root)
+        _unpack(download, root, url, MAX_INPUT_SANDBOX_BYTES)
     finally:
         download.unlink()
 
 
-def fetch_object(url: str, root: Path) -> None:
-    """Download one s3:// input into the sandbox, under its own name."""
-    _download(url, root / PurePosixPath(split_url(url)[1]).name)
+def fetch_object(url: str, root: Path, max_bytes: int) -> None:
+    """Download one s3:// input into the sandbox, under its own name (BackendError if over ``max_bytes``)."""
+    _download(url, root / PurePosixPath(split_url(url)[1]).name, max_bytes)
 
 
 def store_outputs(root: Path, files: list[str], url: str) -> dict[str, Any]:
@@ -160,7 +176,7 @@ def fetch_outputs(artifact: dict[str, Any], target: Path) -> None:
         if size != artifact["size"] or digest != artifact["sha256"]:
             raise BackendError(f"{artifact['url']}: the archive is not the one the task made "
                                f"({size} bytes; size or SHA-256 differs)")
-        _unpack(download, fresh)
+        _unpack(download, fresh, artifact["url"])
         download.unlink()
         if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target)
@@ -171,10 +187,15 @@ def fetch_outputs(artifact: dict[str, Any], target: Path) -> None:
         shutil.rmtree(fresh, ignore_errors=True)
 
 
-def _download(url: str, path: Path) -> None:
+def _download(url: str, path: Path, max_bytes: int | None = None) -> None:
     bucket, key = split_url(url)
     with aws.aws_errors(f"downloading {url}"):
-        aws.client("s3").download_file(bucket, key, str(path))
+        s3 = aws.client("s3")
+        if max_bytes is not None:
+            size = s3.head_object(Bucket=bucket, Key=key)["ContentLength"]
+            if size > max_bytes:
+                raise BackendError(f"{url} is over {max_bytes:,} bytes ({size:,})")
+        s3.download_file(bucket, key, str(path))
 
 
 def _upload(path: Path, url: str) -> None:
@@ -207,12 +228,24 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _unpack(archive: Path, target: Path) -> None:
+def _unpack(archive: Path, target: Path, source: str, max_bytes: int | None = None) -> None:
+    """Unpack the gzipped tar ``archive`` (from ``source``) into ``target``, once every member's
+    header is checked: BackendError, and nothing written, for a member that is not a plain file
+    or folder inside ``target``, more than MAX_ARCHIVE_MEMBERS members, or files adding up to
+    more than ``max_bytes``."""
     with tarfile.open(archive, "r:gz") as tar:
-        for member in tar.getmembers():
+        total = 0
+        for count, member in enumerate(tar, 1):  # one header at a time: a refused archive is not read whole
+            if count > MAX_ARCHIVE_MEMBERS:
+                raise BackendError(f"{source}: more than {MAX_ARCHIVE_MEMBERS:,} archive members")
             name = PurePosixPath(member.name)
-            if not (member.isfile() or member.isdir()) or name.is_absolute() or ".." in name.parts:
-                raise BackendError(f"{archive.name}: refusing archive member {member.name!r}")
+            if member.type not in _PLAIN_TYPES or name.is_absolute() or ".." in name.parts or member.size < 0:
+                raise BackendError(f"{source}: refusing archive member {member.name!r} "
+                                   "(an archive holds files and folders, inside its own folder)")
+            total += member.size
+            if max_bytes is not None and total > max_bytes:
+                raise BackendError(f"{source}: its files add up to more than the input limit of "
+                                   f"{max_bytes:,} bytes (member {member.name!r} of {member.size:,})")
         if hasattr(tarfile, "data_filter"):
             tar.extractall(target, filter="data")
         else:  # Python before the extraction filters: the members were checked above

@@ -3,7 +3,9 @@
 Owns the staged form of a job (what the client turns a JobSpec into, and what travels
 as the task's command) and its run on a worker, local or remote:
 
-  1. a fresh empty directory (removed afterwards, whatever happens);
+  1. a fresh empty directory in the temporary folder ($TMPDIR), named after the host and
+     process (removed afterwards, whatever happens; one left by a process that was killed
+     is removed by the next process of the host to make a sandbox);
   2. inputs in: local files copied (local backend: never linked, so a job cannot
      change the user's files), or one archive
      downloaded from S3 and unpacked (remote backend); URL inputs fetched here;
@@ -21,9 +23,12 @@ S3 side; tasks.run_bundle calls ``run_job`` for every job description (``{"...``
 
 from __future__ import annotations
 
+import functools
+import glob
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import threading
@@ -39,6 +44,7 @@ from tasks import CANCELLED, is_success, run_process
 MAX_URL_INPUT_BYTES = 512 * 1024 * 1024
 URL_TIMEOUT_SECONDS = 60.0
 _MARK = "cloudkon_job"
+_SANDBOX_PREFIX = "cloudkon-sandbox-"
 
 
 def staged_command(spec: JobSpec, deliver: str, archive: str | None = None) -> str:
@@ -67,9 +73,9 @@ def run_job(command: str, timeout: float | None, output_cap: int,
     if not isinstance(job, dict) or job.get(_MARK) != 1:
         return None, "", 0, "a job description must be staged by client.py (-w or -j) first", None
     timeout = job.get("timeout") or timeout
-    root = tempfile.mkdtemp(prefix="cloudkon-sandbox-")
+    root = _new_sandbox()
     try:
-        code, output, error, artifact = _run_in(Path(root), job, timeout, output_cap, cancelled)
+        code, output, error, artifact = _run_in(root, job, timeout, output_cap, cancelled)
     except _TimedOut:
         code, output, error, artifact = None, "", f"timed out after {timeout:g} s", None
     except Exception as exc:  # whatever the job or its staging did, the task fails, the worker lives
@@ -115,6 +121,46 @@ def _run_in(root: Path, job: dict[str, Any], timeout: float | None, output_cap: 
     return code, "".join(log), None, _deliver(root, files, job["deliver"])
 
 
+def _new_sandbox() -> Path:
+    """A fresh empty directory, named ``cloudkon-sandbox-HOST-PID-*`` so that one whose process
+    was killed (SIGKILL leaves no chance to remove it) is known for what it is."""
+    _remove_stale_sandboxes()
+    return Path(tempfile.mkdtemp(prefix=f"{_SANDBOX_PREFIX}{socket.gethostname()}-{os.getpid()}-"))
+
+
+@functools.cache  # once per process: the processes that died before it started
+def _remove_stale_sandboxes() -> None:
+    """Remove the sandboxes this user's processes on this host left when they died.
+
+    The host in the name keeps apart processes that share the folder but not the process ids
+    (containers); a process id in use again keeps its old sandbox, which errs on the safe side.
+    """
+    mine = f"{_SANDBOX_PREFIX}{socket.gethostname()}-"
+    for path in Path(tempfile.gettempdir()).glob(f"{glob.escape(mine)}*"):
+        pid, _, suffix = path.name[len(mine):].partition("-")  # PID-<mkdtemp's letters, no dash>
+        try:
+            if pid.isdigit() and suffix and "-" not in suffix and not _running(int(pid)) \
+                    and path.lstat().st_uid == os.getuid():
+                shutil.rmtree(path)  # which refuses a symbolic link
+        except OSError:  # removed meanwhile by another process of the host, or not a folder of ours
+            pass
+
+
+def _running(pid: int) -> bool:
+    """False if no process ``pid`` exists, or it is a zombie (killed, its parent yet to reap it)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:  # no /proc (not Linux), or gone just now: keep its sandbox, to be safe
+        return True
+
+
 class _TimedOut(Exception):
     """The job's time ran out while its inputs were being fetched."""
 
@@ -145,7 +191,7 @@ def _stage_in(root: Path, job: dict[str, Any], deadline: float | None,
 def _fetch(url: str, root: Path, deadline: float | None, cancelled: threading.Event | None) -> None:
     if url.startswith("s3://"):
         from s3staging import fetch_object
-        fetch_object(url, root)
+        fetch_object(url, root, MAX_URL_INPUT_BYTES)
         return
     name = url_name(url)
     timeout = URL_TIMEOUT_SECONDS if deadline is None else min(URL_TIMEOUT_SECONDS, _left(deadline))

@@ -10,7 +10,10 @@ Task semantics:
   ``sleep N`` (N a whole number) sleeps N milliseconds inside the worker, with no
   process spawned: the CloudKon benchmark task.  Any other line runs as
   ``/bin/sh -c LINE`` in its own process group, stdout and stderr captured together
-  (the first ``output_cap`` bytes kept).  A line starting with ``{"`` is a job
+  (the first ``output_cap`` bytes kept).  The task is that shell: its timeout covers
+  the shell whatever it does with its output, and it ends when the shell exits; what
+  it left running in its group is killed then, and a note at the end of the output
+  says so (run_process).  A line starting with ``{"`` is a job
   description with files, staged by the client and run in a sandbox (sandbox.py).
   Exit status 0 is success.  ``exit_code``
   is None when no process ran to completion (timeout, signal, spawn failure,
@@ -60,6 +63,13 @@ RESULT_FLUSH_OUTPUT_BYTES = 1024 * 1024
 
 # The ``error`` of a task whose job was cancelled before it ran or while it ran.
 CANCELLED = "cancelled"
+
+# Once a task's process has exited (and what it left in its group is killed), output still in
+# its pipe is read for at most this long: ample for the pipe's 64 KiB, bounded against a process
+# that left the group (setsid) and holds the pipe open.
+OUTPUT_DRAIN_SECONDS = 0.2
+# Without pidfds (not Linux), how often a task's process is looked at for its exit.
+EXIT_POLL_SECONDS = 0.02
 
 # ``sleep N`` tasks at least this long wait on their job's cancellation instead of
 # sleeping blindly; shorter ones are not worth the (small) extra cost per task.
@@ -522,7 +532,13 @@ def _run_shell(command: str, timeout: float | None, output_cap: int,
 def run_process(argv: list[str], timeout: float | None, output_cap: int,
                 cancelled: threading.Event | None, cwd: str | None = None,
                 env: dict[str, str] | None = None) -> tuple[int | None, str, str | None]:
-    """Run ``argv`` in its own process group: ``(exit_code, output, error)``, as run_task reports them."""
+    """Run ``argv`` in its own process group: ``(exit_code, output, error)``, as run_task reports them.
+
+    The task is that process: it ends when the process exits (or is killed at the deadline),
+    whoever else holds its output pipe.  Then what it left running in its group is killed, and
+    output still in the pipe is read for at most OUTPUT_DRAIN_SECONDS; notes at the end of the
+    output say when either happened.
+    """
     try:
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -534,42 +550,110 @@ def run_process(argv: list[str], timeout: float | None, output_cap: int,
     if cancelled is not None and cancelled.is_set():  # cancelled while it was starting
         _kill_group(proc.pid)
     deadline = None if timeout is None else time.monotonic() + timeout
+    output = _CappedOutput(output_cap)
     try:
         with proc:
-            kept, dropped, timed_out = _read_capped(proc, output_cap, deadline)
+            try:
+                timed_out = not _read_until_exit(proc, output, deadline)
+            except OSError as exc:  # no descriptor left to watch it with (EMFILE): the task cannot run
+                _kill_group(proc.pid)
+                return None, output.text(), f"could not watch {argv[0]}: {exc}"
             if timed_out:
                 _kill_group(proc.pid)
             returncode = proc.wait()
+            # Reaped: a process still in the group is one the task left behind (unless the
+            # group was killed already, and its processes are still dying).
+            ended_by_us = timed_out or (cancelled is not None and cancelled.is_set())
+            if _kill_group(proc.pid) and not ended_by_us:
+                output.note("killed what the task left running in its process group")
+            if not _drain(proc.stdout.fileno(), output):  # type: ignore[union-attr]
+                output.note("stopped reading: a process outside the task's group holds its output")
     finally:
         _running_groups.pop(proc.pid, None)
-    output = kept.decode("utf-8", "replace")
-    if dropped:
-        output += f"\n[cloudkon: output truncated, {dropped} more bytes not kept]"
     if timed_out:
-        return None, output, _timed_out(timeout)  # type: ignore[arg-type]
+        return None, output.text(), _timed_out(timeout)  # type: ignore[arg-type]
     if returncode < 0:
-        return None, output, f"killed by signal {-returncode} ({signal.Signals(-returncode).name})"
-    return returncode, output, None
+        return None, output.text(), f"killed by signal {-returncode} ({signal.Signals(-returncode).name})"
+    return returncode, output.text(), None
 
 
-def _read_capped(proc: subprocess.Popen, cap: int,
-                 deadline: float | None) -> tuple[bytes, int, bool]:
-    """Read a process's output until EOF or the deadline: (first ``cap`` bytes, bytes dropped, timed out)."""
-    fd = proc.stdout.fileno()  # type: ignore[union-attr]
-    kept = bytearray()
-    dropped = 0
-    while True:
-        if deadline is not None:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
-                return bytes(kept), dropped, True
-        chunk = os.read(fd, 65536)
-        if not chunk:
-            return bytes(kept), dropped, False
-        room = cap - len(kept)
+class _CappedOutput:
+    """The first ``cap`` bytes a process wrote, a count of the rest, and the framework's notes on it."""
+
+    __slots__ = ("cap", "kept", "dropped", "notes")
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.kept = bytearray()
+        self.dropped = 0
+        self.notes: list[str] = []
+
+    def add(self, chunk: bytes) -> None:
+        room = self.cap - len(self.kept)
         if room > 0:
-            kept += chunk[:room]
-        dropped += max(0, len(chunk) - max(room, 0))
+            self.kept += chunk[:room]
+        self.dropped += max(0, len(chunk) - max(room, 0))
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+    def text(self) -> str:
+        notes = self.notes if not self.dropped else [f"output truncated, {self.dropped} more bytes not kept",
+                                                     *self.notes]
+        return self.kept.decode("utf-8", "replace") + "".join(f"\n[cloudkon: {note}]" for note in notes)
+
+
+def _read_until_exit(proc: subprocess.Popen, output: _CappedOutput, deadline: float | None) -> bool:
+    """Read the process's output until it exits: False if the deadline comes first.
+
+    Waits on the process itself (a pidfd, Linux 5.3+), not on the end of its output: a process
+    may close its output and run on, or leave a child holding it and exit.
+    """
+    pipe = proc.stdout.fileno()  # type: ignore[union-attr]
+    # Where there are no pidfds (not Linux), look at the process every EXIT_POLL_SECONDS instead.
+    exited = os.pidfd_open(proc.pid) if hasattr(os, "pidfd_open") else None
+    try:
+        watched = select.poll()
+        if exited is not None:
+            watched.register(exited, select.POLLIN)  # first: once it is, what is in the pipe is for _drain
+        watched.register(pipe, select.POLLIN)
+        while True:
+            wait_ms = None if exited is not None else EXIT_POLL_SECONDS * 1000
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                wait_ms = min(math.ceil(remaining * 1000), wait_ms or math.inf)
+            ready = watched.poll(wait_ms)
+            if exited is None and proc.poll() is not None:
+                return True
+            for fd, _ in ready:
+                if fd == exited:
+                    return True
+                chunk = os.read(pipe, 65536)
+                if chunk:
+                    output.add(chunk)
+                else:  # the process closed its output: wait for its exit alone
+                    watched.unregister(pipe)
+    finally:
+        if exited is not None:
+            os.close(exited)
+
+
+def _drain(pipe: int, output: _CappedOutput) -> bool:
+    """Read what is left in the pipe of a process that ended: False if it is still open after
+    OUTPUT_DRAIN_SECONDS (held by a process that left the group, which we cannot kill)."""
+    ends = time.monotonic() + OUTPUT_DRAIN_SECONDS
+    watched = select.poll()  # not select(): a worker with many connections has descriptors over 1023
+    watched.register(pipe, select.POLLIN)
+    while True:
+        remaining = ends - time.monotonic()
+        if remaining <= 0 or not watched.poll(math.ceil(remaining * 1000)):
+            return False
+        chunk = os.read(pipe, 65536)
+        if not chunk:
+            return True
+        output.add(chunk)
 
 
 def kill_running_tasks() -> None:
@@ -578,8 +662,10 @@ def kill_running_tasks() -> None:
         _kill_group(group)
 
 
-def _kill_group(pgid: int) -> None:
+def _kill_group(pgid: int) -> bool:
+    """SIGKILL every process in the group: False if there was none."""
     try:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
-        pass
+        return False
+    return True

@@ -4,11 +4,13 @@ import functools
 import http.server
 import json
 import os
+import socket
+import subprocess
 import threading
 from pathlib import Path
 
 import pytest
-from conftest import animoto_workload, read_results, run_client, validate_videos
+from conftest import animoto_workload, read_results, run_client, validate_videos, wait_until
 
 from errors import WorkloadError
 from jdl import MAX_INPUT_SANDBOX_BYTES, parse_jdl, parse_json_spec
@@ -234,3 +236,30 @@ def test_a_workload_from_a_pipe_is_read_once(tmp_path):
     writer.join()
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["output"] == "from a pipe\n"
+
+
+def test_sandboxes_left_by_dead_processes_of_the_host_are_removed(tmp_path):
+    scratch = tmp_path / "scratch"
+    dead = subprocess.run(["sh", "-c", "echo $$"], capture_output=True, text=True).stdout.strip()  # reaped
+    zombie = subprocess.Popen(["true"])  # dead, not reaped: a killed worker whose parent has yet to look
+    wait_until(lambda: _state(zombie.pid) == "Z")
+    host = socket.gethostname()
+    stale = [scratch / f"cloudkon-sandbox-{host}-{dead}-k1llt9x_",
+             scratch / f"cloudkon-sandbox-{host}-{zombie.pid}-z0mb1e_x"]
+    kept = [scratch / f"cloudkon-sandbox-{host}-{os.getpid()}-r2nn1ng_",  # a live process's
+            scratch / f"cloudkon-sandbox-other{host}-{dead}-a3roadx_",  # another host's (a container's)
+            scratch / f"cloudkon-sandbox-{host}-{dead}-{dead}-h4sdash_"]  # host HOST-PID's
+    for folder in (*stale, *kept):
+        (folder / "sub").mkdir(parents=True)
+        (folder / "sub" / "input.bin").write_text("left behind")
+    workload = tmp_path / "w.txt"
+    workload.write_text(json.dumps({"executable": "true"}) + "\n")
+    done = run_client("--local", "1", "-w", str(workload), env={"TMPDIR": str(scratch)})
+    zombie.wait()
+    assert done.returncode == 0, done.stderr
+    assert sorted(scratch.iterdir()) == sorted(kept)
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]

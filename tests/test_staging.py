@@ -1,13 +1,20 @@
 """Job descriptions on the remote backend: files staged through the emulator's S3, Animoto end to end."""
 
+import io
+import os
 import re
+import tarfile
 import time
 
 import boto3
 import pytest
 from conftest import animoto_workload, read_results, start_client, validate_videos, wait_until
 
+import s3staging
 from errors import BackendError
+from jdl import MAX_INPUT_SANDBOX_BYTES, JobSpec
+from s3staging import fetch_archive, fetch_object
+from sandbox import run_job, staged_command
 
 
 @pytest.fixture
@@ -38,8 +45,6 @@ def test_animoto_through_s3_one_checked_archive_per_task(remote, s3, tmp_path, m
     artifact = read_results(tmp_path / "r.jsonl")[0]["outputs"]
     assert artifact["files"] == ["video.mp4"] and artifact["url"].endswith(f"/{job}/0/out.tar.gz")
 
-    import os
-
     from s3staging import fetch_outputs  # a changed archive is refused
     os.environ.update(remote.env)
     with pytest.raises(BackendError, match="not the one the task made"):
@@ -65,3 +70,87 @@ def test_a_worker_killed_mid_job_still_yields_one_valid_video_per_job(remote, s3
     validate_videos([str(out / str(i) / "video.mp4") for i in range(3)])
     client.stdout.close()
     client.stderr.close()
+
+
+@pytest.fixture
+def upload(remote, s3, monkeypatch):
+    """Put bytes in the test's bucket: upload(name, data) -> its s3:// URL, for s3staging in this process."""
+    for name, value in remote.env.items():
+        monkeypatch.setenv(name, value)
+    s3.create_bucket(Bucket=remote.bucket)
+
+    def put(name: str, data: bytes) -> str:
+        s3.put_object(Bucket=remote.bucket, Key=name, Body=data)
+        return f"s3://{remote.bucket}/{name}"
+    return put
+
+
+def _tar_gz(*members: tuple[tarfile.TarInfo, bytes | None]) -> bytes:
+    """A gzipped tar of (header, content) pairs; content None writes the header alone (a header
+    may claim any size: the archive then ends early, as a crafted one would)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz", format=tarfile.PAX_FORMAT) as tar:
+        for info, content in members:
+            tar.addfile(info, None if content is None else io.BytesIO(content))
+    return buffer.getvalue()
+
+
+def _member(name: str, size: int = 0, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size, info.type, info.linkname = size, kind, link
+    return info
+
+
+def test_an_archive_whose_header_claims_more_than_the_input_limit_is_refused_unread(upload, tmp_path):
+    url = upload("bomb.tar.gz", _tar_gz((_member("big.bin", MAX_INPUT_SANDBOX_BYTES + 1), None)))
+    with pytest.raises(BackendError, match=rf"{url}: its files add up to more than the input limit of "
+                                           rf"{MAX_INPUT_SANDBOX_BYTES:,} bytes \(member 'big.bin'"):
+        fetch_archive(url, tmp_path)
+    assert os.listdir(tmp_path) == [], "nothing written, the download removed"
+
+
+def test_the_input_limit_counts_every_member_together(upload, tmp_path, monkeypatch):
+    monkeypatch.setattr(s3staging, "MAX_INPUT_SANDBOX_BYTES", 1000)
+    url = upload("two.tar.gz", _tar_gz((_member("a", 600), b"a" * 600), (_member("b", 600), b"b" * 600)))
+    with pytest.raises(BackendError, match="more than the input limit of 1,000 bytes"):
+        fetch_archive(url, tmp_path)
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_archive_of_too_many_members_is_refused(upload, tmp_path, monkeypatch):
+    monkeypatch.setattr(s3staging, "MAX_ARCHIVE_MEMBERS", 5)
+    url = upload("many.tar.gz", _tar_gz(*[(_member(f"f{i}"), b"") for i in range(6)]))
+    with pytest.raises(BackendError, match="more than 5 archive members"):
+        fetch_archive(url, tmp_path)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("member", [
+    _member("link", kind=tarfile.SYMTYPE, link="/etc/passwd"),
+    _member("hard", kind=tarfile.LNKTYPE, link="/etc/passwd"),
+    _member("null", kind=tarfile.CHRTYPE),
+    _member("pipe", kind=tarfile.FIFOTYPE),
+    _member("../escape"),
+    _member("/tmp/absolute"),
+    _member("sparse", kind=tarfile.GNUTYPE_SPARSE),
+], ids=lambda member: member.name)
+def test_an_archive_member_that_is_not_a_file_inside_the_sandbox_is_refused(upload, tmp_path, member):
+    url = upload("odd.tar.gz", _tar_gz((_member("fine.txt", 2), b"ok"), (member, None)))
+    with pytest.raises(BackendError, match=rf"refusing archive member '{re.escape(member.name)}'"):
+        fetch_archive(url, tmp_path)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_refused_archive_fails_its_task_with_the_reason(upload):
+    url = upload("bomb.tar.gz", _tar_gz((_member("big.bin", MAX_INPUT_SANDBOX_BYTES + 1), None)))
+    command = staged_command(JobSpec("true"), "s3://unused/out.tar.gz", archive=url)
+    code, output, _, error, artifact = run_job(command, None, 1000, None)
+    assert (code, output, artifact) == (None, "", None)
+    assert error.startswith(f"sandbox: BackendError: {url}: its files add up to more than the input limit")
+
+
+def test_an_s3_input_over_the_url_input_limit_is_refused_before_downloading(upload, tmp_path):
+    url = upload("big.bin", b"x" * 2000)
+    with pytest.raises(BackendError, match=rf"{url} is over 1,000 bytes \(2,000\)"):
+        fetch_object(url, tmp_path, 1000)
+    assert os.listdir(tmp_path) == []
