@@ -2,12 +2,15 @@
 
 import os
 import pty
+import random
 import re
 import signal
 import time
 
 import pytest
 from conftest import read_results, run_client, start_client, wait_until
+
+import protocol
 
 
 def _job_id(client) -> str:
@@ -190,3 +193,30 @@ def _drain(fd: int) -> bytes:
         if not chunk:
             return data
         data += chunk
+
+
+def test_a_cancel_racing_the_last_results_gets_one_answer_everywhere(start_scheduler):
+    """Cancels sent as a job ends: the answer, the job list, the job's end and its results agree."""
+    sched = start_scheduler("--local", "2")
+    rng = random.Random(15)
+    for _ in range(25):
+        sock = sched.hello()
+        protocol.send(sock, {"type": "job_open"})
+        job = protocol.receive(sock)["job"]
+        tasks = [rng.choice(["true", "sleep 3", "sleep 0"]) for _ in range(20)]
+        protocol.send(sock, {"type": "tasks", "job": job, "tasks": tasks})
+        protocol.send(sock, {"type": "job_close", "job": job, "count": len(tasks)})
+        time.sleep(rng.uniform(0, 0.08))  # the job takes about as long: some cancels come after its end
+        other = sched.hello()
+        protocol.send(other, {"type": "cancel", "job": job})
+        answer = protocol.receive(other)
+        cancelled = 0
+        while (message := protocol.receive(sock))["type"] != "job_done":
+            if message["type"] == "results":
+                cancelled += message["errors"].count("cancelled")
+        protocol.send(other, {"type": "list_jobs"})
+        listed = {j["job"]: j for j in protocol.receive(other)["jobs"]}[job]
+        assert answer["state"] == listed["state"] == ("cancelled" if cancelled else "finished")
+        assert answer["count"] == message["cancelled"] == listed["cancelled"] == cancelled
+        sock.close()
+        other.close()
