@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import errno
 import functools
 import hmac
 import io
@@ -56,6 +57,8 @@ MAX_BODY_BYTES_HELD = 4 * MAX_REQUEST_BYTES
 MAX_HEAD_BYTES = 64 * 1024
 # Connections served at once, a thread each; more are answered 503 and closed at once.
 MAX_CONNECTIONS = 128
+# After accept fails for want of file descriptors, wait this long before the next try.
+ACCEPT_RETRY_SECONDS = 1.0
 # Requests answered at once (parsing a body, asking the scheduler); more are answered 503
 # at once rather than queued.  A request takes its slot once its body has arrived.
 MAX_CONCURRENT_REQUESTS = 8
@@ -191,6 +194,18 @@ class _Server(ThreadingHTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             self._connections.release()
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        try:
+            return super().get_request()
+        except OSError as exc:
+            # Out of file descriptors (or buffers): the listening socket stays readable, so
+            # returning at once would spin; pause, and say so once per pause at most.
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                log.error("HTTP API: cannot accept a connection: %s; trying again in %g s",
+                          exc.strerror, ACCEPT_RETRY_SECONDS)
+                time.sleep(ACCEPT_RETRY_SECONDS)
+            raise
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client gone mid-request (reset, broken pipe) is no news; anything else is logged

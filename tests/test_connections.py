@@ -1,6 +1,7 @@
 """What a client can make the scheduler hold, and what it cannot make it do: limits of connections,
 frames, jobs, answers and timeouts, each refused with an error frame while others are served."""
 
+import os
 import resource
 import socket
 import struct
@@ -9,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, SchedulerProcess, run_client, wait_until
+from conftest import ROOT, run_client, wait_until
 
 import protocol
 import scheduler
@@ -139,27 +140,36 @@ def test_a_scheduler_out_of_file_descriptors_logs_it_briefly_and_recovers(worklo
     def few_descriptors():
         resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
 
-    proc = subprocess.Popen([sys.executable, str(ROOT / "scheduler.py"), "--local", "1", "--port", "0",
-                             "--no-state"], stdout=subprocess.PIPE, stderr=open(tmp_path / "log", "w"),
-                            text=True, preexec_fn=few_descriptors)
+    log_path = tmp_path / "log"
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "scheduler.py"), "--local", "1", "--port", "0",
+                                 "--http-port", "0", "--no-state"], stdout=subprocess.PIPE, stderr=log_file,
+                                text=True, preexec_fn=few_descriptors)
     try:
-        sched = SchedulerProcess.__new__(SchedulerProcess)
-        sched.proc = proc
-        sched.address = proc.stdout.readline().strip().removeprefix("listening on ")
-        sched.host, port = sched.address.rsplit(":", 1)
-        sched.port = int(port)
-        held = []
-        for _ in range(60):  # more than it has descriptors for
-            held.append(socket.create_connection((sched.host, sched.port), timeout=5))
-        time.sleep(5)  # accept fails and is retried meanwhile
+        address = proc.stdout.readline().strip().removeprefix("listening on ")
+        http_port = int(proc.stdout.readline().strip().rsplit(":", 1)[1])
+        host, port = address.rsplit(":", 1)
+        # More than it has descriptors for, then a few HTTP ones (as many as its listen backlog holds).
+        held = [socket.create_connection((host, number), timeout=5)
+                for number, count in ((int(port), 40), (http_port, 5)) for _ in range(count)]
+        cpu_before = _cpu_seconds(proc.pid)
+        time.sleep(5)  # accept fails and is retried meanwhile, on both ports
         assert proc.poll() is None
-        log = (tmp_path / "log").read_text()
+        assert _cpu_seconds(proc.pid) - cpu_before < 2.5, "accepting spins while descriptors are out"
+        log = log_path.read_text()
         assert len(log) < 20_000, f"{len(log)} bytes of log in 5 s"
         for sock in held:
             sock.close()
-        wait_until(lambda: run_client("-s", sched.address, "-w", workload(["true"]),
-                                      timeout=30).returncode == 0, timeout=30)
+        wait_until(lambda: run_client("-s", address, "-w", workload(["true"]), timeout=30).returncode == 0,
+                   timeout=30)
     finally:
         proc.kill()
         proc.wait()
         proc.stdout.close()
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User and system time of a process so far."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
