@@ -31,7 +31,7 @@ import protocol
 from errors import CloudKonError, ConfigError, IncompleteFrame, MalformedMessage, ProtocolError
 from jdl import JobSpec, read_jdl, workload_specs
 from options import REMOTE_GROUP_TITLES, add_remote_arguments, task_timeout_argument
-from tasks import ResultBatch, parse_workload_bytes, read_workload, task_status
+from tasks import ResultBatch, decode_workload, read_workload, task_status, workload_tasks
 
 log = logging.getLogger("cloudkon.client")
 
@@ -449,9 +449,9 @@ def run(args: argparse.Namespace, embedded: list[str]) -> int:
     if args.jdl:
         lines, specs = [f"# job description {args.jdl}"], {0: read_jdl(args.jdl)}
     else:
-        data = read_workload(args.workload)  # read once: it may be a pipe
-        lines = parse_workload_bytes(data, args.workload)
-        specs = workload_specs(args.workload, data, lines)
+        text = decode_workload(read_workload(args.workload), args.workload)  # read once: it may be a pipe
+        lines = workload_tasks(text, args.workload)
+        specs = workload_specs(args.workload, text, lines)
     files = JobFiles(specs, args.outputs)
     if args.scheduler:
         results = submit_and_collect(host, port, args.token, lines, args, files)

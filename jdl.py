@@ -71,13 +71,13 @@ class JobSpec:
         return sum(Path(path).stat().st_size for path in {*self.inputs, *self.prologue})
 
 
-def workload_specs(path: str, data: bytes, tasks: list[str]) -> dict[int, JobSpec]:
-    """The job descriptions among the tasks parsed from a workload's ``data``, by task id
+def workload_specs(path: str, text: str, tasks: list[str]) -> dict[int, JobSpec]:
+    """The job descriptions among the tasks parsed from a workload's ``text``, by task id
     (paths relative to the file's folder)."""
     if not any(map(is_job_description, tasks)):
         return {}
     base = Path(path).resolve().parent
-    lines = data.decode("utf-8").split("\n")  # as tasks.parse_workload_bytes split it
+    lines = text.split("\n")  # as tasks.workload_tasks split it
     numbers = [n for n, line in enumerate(lines, 1) if line.strip() and not line.strip().startswith("#")]
     return {task_id: parse_json_spec(task, base, (path, numbers[task_id]))
             for task_id, task in enumerate(tasks) if is_job_description(task)}

@@ -27,6 +27,7 @@ and a long ``sleep N`` wakes up early.
 
 from __future__ import annotations
 
+import codecs
 import ctypes
 import logging
 import math
@@ -211,11 +212,41 @@ def parse_workload(path: str) -> list[str]:
 
 
 def parse_workload_bytes(data: bytes, path: str = "<workload>") -> list[str]:
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise WorkloadError(f"not UTF-8 (byte 0x{data[exc.start]:02x})", path, line) from None
+    return workload_tasks(decode_workload(data, path), path)
+
+
+# Byte order marks an editor may write at the start of a file, and the text they announce.
+_UTF32_MARKS = (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)
+_UTF16_MARKS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+
+
+def decode_workload(data: bytes, path: str = "<workload>") -> str:
+    """A workload file's text: UTF-8 (a byte order mark is dropped) or UTF-16 with its mark.
+
+    WorkloadError names the line for bytes that are not UTF-8, and for a NUL byte (no task
+    can hold one: it is most often UTF-16 saved without its mark)."""
+    if data.startswith(_UTF32_MARKS):
+        raise WorkloadError("UTF-32 text: save it as UTF-8", path)
+    if data.startswith(_UTF16_MARKS):
+        try:
+            text = data.decode("utf-16")
+        except UnicodeDecodeError as exc:
+            raise WorkloadError(f"not valid UTF-16 (byte {exc.start}): save it as UTF-8", path) from None
+    else:
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            line = data.count(b"\n", 0, exc.start) + 1
+            raise WorkloadError(f"not UTF-8 (byte 0x{data[exc.start]:02x})", path, line) from None
+    if "\0" in text:
+        line = text.count("\n", 0, text.index("\0")) + 1
+        raise WorkloadError("a NUL character (UTF-16 saved without a byte order mark? save it as UTF-8)",
+                            path, line)
+    return text
+
+
+def workload_tasks(text: str, path: str = "<workload>") -> list[str]:
+    """The tasks of a workload's text: its lines, stripped, minus blanks and ``#`` comments."""
     lines = text.split("\n")
     tasks = [line for line in map(str.strip, lines) if line and line[0] != "#"]
     if not tasks:

@@ -35,7 +35,7 @@ from hypothesis.configuration import set_hypothesis_home_dir
 import jdl
 import protocol
 from errors import CloudKonError, MalformedMessage, ProtocolError, WorkloadError
-from tasks import MAX_COMMAND_BYTES, Bundle, ResultBatch, parse_workload_bytes
+from tasks import MAX_COMMAND_BYTES, Bundle, ResultBatch, decode_workload, parse_workload_bytes
 
 # Same examples on every run (derandomize), no example database (database=None),
 # no per-example deadline: a busy 2-core CI machine is slow, not wrong.
@@ -472,6 +472,8 @@ def _read_workload_or_refuse(data: bytes) -> list[str] | None:
                 task = line.decode("utf-8").strip()
             except UnicodeDecodeError:
                 return None  # the line at fault is not UTF-8
+            if "\x00" in task:
+                return None  # no task can hold a NUL, nor a file of text (it is UTF-16 without its mark)
             assert not task.startswith("#"), f"line {exc.line} is a comment: it is no task to run"
             assert len(task.encode()) > MAX_COMMAND_BYTES, f"line {exc.line} is not over the limit"
         return None
@@ -493,14 +495,16 @@ def test_any_bytes_give_tasks_or_a_workload_error_naming_the_line(data):
 def test_a_task_over_the_command_limit_is_refused_by_line_number(lines):
     data = "\n".join(_long_line(*line) if isinstance(line, tuple) else line for line in lines).encode()
     tasks = _read_workload_or_refuse(data)
-    lines = [line.strip() for line in data.decode().split("\n")]
+    text = data.decode("utf-8-sig")  # a byte order mark is no part of the first line
+    lines = [line.strip() for line in text.split("\n")]
     task_lines = [line for line in lines if line and not line.startswith("#")]
     too_long = any(len(line.encode()) > MAX_COMMAND_BYTES for line in task_lines)
-    assert (tasks is None) == (too_long or not task_lines)  # a long comment is skipped like any other
+    # A long comment is skipped like any other; a NUL anywhere refuses the file.
+    assert (tasks is None) == (too_long or not task_lines or "\x00" in text)
 
 
 @BOUNDED
-@given(tasks=st.lists(st.text(st.characters(exclude_characters="\n"), min_size=1, max_size=30)
+@given(tasks=st.lists(st.text(st.characters(exclude_characters="\n\x00\ufeff"), min_size=1, max_size=30)
                       .map(str.strip).filter(lambda task: task and task[0] != "#"), min_size=1, max_size=10),
        separator=st.sampled_from(["\n", "\r\n", "\n\n# a comment\n", "\n   \n"]),
        indent=st.sampled_from(["", " \t"]))
@@ -683,10 +687,11 @@ def test_a_workload_gives_its_job_descriptions_or_an_error_naming_their_line(job
         return
     path = str(job_folder / "w.txt")
     try:
-        specs = jdl.workload_specs(path, data, tasks)
+        specs = jdl.workload_specs(path, decode_workload(data), tasks)
     except WorkloadError as exc:
         _assert_printable(exc)
-        assert exc.path == path and jdl.is_job_description(data.decode().split("\n")[exc.line - 1].strip())
+        text = decode_workload(data)
+        assert exc.path == path and jdl.is_job_description(text.split("\n")[exc.line - 1].strip())
     else:
         assert sorted(specs) == [i for i, task in enumerate(tasks) if jdl.is_job_description(task)]
         for spec in specs.values():

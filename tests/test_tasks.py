@@ -1,5 +1,6 @@
 """Task semantics: the workload format and run_task, shared by every worker."""
 
+import codecs
 import time
 
 import pytest
@@ -137,3 +138,24 @@ def test_a_bundle_asked_back_runs_its_first_task_and_hands_back_the_rest():
     assert handed_back == [[6, 7]]
     other = Bundle("j", 8, [1, 2], ["sleep 0", "sleep 0"])  # the request was for bundle 4 only
     assert [i for batch in run_bundle(other, boxes=boxes) for i in batch.ids] == [1, 2]
+
+
+@pytest.mark.parametrize("data", [
+    codecs.BOM_UTF8 + b"sleep 10\r\necho a\r\n",
+    "sleep 10\r\necho a\r\n".encode("utf-16"),  # with its byte order mark, as Notepad saves "Unicode"
+    codecs.BOM_UTF16_BE + "sleep 10\necho a\n".encode("utf-16-be"),
+])
+def test_workloads_saved_with_a_byte_order_mark_read_as_their_text(data):
+    assert parse_workload_bytes(data) == ["sleep 10", "echo a"]
+
+
+@pytest.mark.parametrize("data, message, line", [
+    ("echo a\n".encode("utf-16-le"), "NUL", 1),
+    (b"echo a\necho \x00b\n", "NUL", 2),
+    (codecs.BOM_UTF32_LE + "echo a".encode("utf-32-le"), "UTF-32", None),
+    (codecs.BOM_UTF16_LE + b"e\x00\x00", "UTF-16", None),
+])
+def test_workloads_in_other_encodings_are_refused_naming_it(data, message, line):
+    with pytest.raises(WorkloadError, match=message) as refused:
+        parse_workload_bytes(data, "w.txt")
+    assert refused.value.line == line
