@@ -30,7 +30,7 @@ from typing import Any, TextIO
 import protocol
 from errors import CloudKonError, ConfigError, IncompleteFrame, MalformedMessage, ProtocolError
 from jdl import JobSpec, read_jdl, workload_specs
-from options import REMOTE_GROUP_TITLES, add_remote_arguments, task_timeout_argument
+from options import REMOTE_GROUP_TITLES, add_remote_arguments, require_boto3, task_timeout_argument
 from tasks import ResultBatch, decode_workload, read_workload, task_status, workload_tasks
 
 log = logging.getLogger("cloudkon.client")
@@ -419,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.local is not None and args.local < 1:
         parser.error("--local needs at least 1 worker")
     try:
+        if args.remote:
+            require_boto3()
         return run(args, embedded_options(args, parser))
     except KeyboardInterrupt:
         print("client.py: interrupted", file=sys.stderr)

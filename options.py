@@ -9,7 +9,9 @@ its own command line.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 
+from errors import ConfigError
 from protocol import check_task_timeout
 
 # Titles of the option groups that a client with --remote forwards to its embedded scheduler.
@@ -27,6 +29,13 @@ def task_timeout_argument(text: str) -> float:
         return check_task_timeout(seconds)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def require_boto3() -> None:
+    """ConfigError, saying how to install it, unless boto3 (remote mode's one dependency) is there."""
+    if importlib.util.find_spec("boto3") is None:
+        raise ConfigError("remote mode needs boto3, which is not installed: pip install '.[remote]' "
+                          "(from the CloudKon-py folder), or pip install boto3")
 
 
 def add_remote_arguments(parser: argparse.ArgumentParser) -> None:

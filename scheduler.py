@@ -36,7 +36,7 @@ from errors import BackendError, BadRequest, CloudKonError, ConfigError, Protoco
 from httpapi import HttpApi, JobReport
 from jobs import Dispatcher, Job, held_bytes
 from jobstore import JobFinished, JobOpened, JobStore, Journal, ResultsAdded, SQLiteJobStore, TasksAdded
-from options import add_remote_arguments, task_timeout_argument
+from options import add_remote_arguments, require_boto3, task_timeout_argument
 from tasks import MAX_COMMAND_BYTES, ResultBatch
 
 log = logging.getLogger("cloudkon.scheduler")
@@ -942,6 +942,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.token and not is_loopback(args.host):
             raise ConfigError(f"refusing to listen on {args.host} without --token "
                               "(or $CLOUDKON_TOKEN): anyone who can reach it could run commands")
+        if args.remote:
+            require_boto3()
         if args.drain or args.shutdown or args.cleanup:
             return run_fleet_command(args)
         fleet = create_fleet(args)

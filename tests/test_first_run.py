@@ -1,0 +1,31 @@
+"""What a newcomer meets first: commands without boto3, workloads as editors save them, the embedded run."""
+
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+
+def _without_site_packages(*args: str) -> subprocess.CompletedProcess:
+    """A program run as on a machine where only Python is installed (-S: no site-packages, no boto3)."""
+    return subprocess.run([sys.executable, "-S", *args], capture_output=True, text=True, timeout=60,
+                          cwd=ROOT)
+
+
+@pytest.mark.parametrize("command", [
+    ["scheduler.py", "--remote"],
+    ["scheduler.py", "--remote", "--drain"],
+    ["client.py", "--remote", "-w", "examples/workload.txt"],
+])
+def test_remote_mode_without_boto3_says_how_to_install_it(command):
+    done = _without_site_packages(*command)
+    assert done.returncode == 2, done.stderr
+    assert "pip install '.[remote]'" in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("program", ["scheduler.py", "client.py"])
+def test_help_works_without_boto3(program):
+    done = _without_site_packages(program, "--help")
+    assert done.returncode == 0 and "usage:" in done.stdout, done.stderr
