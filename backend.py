@@ -97,6 +97,11 @@ class Backend(ABC):
     def receive(self, timeout: float) -> list[ResultBatch]:
         """Result batches that arrived within ``timeout`` seconds (empty list if none)."""
 
+    def wake(self) -> None:
+        """Make a ``receive`` in progress return soon (any thread; the scheduler is stopping).
+        By default nothing: it returns within its timeout."""
+        return None
+
     @abstractmethod
     def cancel(self, job: str) -> None:
         """Stop the tasks of ``job``: drop the queued ones, stop the running ones."""

@@ -43,12 +43,14 @@ import queue
 import select
 import signal
 import socket
+import sys
 import threading
 import time
 import traceback
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from multiprocessing.context import BaseContext
 
 import protocol
 from backend import Backend
@@ -163,9 +165,16 @@ class LocalBackend(Backend):
         if workers < 1:
             raise BackendError("a local backend needs at least one worker")
         methods = multiprocessing.get_all_start_methods()
+        # Workers started later (replacements) come from a fork server: this process has threads
+        # by then, and forking a process with threads may copy a lock some other thread holds.
         self._context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
         if "forkserver" in methods:
             self._context.set_forkserver_preload(["localworkers"])
+        # The first ones, while this process has one thread (Linux), are forked from it at once: a
+        # fork server takes a new interpreter and ~0.12 s to start, most of a short run's time.
+        first = self._context
+        if sys.platform == "linux" and threading.active_count() == 1:
+            first = multiprocessing.get_context("fork")
         self._output_cap = output_cap
         # Job files are read and written where the client has them: the same machine only.
         self.staging = f"local:{socket.gethostname()}"
@@ -182,7 +191,7 @@ class LocalBackend(Backend):
         self._start_failure: str | None = None  # why the last try failed (logged once)
         self._no_workers_since: float | None = None
         try:
-            self._slots = [self._start_worker() for _ in range(workers)]
+            self._slots = [self._start_worker(first) for _ in range(workers)]
         except OSError as exc:
             raise BackendError(f"cannot start worker processes: {exc}") from exc
 
@@ -192,11 +201,11 @@ class LocalBackend(Backend):
     def submit(self, bundle: Bundle) -> None:
         with self._queue_lock:
             self._queue.append(bundle)
-        self._wake()
+        self.wake()
 
     def cancel(self, job: str) -> None:
         self._cancels.put(job)
-        self._wake()
+        self.wake()
 
     def receive(self, timeout: float) -> list[ResultBatch]:
         results: list[ResultBatch] = []
@@ -243,20 +252,22 @@ class LocalBackend(Backend):
         os.close(self._wakeup_read)
         os.close(self._wakeup_write)
 
-    # --- internals (called from the receiving thread only) ------------------------
-
-    def _wake(self) -> None:
+    def wake(self) -> None:
         try:
             os.write(self._wakeup_write, b"x")
         except BlockingIOError:
             pass  # the pipe is full of wakeups already
 
-    def _start_worker(self) -> _WorkerSlot:
-        """A new worker process; OSError if one cannot be started (nothing is left open then)."""
-        parent_end, child_end = self._context.Pipe(duplex=True)
+    # --- internals (called from the receiving thread only) ------------------------
+
+    def _start_worker(self, context: BaseContext | None = None) -> _WorkerSlot:
+        """A new worker process, started by ``context`` (by default the fork server); OSError if
+        one cannot be started (nothing is left open then)."""
+        context = context or self._context
+        parent_end, child_end = context.Pipe(duplex=True)
         try:
-            progress = self._context.RawArray("q", [_NO_TASK, _NO_TASK])
-            process = self._context.Process(
+            progress = context.RawArray("q", [_NO_TASK, _NO_TASK])
+            process = context.Process(
                 target=_worker_main, args=(child_end, progress, self._output_cap, os.getpid()),
                 name="cloudkon-worker", daemon=True)
             process.start()

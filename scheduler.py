@@ -244,6 +244,7 @@ class Scheduler:
         housekeeping.cancel()
         finished = await self._drain()
         stop_receiving.set()
+        self.backend.wake()
         await loop.run_in_executor(None, receiver.join)
         await loop.run_in_executor(None, self.backend.close, finished)
         return 1 if self._backend_failed else 0

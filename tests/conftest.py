@@ -59,16 +59,36 @@ class SchedulerProcess:
         return sock
 
     def worker_pids(self) -> list[int]:
-        """Worker processes: children of the forkserver the scheduler started."""
-        return [pid for child in _children(self.proc.pid) for pid in _children(child)]
+        """Worker processes: the first ones forked by the scheduler itself, later ones (replacements)
+        by the fork server it starts then."""
+        workers = []
+        for child in children(self.proc.pid):
+            command = _command_line(child)
+            if "forkserver" in command:
+                workers += children(child)
+            elif "resource_tracker" not in command:
+                workers.append(child)
+        return workers
 
 
-def _children(pid: int) -> list[int]:
+def _command_line(pid: int) -> str:
     try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(p) for p in f.read().split()]
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
-        return []
+        return ""
+
+
+def children(pid: int) -> list[int]:
+    """A process's children, whichever of its threads started them."""
+    found = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found += map(int, f.read().split())
+    except OSError:  # gone, or a thread of it gone meanwhile
+        pass
+    return found
 
 
 @pytest.fixture(autouse=True)

@@ -31,7 +31,7 @@ import signal
 import threading
 from pathlib import Path
 
-from conftest import SchedulerProcess, read_results, run_client, start_client, wait_until
+from conftest import SchedulerProcess, children, read_results, run_client, start_client, wait_until
 
 TASKS = 10_000
 WORKERS = 3
@@ -57,14 +57,6 @@ def _start_time(pid: int) -> int | None:
 
 def _alive(process: Process) -> bool:
     return _start_time(process[0]) == process[1]
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(p) for p in f.read().split()]
-    except OSError:
-        return []
 
 
 class Chaos:
@@ -99,8 +91,8 @@ class Chaos:
         return workers
 
     def observe(self) -> None:
-        helpers = _children(self.sched.proc.pid)  # the forkserver and the resource tracker
-        for pid in helpers + [w for h in helpers for w in _children(h)]:
+        helpers = children(self.sched.proc.pid)  # the forkserver and the resource tracker
+        for pid in helpers + [w for h in helpers for w in children(h)]:
             start = _start_time(pid)
             if start is not None:
                 self.seen.add((pid, start))
@@ -112,11 +104,11 @@ class Chaos:
 
     def restart(self, sig: int) -> None:
         workers = self.workers()
-        helpers = _children(self.sched.proc.pid)
+        helpers = children(self.sched.proc.pid)
         code = self.sched.stop(sig)
         if sig == signal.SIGKILL:
             # Workers started between the look and the kill are the forkserver's children still.
-            late = {(pid, _start_time(pid)) for h in helpers for pid in _children(h)}
+            late = {(pid, _start_time(pid)) for h in helpers for pid in children(h)}
             self.killed |= workers | {p for p in late if p[1] is not None}
         else:
             assert code == 0, "".join(self.logs[-1])[-3000:]
