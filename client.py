@@ -41,6 +41,8 @@ CONNECT_TIMEOUT_SECONDS = 10.0
 EMBEDDED_START_TIMEOUT_SECONDS = 60.0
 PROGRESS_AFTER_SECONDS = 1.0
 PROGRESS_EVERY_SECONDS = 0.25
+# Runs shorter than this get no rate in their summary: over a fraction of a second it is noise.
+RATE_AFTER_SECONDS = 0.5
 
 
 class Results:
@@ -455,13 +457,16 @@ def run(args: argparse.Namespace, embedded: list[str]) -> int:
         lines = workload_tasks(text, args.workload)
         specs = workload_specs(args.workload, text, lines)
     files = JobFiles(specs, args.outputs)
+    starting = 0.0  # of the wall time, what starting an embedded scheduler took
     if args.scheduler:
         results = submit_and_collect(host, port, args.token, lines, args, files)
     else:
+        starting = time.monotonic()
         with embedded_scheduler(embedded) as (host, port, token):
+            starting = time.monotonic() - starting
             results = submit_and_collect(host, port, token, lines, args, files)
     files.bring_back(results)
-    return report(args, lines, results, time.monotonic() - start)
+    return report(args, lines, results, time.monotonic() - start, starting)
 
 
 class JobFiles:
@@ -534,12 +539,19 @@ def print_jobs(jobs: list[dict[str, Any]]) -> None:
               + "  ".join(f"{job[c]:>9}" for c in columns))
 
 
-def report(args: argparse.Namespace, tasks: list[str], results: Results, wall: float) -> int:
-    """Write the results file and the summary; the exit code."""
+def report(args: argparse.Namespace, tasks: list[str], results: Results, wall: float,
+           starting: float = 0.0) -> int:
+    """Write the results file and the summary (the time ``starting`` an embedded scheduler told
+    apart from the rest); the exit code."""
     if args.output:
         _write_output(results, tasks, args.output)
     if not args.quiet:
-        timing = "" if args.cursor else f", {wall:.3f} s wall, {results.total / wall:,.0f} tasks/s"
+        timing = "" if args.cursor else f", {wall:.3f} s wall"
+        if starting:
+            timing += f" ({starting:.2f} s of it starting the embedded scheduler)"
+        running = wall - starting
+        if not args.cursor and running >= RATE_AFTER_SECONDS:  # a rate of a shorter run says little
+            timing += f", {results.total / running:,.0f} tasks/s"
         cancelled = f", {results.cancelled} cancelled" if results.cancelled else ""
         print(f"{results.total} tasks: {results.total - results.failed} succeeded, "
               f"{results.failed - results.cancelled} failed{cancelled}{timing}", file=sys.stderr)

@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, run_client
 
 
 def _without_site_packages(*args: str) -> subprocess.CompletedProcess:
@@ -29,3 +29,11 @@ def test_remote_mode_without_boto3_says_how_to_install_it(command):
 def test_help_works_without_boto3(program):
     done = _without_site_packages(program, "--help")
     assert done.returncode == 0 and "usage:" in done.stdout, done.stderr
+
+
+def test_a_short_embedded_run_tells_start_up_apart_and_gives_no_rate(workload):
+    done = run_client("-w", workload(["echo a"]))
+    assert done.returncode == 0, done.stderr
+    summary = done.stderr.strip().splitlines()[-1]
+    assert summary.startswith("1 tasks: 1 succeeded, 0 failed, ") and "tasks/s" not in summary
+    assert "s of it starting the embedded scheduler" in summary
