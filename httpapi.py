@@ -440,8 +440,11 @@ class _Handler(BaseHTTPRequestHandler):
         if not isinstance(body, dict) or not isinstance(body.get("tasks"), list):
             raise _Failure(HTTPStatus.BAD_REQUEST, 'the body must be {"count": N, "tasks": [...]}')
         count, tasks = body.get("count"), body["tasks"]
-        if type(count) is not int or count != len(tasks):
-            raise _Failure(HTTPStatus.BAD_REQUEST, f"count is {count!r} but {len(tasks)} tasks were sent")
+        if type(count) is not int:
+            raise _Failure(HTTPStatus.BAD_REQUEST, '"count" is required: the number of tasks sent, a '
+                           'whole number (it guards against a body cut short)')
+        if count != len(tasks):
+            raise _Failure(HTTPStatus.BAD_REQUEST, f"count is {count} but {len(tasks)} tasks were sent")
         try:
             cursor = self.api.call(self.api.service.submit_job(tasks))
         except BadRequest as exc:

@@ -117,7 +117,7 @@ def _run_in(root: Path, job: dict[str, Any], timeout: float | None, output_cap: 
         return code, "".join(log), _reason(error, timeout), None
     files, missing = _outputs(root, job["outputs"])
     if missing:
-        return None, "".join(log), f"output_sandbox: nothing matches {missing!r}", None
+        return code, "".join(log), f"output_sandbox: nothing matches {missing!r}", None  # it exited 0
     return code, "".join(log), None, _deliver(root, files, job["deliver"])
 
 

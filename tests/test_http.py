@@ -110,7 +110,7 @@ def test_http_job_matches_the_same_workload_over_tcp(start_scheduler, workload, 
     (b"[" * 100_000, "nested too deeply"),
     ({"count": 3, "tasks": ["true"]}, "count is 3 but 1 tasks"),
     ({"count": 1, "tasks": [7]}, "tasks must be strings"),
-    ({"tasks": ["true"]}, "count is None"),
+    ({"tasks": ["true"]}, '"count" is required'),
     (["true"], "the body must be"),
     ({"count": 1, "tasks": ["x" * 200_000]}, "longer than"),
 ])

@@ -126,6 +126,7 @@ def test_sandboxes_are_apart_prologues_run_first_and_outputs_come_back(files, tm
     assert records[4]["output"] == "about to fail\n" and "prologue broken.sh failed" in records[4]["error"]
     assert not (out / "4").exists()
     assert records[5]["status"] == "failed" and "nothing matches ['never-made.txt']" in records[5]["error"]
+    assert records[5]["exit_code"] == 0, "the process ran to completion: its exit code stays"
     assert os.listdir(tmp_path / "scratch") == [], "every sandbox is removed"
 
 
