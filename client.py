@@ -301,8 +301,9 @@ class Progress:
         self._next = now + PROGRESS_EVERY_SECONDS
         rate = results.received / (now - self.start)
         eta = (results.total - results.received) / rate if rate else float("inf")
+        cancelled = f"  cancelled {results.cancelled}" if results.cancelled else ""
         sys.stderr.write(f"\r{results.received}/{results.total} tasks  {rate:,.0f}/s  "
-                         f"ETA {eta:,.0f} s  failed {results.failed}   ")
+                         f"ETA {eta:,.0f} s  failed {results.failed - results.cancelled}{cancelled}   ")
         sys.stderr.flush()
         self._shown = True
 

@@ -6,6 +6,9 @@ import sys
 import pytest
 from conftest import ROOT, run_client
 
+import client
+from tasks import CANCELLED, ResultBatch
+
 
 def _without_site_packages(*args: str) -> subprocess.CompletedProcess:
     """A program run as on a machine where only Python is installed (-S: no site-packages, no boto3)."""
@@ -37,3 +40,14 @@ def test_a_short_embedded_run_tells_start_up_apart_and_gives_no_rate(workload):
     summary = done.stderr.strip().splitlines()[-1]
     assert summary.startswith("1 tasks: 1 succeeded, 0 failed, ") and "tasks/s" not in summary
     assert "s of it starting the embedded scheduler" in summary
+
+
+def test_the_progress_line_counts_cancelled_tasks_apart_from_failed_ones(capsys):
+    results = client.Results(4)
+    results.add(ResultBatch("j", 0, [0, 1, 2], [0, 1, None], [""] * 3, [1] * 3, [None, None, CANCELLED]))
+    progress = client.Progress(enabled=True)
+    progress.start -= 2 * client.PROGRESS_AFTER_SECONDS  # a job running for a while
+    progress._next = 0.0
+    progress(results)
+    line = capsys.readouterr().err
+    assert "3/4 tasks" in line and "failed 1  cancelled 1" in line
