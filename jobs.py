@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable
 
 from backend import MAX_BUNDLE_COMMAND_BYTES, MAX_BUNDLE_TASKS, Backend, plan_bundle
 from estimates import JobTimes, TaskTimes
+from logthrottle import ThrottledLog
 from tasks import CANCELLED, Bundle, ResultBatch, failed_batch
 
 log = logging.getLogger("cloudkon.jobs")
@@ -38,6 +39,8 @@ FIRST_LOOK_TASKS = 16
 # Tasks per batch of results the scheduler makes up itself (cancelled, failed at shutdown):
 # a batch of a million would not fit in one frame to the client or one job-store record.
 SYNTHETIC_BATCH_TASKS = 50_000
+# Results dropped (duplicates, for unknown jobs or tasks) are logged at most this often, with a count.
+DROPPED_LOG_SECONDS = 60.0
 # What a task held in memory counts beyond its command's length (its string, id and result
 # bookkeeping), so that a limit on held bytes bounds memory for short commands too.
 TASK_OVERHEAD_BYTES = 64
@@ -228,6 +231,12 @@ class Dispatcher:
         self._held = False  # shutting down: no more bundles
         # Shutting down without a store: why a task that is not run now never will be.
         self._unrun_reason: str | None = None
+        self._unknown_job = ThrottledLog(log, logging.INFO, "results for no job held here, dropped",
+                                         DROPPED_LOG_SECONDS)
+        self._beyond_job = ThrottledLog(log, logging.WARNING, "results for no task of their job, dropped",
+                                        DROPPED_LOG_SECONDS)
+        self._duplicates = ThrottledLog(log, logging.INFO, "results for tasks that had one, dropped",
+                                        DROPPED_LOG_SECONDS)
         self.held_bytes = 0  # of every job's commands held in memory (Job.held_bytes)
 
     @property
@@ -325,6 +334,8 @@ class Dispatcher:
         for batch in batches:
             job = self.jobs.get(batch.job)
             fresh = job.keep_new(batch) if job is not None else batch
+            if job is None or len(fresh.ids) < len(batch.ids):
+                self._count_dropped(job, batch, len(batch.ids) - len(fresh.ids))
             in_flight = self._in_flight.get(batch.bundle)  # type: ignore[arg-type]
             if in_flight is not None and in_flight[0].job == batch.job:
                 due = in_flight[1]
@@ -339,6 +350,19 @@ class Dispatcher:
             if job.finished:
                 self._finish(job)
         self.pump()
+
+    def _count_dropped(self, job: Job | None, batch: ResultBatch, dropped: int) -> None:
+        """Log (throttled) results that are not recorded: for no job held, for no task of the job,
+        or for a task that has its result (a duplicate delivery, or a late reply after a cancel)."""
+        if job is None:
+            if batch.ids:
+                self._unknown_job.add(len(batch.ids), f"job {batch.job[:64]!r}")
+            return
+        beyond = sum(1 for i in batch.ids if not 0 <= i < job.total)
+        if beyond:
+            self._beyond_job.add(beyond, f"job {job.id}, {job.total} tasks")
+        if dropped > beyond:
+            self._duplicates.add(dropped - beyond, f"job {job.id}")
 
     def _take_back(self, job: Job | None, due: set[int], returned: list[int]) -> None:
         """Queue again the tasks a bundle handed back, if that bundle still holds them."""

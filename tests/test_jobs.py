@@ -1,5 +1,6 @@
 """Job bookkeeping: exactly one result per task, whatever a backend delivers twice."""
 
+import logging
 import math
 
 import pytest
@@ -177,3 +178,22 @@ def test_a_handed_back_task_given_a_result_meanwhile_is_not_run_again():
     # 2..19 went out again at once (the first bundle's place was free), 20..39 are out, 40..59 queued.
     assert backend.submitted[2].ids == list(range(2, 20))
     assert job.undispatched == 20 and job.counts()["running"] == 38
+
+
+def test_results_not_recorded_are_counted_in_the_log_a_line_per_kind(caplog):
+    caplog.set_level(logging.INFO, logger="cloudkon.jobs")
+    dispatcher = Dispatcher(RecordingBackend(), lambda job, batch: None, lambda job: None)
+    job = dispatcher.open_job()
+    dispatcher.add_tasks(job, ["true"] * 3)
+    dispatcher.handle_results([_ok(job.id, 0, [0])])
+    for _ in range(100):  # a flood: three lines, not three hundred
+        dispatcher.handle_results([_ok("no-such-job", 0, [0]), _ok(job.id, 0, [0, 7]), _ok(job.id, 0, [0])])
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) == 3
+    assert any(line.startswith("results for no job held here, dropped: 1 (last: job 'no-such-job'")
+               for line in lines)
+    assert any(line.startswith(f"results for no task of their job, dropped: 1 (last: job {job.id}, 3 tasks")
+               for line in lines)
+    assert any(line.startswith(f"results for tasks that had one, dropped: 1 (last: job {job.id}")
+               for line in lines)
+    assert job.done_count == 1
