@@ -218,8 +218,10 @@ def get_task_result(host: str, port: int, token: str | None, job: str) -> Result
 
 
 def run_with_callback(host: str, port: int, token: str | None, tasks: list[str],
-                      listen_port: int, timeout: float | None, files: JobFiles) -> Results:
-    """Submit, hang up, wait for the scheduler to call back at ``listen_port``, then fetch."""
+                      listen_port: int, timeout: float | None, files: JobFiles,
+                      announce: bool = True) -> Results:
+    """Submit, hang up, wait for the scheduler to call back at ``listen_port``, then fetch;
+    ``announce`` the job's id on stderr."""
     conn = SchedulerConnection(host, port, token)
     nonce = secrets.token_hex(16)
     with socket.create_server((conn.sock.getsockname()[0], listen_port)) as listener:
@@ -230,7 +232,9 @@ def run_with_callback(host: str, port: int, token: str | None, tasks: list[str],
             conn.expect("job_accepted")
         finally:
             conn.close()
-        log.info("job %s submitted; waiting for the scheduler on port %d", job, callback["port"])
+        if announce:
+            print(f"client.py: job {job} (its results again: --cursor {job}); waiting for the scheduler "
+                  f"to call back on port {callback['port']}", file=sys.stderr)
         while True:
             peer, _ = listener.accept()
             with peer:
@@ -564,7 +568,8 @@ def report(args: argparse.Namespace, tasks: list[str], results: Results, wall: f
 def submit_and_collect(host: str, port: int, token: str | None, tasks: list[str],
                        args: argparse.Namespace, files: JobFiles) -> Results:
     if args.listen is not None:
-        return run_with_callback(host, port, token, tasks, args.listen, args.task_timeout, files)
+        return run_with_callback(host, port, token, tasks, args.listen, args.task_timeout, files,
+                                 announce=bool(args.scheduler) and not args.quiet)
     conn = SchedulerConnection(host, port, token)
     try:
         job = conn.submit(tasks, args.task_timeout,

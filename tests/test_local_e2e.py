@@ -132,6 +132,8 @@ def test_listen_flow_callback_then_one_fetch(start_scheduler, workload, tmp_path
                       "-l", "0", "-o", str(out))
     assert done.returncode == 0, done.stderr
     assert [r["output"] for r in read_results(out)] == [f"{i}\n" for i in range(30)]
+    assert re.search(r"job [0-9a-f]+ \(its results again: --cursor [0-9a-f]+\); waiting for the scheduler "
+                     r"to call back on port \d+", done.stderr)
 
 
 def test_twenty_concurrent_clients_each_get_their_own_results(start_scheduler, workload, tmp_path):
