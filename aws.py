@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import logging
 import os
 import threading
@@ -48,15 +49,25 @@ DEFAULT_CLAIM_TABLE = "cloudkon-claims"
 DEFAULT_VISIBILITY_TIMEOUT = 60
 # How long the queues made here keep a message nobody took.
 MESSAGE_RETENTION_SECONDS = 4 * 24 * 3600
-# Where workers put request messages they refuse (not signed by the fleet), next to the request queue.
+# Where workers put request messages they refuse (not signed by the fleet, or no valid bundle), next
+# to the request queue; SQS moves there too a message received this many times and never deleted
+# (a bundle that makes every worker fail): a few retries for a worker lost mid-bundle, not a
+# redelivery every visibility timeout for the queue's whole retention.
 DEAD_LETTER_SUFFIX = "-dead"
+MAX_RECEIVES = 5
 # SQS's limit on a queue name.
 SQS_MAX_QUEUE_NAME = 80
 
 _calls: collections.Counter[str] = collections.Counter()
 _calls_lock = threading.Lock()
 
-_RETRIES = Config(retries={"max_attempts": 8, "mode": "standard"}, max_pool_connections=32)
+# A call waits this long for a connection, and this long for an answer once sent (past the
+# longest long poll): an endpoint that takes connections and never answers (a network
+# partition) costs a try this long, not boto's default of a minute for each.
+CONNECT_TIMEOUT_SECONDS = 5
+READ_TIMEOUT_SECONDS = SQS_MAX_WAIT_SECONDS + 10
+_RETRIES = Config(retries={"max_attempts": 8, "mode": "standard"}, max_pool_connections=32,
+                  connect_timeout=CONNECT_TIMEOUT_SECONDS, read_timeout=READ_TIMEOUT_SECONDS)
 
 
 @contextlib.contextmanager
@@ -88,6 +99,18 @@ def is_missing_queue(exc: BaseException) -> bool:
     """True if the AWS error behind ``exc`` says an SQS queue does not exist."""
     code = error_code(exc) or ""
     return "NonExistentQueue" in code or code == "QueueDoesNotExist"
+
+
+def is_passing(exc: BaseException) -> bool:
+    """True if the failure behind ``exc`` may pass by itself: no answer from AWS (unreachable,
+    reset, timed out), throttling, a server error, or a queue name deleted moments ago (SQS
+    takes it again after 60 s)."""
+    cause = exc.__cause__ if isinstance(exc, BackendError) else exc
+    if isinstance(cause, botocore.exceptions.ClientError):
+        code = error_code(cause) or ""
+        status = cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return status >= 500 or "Throttl" in code or "QueueDeletedRecently" in code
+    return isinstance(cause, (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError))
 
 
 def clients() -> tuple[Any, Any]:
@@ -129,6 +152,35 @@ def ensure_queue(sqs: Any, name: str, visibility_timeout: int = DEFAULT_VISIBILI
         return sqs.create_queue(QueueName=name, Attributes={
             "VisibilityTimeout": str(visibility_timeout),
             "MessageRetentionPeriod": str(MESSAGE_RETENTION_SECONDS),
+        })["QueueUrl"]
+
+
+def ensure_request_queue(sqs: Any, name: str, visibility_timeout: int = DEFAULT_VISIBILITY_TIMEOUT) -> str:
+    """The URL of request queue ``name``, created if missing, with a redrive policy to its dead-letter
+    queue (given to an existing queue that has none: one read at start)."""
+    with aws_errors(f"finding queue {name}"):
+        try:
+            url = sqs.get_queue_url(QueueName=name)["QueueUrl"]
+        except botocore.exceptions.ClientError as exc:
+            if not is_missing_queue(exc):
+                raise
+            url = None
+        if url is not None and "RedrivePolicy" in sqs.get_queue_attributes(
+                QueueUrl=url, AttributeNames=["RedrivePolicy"]).get("Attributes", {}):
+            return url
+        dead = dead_letter_queue(name)
+        dead_arn = sqs.get_queue_attributes(QueueUrl=ensure_queue(sqs, dead), AttributeNames=["QueueArn"])[
+            "Attributes"]["QueueArn"]
+        redrive = json.dumps({"maxReceiveCount": MAX_RECEIVES, "deadLetterTargetArn": dead_arn})
+        if url is not None:
+            sqs.set_queue_attributes(QueueUrl=url, Attributes={"RedrivePolicy": redrive})
+            log.info("queue %s: messages received %d times go to %s", name, MAX_RECEIVES, dead)
+            return url
+        log.info("creating queue %s", name)
+        return sqs.create_queue(QueueName=name, Attributes={
+            "VisibilityTimeout": str(visibility_timeout),
+            "MessageRetentionPeriod": str(MESSAGE_RETENTION_SECONDS),
+            "RedrivePolicy": redrive,
         })["QueueUrl"]
 
 

@@ -80,10 +80,17 @@ class Backend(ABC):
     target_bundle_seconds: float = 0.02
     # Added to twice a bundle's estimated length for its time box (backend.plan_bundle).
     time_box_margin: float = 0.04
+    # How long a receive waits while no bundle is out (no result expected): a remote backend
+    # long-polls, so that an idle scheduler makes a few calls a minute.
+    idle_receive_seconds: float = 1.0
 
     @abstractmethod
     def workers(self) -> int:
         """How many tasks can run at once: a job's last bundles are spread over this many."""
+
+    def describe(self) -> str:
+        """What runs the tasks, for the log."""
+        return f"{self.name} backend: {self.workers()} tasks at once"
 
     def capacity(self) -> int:
         """How many bundles to keep submitted and unfinished so that no worker waits."""

@@ -442,11 +442,7 @@ def run(args: argparse.Namespace, embedded: list[str]) -> int:
     if args.scheduler:
         host, port = parse_address(args.scheduler)
     if args.cancel:
-        answer = cancel_job(host, port, args.token, args.cancel)
-        if answer.get("state") == "finished":
-            print(f"job {args.cancel} had finished already: nothing to cancel", file=sys.stderr)
-        else:
-            print(f"job {args.cancel} cancelled: {answer['count']} task(s) stopped", file=sys.stderr)
+        print(cancel_outcome(args.cancel, cancel_job(host, port, args.token, args.cancel)), file=sys.stderr)
         return EXIT_OK
     if args.jobs:
         print_jobs(list_jobs(host, port, args.token))
@@ -534,10 +530,16 @@ class JobFiles:
                 results.fail(task_id, f"outputs not brought back: {exc}")
 
 
+# The columns of --jobs: a job's tasks by where they are, under headers that say it.  "running"
+# counts the tasks in bundles given out: running, or waiting at a worker behind another bundle.
+JOB_COLUMNS = {"queued": "QUEUED", "running": "IN-FLIGHT", "succeeded": "SUCCEEDED", "failed": "FAILED",
+               "cancelled": "CANCELLED"}
+
+
 def print_jobs(jobs: list[dict[str, Any]]) -> None:
-    columns = ("queued", "running", "succeeded", "failed", "cancelled")
+    columns = JOB_COLUMNS
     print(f"{'JOB':<16}  {'STATE':<9}  {'CREATED':<19}  {'TOTAL':>9}  "
-          + "  ".join(f"{c.upper():>9}" for c in columns))
+          + "  ".join(f"{header:>9}" for header in columns.values()))
     for job in jobs:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job["created_at"]))
         print(f"{job['job']:<16}  {job['state']:<9}  {created:<19}  {job['total']:>9}  "
@@ -574,8 +576,10 @@ def submit_and_collect(host: str, port: int, token: str | None, tasks: list[str]
     try:
         job = conn.submit(tasks, args.task_timeout,
                           prepare=files.preparer(tasks, conn.welcome.get("staging")))
+        keeps, durable = conn.welcome.get("keeps_results", True), conn.welcome.get("durable", True)
         if args.scheduler and not args.quiet:  # an embedded scheduler keeps nothing after the run
-            print(f"client.py: job {job} (its results again: --cursor {job})", file=sys.stderr)
+            print(f"client.py: job {job}" + (f" (its results again: --cursor {job})" if keeps else ""),
+                  file=sys.stderr)
         results = Results(len(tasks))
         progress = Progress(enabled=not args.quiet and sys.stderr.isatty())
 
@@ -597,10 +601,7 @@ def submit_and_collect(host: str, port: int, token: str | None, tasks: list[str]
                 raise
             except (CloudKonError, OSError) as exc:
                 raise CloudKonError(f"could not cancel: {_describe(exc, args)}; {kept}") from exc
-            if answer.get("state") == "finished":
-                print(f"client.py: job {job} had finished already: nothing to cancel", file=sys.stderr)
-            else:
-                print(f"client.py: job {job} cancelled: {answer['count']} task(s) stopped", file=sys.stderr)
+            print(f"client.py: {cancel_outcome(job, answer)}", file=sys.stderr)
 
         try:
             with on_interrupt(interrupted):
@@ -608,6 +609,9 @@ def submit_and_collect(host: str, port: int, token: str | None, tasks: list[str]
         except (IncompleteFrame, ConnectionError) as exc:
             if not args.scheduler:
                 raise
+            if not durable:
+                raise CloudKonError(f"{exc}: the scheduler went away; it kept its jobs in memory only: "
+                                    "the results not received are lost") from exc
             raise CloudKonError(f"{exc}: the scheduler went away; if it restarts on its job store, "
                                 f"fetch the results with --cursor {job}") from exc
         finally:
@@ -615,6 +619,15 @@ def submit_and_collect(host: str, port: int, token: str | None, tasks: list[str]
         return results
     finally:
         conn.close()
+
+
+def cancel_outcome(job: str, answer: dict[str, Any]) -> str:
+    """What a ``cancelled`` answer means, in words."""
+    if answer.get("state") == "finished":
+        return f"job {job} had finished already: nothing to cancel"
+    if answer["count"] == 0:
+        return f"job {job} had been cancelled already"
+    return f"job {job} cancelled: {answer['count']} task(s) stopped"
 
 
 def _cancel_quietly(host: str, port: int, token: str | None, job: str) -> None:

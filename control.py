@@ -20,6 +20,13 @@ count in the claim table under ``slots:<its control queue>``, and ``ControlTopic
 adds up those of the workers subscribed (one listing, one batch read per 100 workers),
 so that bundles are sized and kept in flight for the workers that are there.
 
+A drain or shutdown must not trust the subscriptions alone: a topic deleted (and made
+again by the next publisher) has none.  The workers of a topic are the control queues
+that exist and whose policy lets that topic write to them (``ControlTopic.registered``):
+a worker makes its queue at start and deletes it when it leaves, and its queue outlives
+the topic.  One whose subscription is gone gets the message in its queue directly, and
+resubscribes by itself within SUBSCRIPTION_CHECK_SECONDS (``ControlQueue.receive``).
+
 AWS behaviour relied on: CreateTopic with an existing name returns that topic; an SQS
 queue accepts SNS deliveries only if its policy allows the topic; with
 RawMessageDelivery the message arrives as published.
@@ -45,9 +52,15 @@ DEFAULT_CONTROL_TOPIC = "cloudkon-control"
 CONTROL_QUEUE_PREFIX = "cloudkon-control-"
 # Cancellation marks outlive any bundle of their job that may still be queued.
 CANCEL_RETENTION_SECONDS = 4 * 24 * 3600
-# A live worker takes a control message within a second (it long-polls its queue); one
-# whose queue still holds it after this long is gone without cleaning up.
-UNTAKEN_SECONDS = 10.0
+# A busy worker takes a control message within a second, an idle one within one long poll (it
+# polls its control queue in turn with the request queue, to halve what idling costs); one whose
+# queue still holds the message after this long is gone without cleaning up.
+UNTAKEN_SECONDS = aws.SQS_MAX_WAIT_SECONDS + 10.0
+# A worker checks this often that its subscription still exists (the topic may have been deleted):
+# a call every 5 minutes, a fifteenth of what an idle worker's polls cost.  Until it subscribes
+# again it misses broadcast cancels only (it reads a running job's durable mark every third of
+# its lease), as drain and shutdown reach it in its queue directly.
+SUBSCRIPTION_CHECK_SECONDS = 300.0
 _CANCELLED = "cancelled"
 _SLOTS_KEY = "slots:"
 # A subscribed worker that recorded no thread count (yet) is taken to run worker.py's default.
@@ -105,9 +118,13 @@ class ControlTopic:
         self.sns = aws.client("sns")
         self.arn = ensure_topic(self.sns, name)
 
+    def _seal(self, message: dict[str, Any]) -> str:
+        """``message`` as workers read it, from the topic or sent to their queues alike (raw delivery)."""
+        return self._signer.sign(protocol.encode_body(message).decode("ascii"))
+
     def publish(self, message: dict[str, Any]) -> None:
         """Send ``message`` to every worker; a subscription whose queue is gone is removed first."""
-        body = self._signer.sign(protocol.encode_body(message).decode("ascii"))
+        body = self._seal(message)
         try:
             with aws.aws_errors(f"publishing {message['type']} on {self.name}"):
                 self.sns.publish(TopicArn=self.arn, Message=body)
@@ -154,34 +171,63 @@ class ControlTopic:
             log.info("removed %d subscription(s) of workers gone without cleaning up", pruned)
         return pruned
 
-    def stop_workers(self, how: str, timeout: float, poll_seconds: float = 1.0) -> bool:
-        """Publish ``drain`` or ``shutdown``, then wait until every worker subscribed at that
-        moment has left; False on timeout.
+    def registered(self, sqs: Any) -> dict[str, str]:
+        """The control queues of this topic's workers, name -> URL: every worker that runs, whether
+        its subscription still exists or not (one listing, one read per control queue)."""
+        found = {}
+        for name, url in _control_queues(sqs).items():
+            try:
+                with aws.aws_errors(f"reading the policy of queue {name}"):
+                    policy = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["Policy"])[
+                        "Attributes"].get("Policy", "{}")
+            except BackendError as exc:
+                if aws.is_missing_queue(exc):  # its worker left meanwhile
+                    continue
+                raise
+            if _admits(policy, self.arn):
+                found[name] = url
+        return found
 
-        A worker killed without cleaning up leaves a queue that never takes the message:
-        after UNTAKEN_SECONDS it is deleted and no longer waited for.
+    def stop_workers(self, how: str, timeout: float, poll_seconds: float = 1.0) -> bool:
+        """Tell every registered worker to ``how`` (drain or shutdown), then wait until each has
+        left; False on timeout.
+
+        A worker leaves by deleting its control queue.  One whose subscription is gone gets the
+        message in its queue directly.  One killed without cleaning up leaves a queue that never
+        takes the message: after UNTAKEN_SECONDS it is deleted and no longer waited for.
         """
         self.prune()
-        waiting = {sub["SubscriptionArn"]: _queue_of(sub) for sub in self.subscribers()
-                   if sub["Protocol"] == "sqs" and CONTROL_QUEUE_PREFIX in sub["Endpoint"]}
-        self.publish({"type": how})
-        published = time.monotonic()
         sqs = aws.client("sqs")
+        waiting = self.registered(sqs)
+        subscriptions = {_queue_of(sub): sub["SubscriptionArn"] for sub in self.subscribers()}
+        body = self._seal({"type": how})
+        self.publish({"type": how})
+        unsubscribed = [name for name in waiting if name not in subscriptions]
+        for name in unsubscribed:
+            try:
+                aws.send_messages(sqs, waiting[name], [body])
+            except BackendError as exc:
+                if not aws.is_missing_queue(exc):
+                    raise
+        if unsubscribed:
+            log.warning("%d worker(s) not subscribed to %s (was it deleted?): %s sent to their queues",
+                        len(unsubscribed), self.name, how)
+        published = time.monotonic()
         while True:
-            subscribed = {sub["SubscriptionArn"] for sub in self.subscribers()}
-            waiting = {arn: name for arn, name in waiting.items() if arn in subscribed}
+            present = _control_queues(sqs)
+            waiting = {name: url for name, url in waiting.items() if name in present}
             if time.monotonic() - published > UNTAKEN_SECONDS:
-                for arn, name in list(waiting.items()):
+                for name in list(waiting):
                     if self._untaken(sqs, name):
                         log.warning("%s did not take the %s message in %g s: its worker is gone; "
                                     "removing the queue", name, how, UNTAKEN_SECONDS)
-                        self._forget(sqs, arn, name)
-                        del waiting[arn]
+                        self._forget(sqs, subscriptions.get(name), name)
+                        del waiting[name]
             if not waiting:
                 log.info("every worker has left (%s)", how)
                 return True
             if time.monotonic() - published >= timeout:
-                log.error("%d worker(s) still subscribed after %g s", len(waiting), timeout)
+                log.error("%d worker(s) still registered after %g s", len(waiting), timeout)
                 return False
             log.info("%s: waiting for %d worker(s) to leave", how, len(waiting))
             time.sleep(poll_seconds)
@@ -204,10 +250,11 @@ class ControlTopic:
             raise
         return sum(int(count) for count in attributes.values()) > 0
 
-    def _forget(self, sqs: Any, subscription: str, name: str) -> None:
+    def _forget(self, sqs: Any, subscription: str | None, name: str) -> None:
         delete_queue(sqs, name)
-        with aws.aws_errors("removing a stale subscription"):
-            self.sns.unsubscribe(SubscriptionArn=subscription)
+        if subscription is not None:
+            with aws.aws_errors("removing a stale subscription"):
+                self.sns.unsubscribe(SubscriptionArn=subscription)
 
     def remove(self) -> None:
         """Delete the topic and the control queues of its workers left behind (cleanup)."""
@@ -217,6 +264,23 @@ class ControlTopic:
         with aws.aws_errors(f"deleting topic {self.name}"):
             self.sns.delete_topic(TopicArn=self.arn)
         log.info("deleted topic %s", self.arn)
+
+
+def _control_queues(sqs: Any) -> dict[str, str]:
+    """Every control queue of the account and region (of any topic), name -> URL."""
+    with aws.aws_errors("listing the control queues"):
+        pages = sqs.get_paginator("list_queues").paginate(QueueNamePrefix=CONTROL_QUEUE_PREFIX)
+        return {url.rsplit("/", 1)[-1]: url for page in pages for url in page.get("QueueUrls", [])}
+
+
+def _admits(policy: str, topic_arn: str) -> bool:
+    """True if a control queue's ``policy`` (as ControlQueue.open writes it) lets ``topic_arn`` send."""
+    try:
+        statements = json.loads(policy).get("Statement", [])
+        return any(statement.get("Condition", {}).get("ArnEquals", {}).get("aws:SourceArn") == topic_arn
+                   for statement in statements)
+    except (ValueError, AttributeError):  # not a policy of ours
+        return False
 
 
 def _queue_of(subscription: dict[str, Any]) -> str:
@@ -242,13 +306,15 @@ class ControlQueue:
         self.sqs = sqs
         self._keyring = keyring
         self.sns = aws.client("sns")
-        self._topic_arn = ensure_topic(self.sns, topic)
+        self._topic = topic
         self._name = queue_name(identity)
         self.open()
 
     def open(self) -> None:
-        """Create the queue, let the topic write to it, subscribe it (again, if it was deleted)."""
-        sqs, topic_arn = self.sqs, self._topic_arn
+        """Create the queue and the topic, let the topic write to the queue, subscribe it (again, if
+        either was deleted)."""
+        sqs = self.sqs
+        topic_arn = ensure_topic(self.sns, self._topic)
         self.url = aws.ensure_queue(sqs, self._name)
         with aws.aws_errors("subscribing to the control topic"):
             queue_arn = sqs.get_queue_attributes(QueueUrl=self.url, AttributeNames=["QueueArn"])[
@@ -261,11 +327,29 @@ class ControlQueue:
             self.subscription = self.sns.subscribe(
                 TopicArn=topic_arn, Protocol="sqs", Endpoint=queue_arn,
                 Attributes={"RawMessageDelivery": "true"}, ReturnSubscriptionArn=True)["SubscriptionArn"]
+        self._next_check = time.monotonic() + SUBSCRIPTION_CHECK_SECONDS
         log.info("control messages on %s", self.url)
+
+    def resubscribe_if_lost(self) -> bool:
+        """Subscribe again if the subscription is gone (its topic was deleted); True if it was."""
+        try:
+            with aws.aws_errors("checking the subscription to the control topic"):
+                self.sns.get_subscription_attributes(SubscriptionArn=self.subscription)
+            return False
+        except BackendError as exc:
+            if aws.error_code(exc) != "NotFound":
+                raise
+        log.warning("the subscription to control topic %s is gone: subscribing again", self._topic)
+        self.open()
+        return True
 
     def receive(self, wait_seconds: int) -> list[dict[str, Any]]:
         """Control messages that arrived within ``wait_seconds``, signed by the fleet (deleted once
-        read; one whose key could not be read is left to come back)."""
+        read; one whose key could not be read is left to come back); the subscription is checked
+        first every SUBSCRIPTION_CHECK_SECONDS."""
+        if time.monotonic() >= self._next_check:
+            self._next_check = time.monotonic() + SUBSCRIPTION_CHECK_SECONDS
+            self.resubscribe_if_lost()
         messages = aws.receive_messages(self.sqs, self.url, aws.SQS_MAX_BATCH, wait_seconds)
         decoded, read = [], []
         for message in messages:

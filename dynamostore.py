@@ -66,6 +66,9 @@ class DynamoJobStore(JobStore):
                          ttl_attribute="expires_at")
         self._meta: dict[str, dict[str, Any]] = {}  # job id -> its "job" item
         self._results_written: dict[str, int] = {}  # job id -> r# items so far
+        # The records of a write that failed, and its requests not yet written: the journal
+        # gives the same records again, and they go on from there (not numbered twice).
+        self._unfinished: tuple[list[Record], list[dict[str, Any]]] | None = None
 
     def describe(self) -> str:
         return f"DynamoDB table {self.table} as {self.name!r} (restart with --state {self.name} to resume)"
@@ -109,6 +112,12 @@ class DynamoJobStore(JobStore):
                            self.read_results(job_id))
 
     def write(self, records: list[Record]) -> None:
+        if self._unfinished is None or self._unfinished[0] is not records:
+            self._unfinished = (records, self._requests(records))
+        self._batch_write(self._unfinished[1])
+        self._unfinished = None
+
+    def _requests(self, records: list[Record]) -> list[dict[str, Any]]:
         # BatchWriteItem takes one write per item: the last one wins.
         items: dict[tuple[str, str], dict[str, Any]] = {}
         expires_at = {"N": str(int(time.time()) + self._lifetime)}
@@ -118,7 +127,7 @@ class DynamoJobStore(JobStore):
                 key = (item["job"]["S"], item["part"]["S"])
                 items.pop(key, None)  # a job's finished marker goes after its results
                 items[key] = item
-        self._batch_write([{"PutRequest": {"Item": item}} for item in items.values()])
+        return [{"PutRequest": {"Item": item}} for item in items.values()]
 
     def _items(self, record: Record) -> Iterator[dict[str, Any]]:
         if isinstance(record, ResultsAdded):
@@ -178,14 +187,16 @@ class DynamoJobStore(JobStore):
                 yield from page["Items"]
 
     def _batch_write(self, requests: list[dict[str, Any]]) -> None:
+        """Write ``requests``, removing each from the list once written (what a failure leaves
+        in it is what is still to write)."""
         with aws_errors(f"writing to {self.table}"):
-            for start in range(0, len(requests), BATCH_WRITE_ITEMS):
-                pending = requests[start:start + BATCH_WRITE_ITEMS]
-                while pending:
-                    answer = self._dynamodb.batch_write_item(RequestItems={self.table: pending})
-                    pending = answer.get("UnprocessedItems", {}).get(self.table, [])
-                    if pending:  # throttled: DynamoDB asks to back off and send these again
-                        time.sleep(_RETRY_PAUSE_SECONDS)
+            while requests:
+                chunk = requests[:BATCH_WRITE_ITEMS]
+                answer = self._dynamodb.batch_write_item(RequestItems={self.table: chunk})
+                unprocessed = answer.get("UnprocessedItems", {}).get(self.table, [])
+                requests[:BATCH_WRITE_ITEMS] = unprocessed  # the written ones leave, the others go first
+                if unprocessed:  # throttled: DynamoDB asks to back off and send these again
+                    time.sleep(_RETRY_PAUSE_SECONDS)
 
 
 def _key(job: str, part: str) -> dict[str, Any]:

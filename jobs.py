@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 
 from backend import MAX_BUNDLE_COMMAND_BYTES, MAX_BUNDLE_TASKS, Backend, plan_bundle
 from estimates import JobTimes, TaskTimes
-from logthrottle import ThrottledLog
+from repeats import ThrottledLog
 from tasks import CANCELLED, Bundle, ResultBatch, failed_batch
 
 log = logging.getLogger("cloudkon.jobs")

@@ -198,6 +198,9 @@ class LocalBackend(Backend):
     def workers(self) -> int:
         return len(self._slots)
 
+    def describe(self) -> str:
+        return f"local backend: {self.workers()} worker processes"
+
     def submit(self, bundle: Bundle) -> None:
         with self._queue_lock:
             self._queue.append(bundle)

@@ -37,6 +37,7 @@ from httpapi import HttpApi, JobReport
 from jobs import Dispatcher, Job, held_bytes
 from jobstore import JobFinished, JobOpened, JobStore, Journal, ResultsAdded, SQLiteJobStore, TasksAdded
 from options import add_remote_arguments, require_boto3, task_timeout_argument
+from repeats import Outage
 from tasks import MAX_COMMAND_BYTES, ResultBatch
 
 log = logging.getLogger("cloudkon.scheduler")
@@ -67,11 +68,11 @@ MAX_JOB_TASKS = 10_000_000
 DEFAULT_MAX_HELD_BYTES = 1024 ** 3
 # Jobs a list_jobs answers with unless it asks for another limit (the newest ones).
 DEFAULT_LISTED_JOBS = 1000
-# How long the receiving thread waits in backend.receive before checking for shutdown
-# (for SQS, one long poll: at most one idle API call a second).
+# How long the receiving thread waits in backend.receive while bundles are out, and how often
+# it checks for shutdown during a longer wait (Backend.idle_receive_seconds).
 RECEIVE_POLL_SECONDS = 1.0
-# Receiving results that fails unexpectedly (no file descriptors left, say) is retried after
-# a pause that doubles up to the second figure.
+# Receiving results that fails (AWS unreachable, no file descriptors left) is retried after a
+# pause that doubles up to the second figure, jittered; the scheduler serves on meanwhile.
 RECEIVE_RETRY_SECONDS = (0.1, 5.0)
 # The same unexpected error of the event loop (accept failing for want of file descriptors,
 # say) is logged at most once in this long.
@@ -199,7 +200,6 @@ class Scheduler:
         self._fetchers: dict[str, list[asyncio.Future[None]]] = {}
         self._signals = 0
         self._stopping = False
-        self._backend_failed = False
 
     # --- running ------------------------------------------------------------------
 
@@ -228,7 +228,7 @@ class Scheduler:
         print(f"listening on {_format_address(bound[0], bound[1])}", flush=True)
         if http is not None:
             print(f"HTTP API on http://{_format_address(*http.address)}", flush=True)
-        log.info("%s backend with %d workers", self.backend.name, self.backend.workers())
+        log.info("%s", self.backend.describe())
         stop_receiving = threading.Event()
         receiver = threading.Thread(target=self._receive_loop, args=(loop, stop_receiving),
                                     name="cloudkon-receive", daemon=True)
@@ -247,7 +247,7 @@ class Scheduler:
         self.backend.wake()
         await loop.run_in_executor(None, receiver.join)
         await loop.run_in_executor(None, self.backend.close, finished)
-        return 1 if self._backend_failed else 0
+        return 0
 
     async def _restore_jobs(self) -> None:
         store = self.journal.store
@@ -277,50 +277,70 @@ class Scheduler:
         they stay in the store for the next start.  True if everything in flight finished.
         """
         self._stopping = True
-        kept = "" if self.journal is None else " (the tasks received are kept and run when it starts again)"
+        durable = self.journal is not None and self.journal.store.durable
+        store = f"its job store ({self.journal.store.describe()})" if durable else ""  # type: ignore[union-attr]
+        kept = f" (the tasks received are kept in {store} and run when it starts again)" if durable else ""
         for peer in self._peers:
             for job in list(peer.open_jobs.values()):
                 peer.send(protocol.encode(protocol.error_message(
                     "shutting_down", f"scheduler is shutting down; job {job.id} was not accepted{kept}")))
                 del peer.open_jobs[job.id]
                 self.dispatcher.close_job(job)
-        if self.journal is None:
-            self.dispatcher.fail_undispatched("scheduler shut down before this task started")
-        else:
+        if durable:
             self.dispatcher.hold()
+        else:
+            self.dispatcher.fail_undispatched("scheduler shut down before this task started")
         deadline = time.monotonic() + self._grace
         while not self.dispatcher.idle and not self._force.is_set() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         finished = self.dispatcher.idle
-        if not finished and self.journal is None:
+        if not finished and not durable:
             self.dispatcher.fail_in_flight("scheduler stopped before this task finished")
-        for job_id, peer in list(self._subscribers.items()):  # only with a store: jobs left unfinished
+        for job_id, peer in list(self._subscribers.items()):  # only with a durable store: jobs unfinished
             peer.send(protocol.encode(protocol.error_message(
-                "shutting_down", f"scheduler is shutting down; job {job_id} is kept in its job store and "
-                f"resumes when the scheduler starts again (then fetch it with --cursor {job_id})")))
+                "shutting_down", f"scheduler is shutting down; job {job_id} is kept in {store} and resumes "
+                f"when the scheduler starts again on it (then fetch it with --cursor {job_id})")))
         await asyncio.gather(*(peer.close() for peer in list(self._peers)))
+        unfinished = [job for job in self.dispatcher.jobs.values() if not job.finished]
+        if unfinished:
+            log.info("stopped: %d unfinished job(s) with %d task(s) to run, kept in %s", len(unfinished),
+                     sum(job.total - job.done_count for job in unfinished), store)
+        else:
+            log.info("stopped: every job finished%s", "" if finished else " (what was in flight failed)")
         return finished
 
     def _receive_loop(self, loop: asyncio.AbstractEventLoop, stop: threading.Event) -> None:
-        pause, failing_since = RECEIVE_RETRY_SECONDS[0], None
+        outage = Outage("receiving results", RECEIVE_RETRY_SECONDS, log)
+        idle_wait = self.backend.idle_receive_seconds  # no bundle out: no result expected
         while not stop.is_set():
             try:
-                batches = self.backend.receive(RECEIVE_POLL_SECONDS)
-            except BackendError as exc:
-                loop.call_soon_threadsafe(self._on_backend_failure, exc)
-                return
-            except Exception:  # this thread must not die: every result comes through it
-                if failing_since is None:
-                    failing_since = time.monotonic()
-                    log.exception("receiving results failed (retrying; logged once until it works)")
-                stop.wait(pause)
-                pause = min(pause * 2, RECEIVE_RETRY_SECONDS[1])
+                batches = self._receive(RECEIVE_POLL_SECONDS if self.dispatcher.bundles_in_flight
+                                        else idle_wait, stop)
+            except Exception as exc:  # this thread must not die (every result comes through it),
+                stop.wait(outage.failed(exc))  # nor the scheduler end: AWS unreachable for a while passes
                 continue
-            if failing_since is not None:
-                log.warning("receiving results works again, after %.1f s", time.monotonic() - failing_since)
-                pause, failing_since = RECEIVE_RETRY_SECONDS[0], None
+            outage.ended()
             if batches:
                 loop.call_soon_threadsafe(self.dispatcher.handle_results, batches)
+
+    def _receive(self, wait: float, stop: threading.Event) -> list[ResultBatch]:
+        """``backend.receive(wait)``; a wait longer than RECEIVE_POLL_SECONDS runs in a thread of its
+        own, given up (nothing received) once ``stop`` is set: a shutdown does not wait out a long poll."""
+        if wait <= RECEIVE_POLL_SECONDS:
+            return self.backend.receive(wait)
+        poll: concurrent.futures.Future[list[ResultBatch]] = concurrent.futures.Future()
+
+        def long_poll() -> None:
+            try:
+                poll.set_result(self.backend.receive(wait))
+            except BaseException as exc:  # handed to the receiving thread, which handles it
+                poll.set_exception(exc)
+
+        threading.Thread(target=long_poll, name="cloudkon-long-poll", daemon=True).start()
+        while not stop.is_set():
+            if concurrent.futures.wait([poll], RECEIVE_POLL_SECONDS).done:
+                return poll.result()
+        return []  # the backend closes next: what the poll brings then stays on its queue
 
     def _scale_loop(self, stop: threading.Event) -> None:
         """Provisioning: every few seconds, size the fleet to the bundles in flight."""
@@ -344,12 +364,6 @@ class Scheduler:
         log.error("%s%s%s", kind, f": {exc!r}" if exc else "",
                   "" if first else f" (again; logged at most every {LOOP_ERROR_LOG_SECONDS:g} s)",
                   exc_info=exc if first else None)
-
-    def _on_backend_failure(self, exc: BackendError) -> None:
-        log.error("backend failed: %s", exc)
-        self._backend_failed = True
-        self._force.set()
-        self._shutdown.set()
 
     async def _housekeeping(self, parent_pid: int | None) -> None:
         """Expire unclaimed results; stop if the parent that started us is gone."""
@@ -395,7 +409,9 @@ class Scheduler:
                 return
             self._check_hello(hello)
             welcome = {"type": "welcome", "version": protocol.PROTOCOL_VERSION,
-                       "backend": self.backend.name, "workers": self.backend.workers()}
+                       "backend": self.backend.name, "workers": self.backend.workers(),
+                       "keeps_results": self.journal is not None,
+                       "durable": self.journal is not None and self.journal.store.durable}
             if self.backend.staging is not None:
                 welcome["staging"] = self.backend.staging
             peer.send(protocol.encode(welcome))
@@ -457,6 +473,8 @@ class Scheduler:
             self.add_tasks(self._open_job_of(peer, message["job"]), message["tasks"])
         elif kind == "job_close":
             job = self._open_job_of(peer, message["job"])
+            if job.total == 0:
+                raise BadRequest("empty_job", f"job {job.id}: a job needs at least one task")
             if message["count"] != job.total:
                 raise BadRequest("count_mismatch", f"job {job.id}: client sent {message['count']} "
                                  f"tasks, scheduler received {job.total}")
@@ -484,13 +502,16 @@ class Scheduler:
         return job
 
     async def cancel_job(self, job: Job) -> int | None:
-        """Cancel a job: how many of its tasks are cancelled, or None if it had finished already.
+        """Cancel a job: how many of its tasks are cancelled (0 if it was cancelled before), or None
+        if it had finished already.
 
         The backend hears of it first (a remote one records it durably), then every task
         without a result gets the result cancelled; the answer waits for the job store.
         """
         if job.finished and not job.cancelled:
             return None
+        if job.cancelled:
+            return 0  # by an earlier cancel: nothing more to stop
         job.cancelling = True  # no more of its bundles while the backend is told
         try:
             await asyncio.get_running_loop().run_in_executor(None, self.backend.cancel, job.id)
@@ -563,6 +584,8 @@ class Scheduler:
 
     async def submit_job(self, tasks: list[Any]) -> str:
         """A whole job at once (the HTTP API): its cursor, once its tasks are stored."""
+        if not tasks:
+            raise BadRequest("empty_job", "a job needs at least one task")
         check_tasks(tasks, 0)  # before the job exists: a refused submission leaves nothing behind
         self._check_room(tasks)
         job = self.open_job()

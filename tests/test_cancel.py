@@ -75,7 +75,7 @@ def test_jobs_lists_each_job_with_its_tasks_by_state(start_scheduler, workload):
     listing = run_client("-s", sched.address, "--jobs")
     assert listing.returncode == 0
     rows = {line.split()[0]: line.split() for line in listing.stdout.splitlines()[1:]}
-    # JOB STATE DATE TIME TOTAL QUEUED RUNNING SUCCEEDED FAILED CANCELLED
+    # JOB STATE DATE TIME TOTAL QUEUED IN-FLIGHT SUCCEEDED FAILED CANCELLED
     assert rows[first][1] == "finished" and rows[first][4:] == ["2", "0", "0", "1", "1", "0"]
     assert rows[second][1] == "running" and rows[second][4] == "10"
     assert int(rows[second][5]) + int(rows[second][6]) == 10  # none done yet: queued or running
@@ -84,6 +84,8 @@ def test_jobs_lists_each_job_with_its_tasks_by_state(start_scheduler, workload):
     rows = {line.split()[0]: line.split() for line in run_client(
         "-s", sched.address, "--jobs").stdout.splitlines()[1:]}
     assert rows[second][1] == "cancelled" and rows[second][4:] == ["10", "0", "0", "0", "0", "10"]
+    again = run_client("-s", sched.address, "--cancel", second)
+    assert again.returncode == 0 and f"job {second} had been cancelled already" in again.stderr
     running.stdout.close()
     running.stderr.close()
 

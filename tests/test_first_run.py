@@ -1,12 +1,17 @@
 """What a newcomer meets first: commands without boto3, workloads as editors save them, the embedded run."""
 
+import json
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 
 import pytest
-from conftest import ROOT, run_client
+from conftest import ROOT, run_client, start_client
 
 import client
+import protocol
 from tasks import CANCELLED, ResultBatch
 
 
@@ -51,3 +56,32 @@ def test_the_progress_line_counts_cancelled_tasks_apart_from_failed_ones(capsys)
     progress(results)
     line = capsys.readouterr().err
     assert "3/4 tasks" in line and "failed 1  cancelled 1" in line
+
+
+def test_an_empty_job_is_refused_over_tcp_and_http_alike(start_scheduler):
+    sched = start_scheduler("--local", "1", "--http-port", "0")
+    http_port = int(sched.proc.stdout.readline().strip().rsplit(":", 1)[1])
+    sock = sched.hello()
+    protocol.send(sock, {"type": "job_open"})
+    job = protocol.receive(sock)["job"]
+    protocol.send(sock, {"type": "job_close", "job": job, "count": 0})
+    while (message := protocol.receive(sock))["type"] != "error":
+        pass
+    assert message["code"] == "empty_job"
+    request = urllib.request.Request(f"http://127.0.0.1:{http_port}/tasks/submit",
+                                     json.dumps({"count": 0, "tasks": []}).encode())
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 400 and "at least one task" in json.loads(refused.value.read())["error"]
+
+
+def test_a_scheduler_with_jobs_in_memory_promises_no_resumption(start_scheduler, workload):
+    sched = start_scheduler("--local", "1", "--state", ":memory:", "--grace", "0")
+    client = start_client("-s", sched.address, "-w", workload(["sleep 60000", "echo never"]))
+    assert "(its results again: --cursor" in client.stderr.readline()
+    time.sleep(0.5)
+    sched.stop()
+    _, stderr = client.communicate(timeout=30)
+    assert "resumes" not in stderr and "job store" not in stderr
+    assert "2 tasks: 0 succeeded, 2 failed" in stderr
+    assert "stopped: every job finished (what was in flight failed)" in sched.proc.stderr.read()
