@@ -41,8 +41,8 @@ done
 
 source_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # What worker.py imports, directly or not.
-modules=(worker.py aws.py backend.py control.py errors.py jdl.py protocol.py provisioning.py s3staging.py
-         repeats.py sandbox.py signing.py sqsbackend.py tasks.py)
+modules=(worker.py remoteworker.py aws.py backend.py control.py errors.py jdl.py options.py protocol.py
+         provisioning.py repeats.py s3staging.py sandbox.py signing.py sqsbackend.py tasks.py)
 app_dir=/opt/cloudkon
 log_file=/var/log/cloudkon-worker.log
 

@@ -35,6 +35,9 @@ import botocore.exceptions
 from botocore.config import Config
 
 from errors import BackendError
+from options import DEFAULT_CLAIM_TABLE as DEFAULT_CLAIM_TABLE  # re-exported: aws.DEFAULT_* as before
+from options import DEFAULT_REQUEST_QUEUE as DEFAULT_REQUEST_QUEUE
+from options import DEFAULT_VISIBILITY_TIMEOUT
 
 log = logging.getLogger("cloudkon.aws")
 
@@ -43,10 +46,7 @@ SQS_MAX_BATCH = 10
 # The longest long poll SQS allows.
 SQS_MAX_WAIT_SECONDS = 20
 
-DEFAULT_REQUEST_QUEUE = "cloudkon-requests"
 RESPONSE_QUEUE_PREFIX = "cloudkon-responses-"
-DEFAULT_CLAIM_TABLE = "cloudkon-claims"
-DEFAULT_VISIBILITY_TIMEOUT = 60
 # How long the queues made here keep a message nobody took.
 MESSAGE_RETENTION_SECONDS = 4 * 24 * 3600
 # Where workers put request messages they refuse (not signed by the fleet, or no valid bundle), next

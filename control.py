@@ -44,11 +44,11 @@ from typing import Any
 import aws
 import protocol
 from errors import BackendError, ProtocolError
+from options import DEFAULT_CONTROL_TOPIC as DEFAULT_CONTROL_TOPIC  # re-exported: control.DEFAULT_*
 from signing import Keyring, Signer
 
 log = logging.getLogger("cloudkon.control")
 
-DEFAULT_CONTROL_TOPIC = "cloudkon-control"
 CONTROL_QUEUE_PREFIX = "cloudkon-control-"
 # Cancellation marks outlive any bundle of their job that may still be queued.
 CANCEL_RETENTION_SECONDS = 4 * 24 * 3600

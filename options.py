@@ -14,6 +14,14 @@ import importlib.util
 from errors import ConfigError
 from protocol import check_task_timeout
 
+# The AWS resources of a fleet, by default (aws.py and control.py use them; kept here, where
+# loading them loads no boto3, so that every program's --help works without it).
+DEFAULT_REQUEST_QUEUE = "cloudkon-requests"
+DEFAULT_CLAIM_TABLE = "cloudkon-claims"
+DEFAULT_CONTROL_TOPIC = "cloudkon-control"
+# A bundle's lease: SQS visibility timeout and claim, renewed while it runs.
+DEFAULT_VISIBILITY_TIMEOUT = 60
+
 # Titles of the option groups that a client with --remote forwards to its embedded scheduler.
 REMOTE_GROUP_TITLES = ("remote mode (AWS settings come from boto3's standard chain)",
                        "provisioning of EC2 workers (remote mode)")
@@ -42,12 +50,12 @@ def add_remote_arguments(parser: argparse.ArgumentParser) -> None:
     """The remote mode and provisioning options (shared with client.py --remote)."""
     remote = parser.add_argument_group(REMOTE_GROUP_TITLES[0])
     remote.add_argument("--request-queue",
-                        help="SQS queue shared with the workers (default: cloudkon-requests)")
+                        help=f"SQS queue shared with the workers (default: {DEFAULT_REQUEST_QUEUE})")
     remote.add_argument("--response-queue", default=None,
                         help="SQS queue for this scheduler's results (default: a new "
                              "cloudkon-responses-<random>, deleted at exit)")
     remote.add_argument("--table",
-                        help="DynamoDB claim table (default: cloudkon-claims)")
+                        help=f"DynamoDB claim table (default: {DEFAULT_CLAIM_TABLE})")
     remote.add_argument("--in-flight", type=int, metavar="N",
                         help="bundles kept queued or running on the workers, and the slots a job's last "
                              "bundles are spread over (default: the thread counts of the workers "

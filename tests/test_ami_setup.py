@@ -27,10 +27,11 @@ def test_installs_the_worker_and_a_boot_time_cron_entry(tmp_path):
     assert ("@reboot root cd /opt/cloudkon && /usr/bin/python3 /opt/cloudkon/worker.py --ec2 "
             ">> /var/log/cloudkon-worker.log 2>&1") in cron
     assert "/var/log/cloudkon-worker.log {" in (tmp_path / "etc/logrotate.d/cloudkon-worker").read_text()
-    # everything worker.py imports was installed: every project module it loads comes from the image
+    # everything worker.py imports (remoteworker.py once its options are read) was installed: every
+    # project module it loads comes from the image
     app = tmp_path / "opt/cloudkon"
     project = sorted(p.stem for p in ROOT.glob("*.py"))
-    check = (f"import sys; sys.path.insert(0, {str(app)!r}); import worker; "
+    check = (f"import sys; sys.path.insert(0, {str(app)!r}); import worker, remoteworker; "
              f"print([m for m in {project!r} if m in sys.modules "
              f"and not sys.modules[m].__file__.startswith({str(app)!r})])")
     loaded = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=tmp_path)

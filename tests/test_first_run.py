@@ -25,6 +25,7 @@ def _without_site_packages(*args: str) -> subprocess.CompletedProcess:
     ["scheduler.py", "--remote"],
     ["scheduler.py", "--remote", "--drain"],
     ["client.py", "--remote", "-w", "examples/workload.txt"],
+    ["worker.py", "-t", "1"],
 ])
 def test_remote_mode_without_boto3_says_how_to_install_it(command):
     done = _without_site_packages(*command)
@@ -33,7 +34,7 @@ def test_remote_mode_without_boto3_says_how_to_install_it(command):
     assert len(done.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("program", ["scheduler.py", "client.py"])
+@pytest.mark.parametrize("program", ["scheduler.py", "client.py", "worker.py"])
 def test_help_works_without_boto3(program):
     done = _without_site_packages(program, "--help")
     assert done.returncode == 0 and "usage:" in done.stdout, done.stderr
