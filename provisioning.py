@@ -89,7 +89,9 @@ class Fleet:
 
     def __init__(self, settings: WorkerSettings, launch: LaunchOptions | None, max_workers: int,
                  heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
-                 boot_timeout: float = DEFAULT_BOOT_TIMEOUT) -> None:
+                 boot_timeout: float = DEFAULT_BOOT_TIMEOUT, make_registry: bool = True) -> None:
+        """``make_registry``: create the fleet table if it is missing (not to clean up: a fleet
+        without one has nothing registered)."""
         self.settings = settings
         self.launch_options = launch
         self.max_workers = max_workers
@@ -97,7 +99,8 @@ class Fleet:
         self.boot_timeout = boot_timeout
         self.ec2 = aws.client("ec2")
         self.dynamodb = aws.client("dynamodb")
-        aws.ensure_table(self.dynamodb, settings.fleet_table, [("fleet", "HASH"), ("instance", "RANGE")])
+        if make_registry:
+            aws.ensure_table(self.dynamodb, settings.fleet_table, [("fleet", "HASH"), ("instance", "RANGE")])
         self._last_decision: tuple[int, int] | None = None
         adopted = self.live_instances()
         log.info("fleet %s: adopted %d running instance(s)", settings.fleet, len(adopted))
@@ -158,14 +161,16 @@ class Fleet:
         return len(running)
 
     def remove_resources(self) -> None:
-        """Delete the queues (request and every response queue) and the tables the fleet used."""
+        """Delete the queues (request, every response queue, their dead-letter queues) and the
+        claim and fleet tables.  The jobs table stays: it holds the users' results."""
         sqs = aws.client("sqs")
         with aws.aws_errors("removing queues"):
             urls = sqs.list_queues(QueueNamePrefix=aws.RESPONSE_QUEUE_PREFIX).get("QueueUrls", [])
-            try:
-                urls.append(sqs.get_queue_url(QueueName=self.settings.request_queue)["QueueUrl"])
-            except sqs.exceptions.QueueDoesNotExist:
-                pass
+            for name in (self.settings.request_queue, aws.dead_letter_queue(self.settings.request_queue)):
+                try:
+                    urls.append(sqs.get_queue_url(QueueName=name)["QueueUrl"])
+                except sqs.exceptions.QueueDoesNotExist:
+                    pass
             for url in urls:
                 sqs.delete_queue(QueueUrl=url)
                 log.info("deleted queue %s", url)
@@ -230,7 +235,10 @@ class Fleet:
             pages = self.dynamodb.get_paginator("query").paginate(
                 TableName=self.settings.fleet_table, KeyConditionExpression="fleet = :fleet",
                 ExpressionAttributeValues={":fleet": {"S": self.settings.fleet}}, ConsistentRead=True)
-            return [item for page in pages for item in page["Items"]]
+            try:
+                return [item for page in pages for item in page["Items"]]
+            except self.dynamodb.exceptions.ResourceNotFoundException:
+                return []  # no registry table: nothing was ever registered
 
     def _register(self, instance: str, launched_at: float) -> None:
         with aws.aws_errors("registering an instance"):

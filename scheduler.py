@@ -925,7 +925,8 @@ def create_fleet(args: argparse.Namespace) -> Any:
             setattr(settings, name, value)
     launch = LaunchOptions(args.ami, args.instance_type, args.key_name, args.subnet, args.security_group,
                            args.instance_profile) if args.provision else None
-    return Fleet(settings, launch, args.max_workers, args.heartbeat_timeout, args.boot_timeout)
+    return Fleet(settings, launch, args.max_workers, args.heartbeat_timeout, args.boot_timeout,
+                 make_registry=not args.cleanup)
 
 
 def run_fleet_command(args: argparse.Namespace) -> int:

@@ -106,11 +106,13 @@ def test_cleanup_terminates_the_fleet_and_removes_its_resources(fleet, remote, w
                            *remote.scheduler_options, *fleet.options],
                           capture_output=True, text=True, timeout=60, env={**os.environ, **fleet.env})
     assert done.returncode == 0, done.stderr
+    assert "creating" not in done.stderr, "cleaning up creates nothing it then deletes"
     assert fleet.hyper.alive() == []
     credentials = {"endpoint_url": fleet.env["AWS_ENDPOINT_URL"], "region_name": "us-east-1",
                    "aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
     queues = boto3.client("sqs", **credentials).list_queues().get("QueueUrls", [])
-    assert not [url for url in queues if url.endswith("/" + remote.request_queue)]
+    gone = ("/" + remote.request_queue, f"/{remote.request_queue}-dead")
+    assert not [url for url in queues if url.endswith(gone)]
     assert remote.table not in boto3.client("dynamodb", **credentials).list_tables()["TableNames"]
     buckets = boto3.client("s3", **credentials).list_buckets()["Buckets"]
     assert remote.bucket not in [bucket["Name"] for bucket in buckets]
