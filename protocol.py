@@ -21,7 +21,6 @@ import math
 import re
 import socket
 import struct
-from array import array
 from collections.abc import Iterator
 from typing import Any
 
@@ -251,15 +250,14 @@ def results_from_message(message: dict[str, Any]) -> ResultBatch:
 
 
 # These checks run on every results message, thousands of tasks each, in the scheduler and the
-# client: each is one pass in C (array() refuses what is no integer, or negative for "Q").
+# client: each is a pass or two in C (a set of the elements' types; JSON's true and false are
+# bools, which are ints to Python but no task id, count or exit code).
+_INT, _INT_OR_NULL = {int}, {int, type(None)}
 
-def _are_whole(column: list[Any], signed: bool = False) -> bool:
-    """Integers every one (non-negative unless ``signed``), each fitting 64 bits."""
-    try:
-        array("q" if signed else "Q", column)
-    except (TypeError, OverflowError):
-        return False
-    return True
+
+def _are_whole(column: list[Any]) -> bool:
+    """Non-negative integers every one."""
+    return set(map(type, column)) <= _INT and (not column or min(column) >= 0)
 
 
 def _are_text(column: list[Any]) -> bool:
@@ -272,7 +270,7 @@ def _are_text(column: list[Any]) -> bool:
 
 def _are_exit_codes(column: list[Any]) -> bool:
     """Integers or nulls (null: no process ran to completion)."""
-    return _are_whole(column, signed=True) or _are_whole([c for c in column if c is not None], signed=True)
+    return set(map(type, column)) <= _INT_OR_NULL
 
 
 def _are_errors(column: list[Any]) -> bool:
