@@ -35,7 +35,14 @@ A short SIGSTOP (well inside a lease) excuses nothing.  The scheduler's SIGTERM 
 either: it waits for the bundles out, and the restarted scheduler sends only tasks never sent.
 Every task succeeds (no fault here may fail one), and every success has a run in the side file.
 No process logs a Traceback, and every process started (schedulers, workers, clients, task
-shells) is gone at the end.
+shells) is gone at the end.  Once the job is fetched, AWS goes away once more
+(REFETCH_OUTAGE_SECONDS) and the finished job is fetched again: the README says clients are served
+while AWS is unreachable.  Every finding is collected and reported together at the end; a run of
+a live worker that logged "bundle left for redelivery" soon after is named in the report (it
+dropped the results of a bundle it ran and still held, so that bundle ran again), not excused.
+
+The emulator is reached through a FaultProxy whose upstream connections have no timeout
+(LongPollProxy): FaultProxy's keep their 5 s connect timeout and cut every long poll after 5 s.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -55,7 +63,7 @@ from conftest import ROOT, SchedulerProcess, read_results, run_client, start_cli
 from faultproxy import FaultProxy
 
 TASKS = 1200
-WORKERS = 4
+WORKERS = 3
 THREADS = 2
 VISIBILITY_TIMEOUT = 5
 OUTAGE_SECONDS = 8
@@ -66,11 +74,16 @@ SHORT_STOP_SECONDS = VISIBILITY_TIMEOUT / 4  # well inside the lease (renewed ev
 BUNDLE_SPAN_SECONDS = 15.0
 GRACE_SECONDS = 40
 SEED = 2121
-# Faults, each once the side file holds that share of TASKS runs.
-FAULTS = [(0.06, "kill"), (0.12, "long-stop"), (0.18, "short-stop"), (0.24, "outage"),
-          (0.40, "restart"), (0.48, "kill"), (0.54, "long-stop"), (0.62, "outage"),
-          (0.75, "kill"), (0.80, "short-stop")]
+REFETCH_OUTAGE_SECONDS = 5
+# Faults, each once the side file holds that share of TASKS runs and that many seconds have passed
+# since the one before (a pause past its lease is over before AWS goes away, so that another worker
+# can take its bundle meanwhile, and it finds so when it wakes).
+FAULTS = [(0.05, 0, "kill"), (0.10, 2, "long-stop"), (0.14, 2, "short-stop"),
+          (0.30, LONG_STOP_SECONDS + 2, "outage"), (0.45, 2, "restart"), (0.52, 2, "long-stop"),
+          (0.58, 2, "kill"), (0.72, LONG_STOP_SECONDS + 2, "outage"), (0.82, 2, "kill"),
+          (0.86, 2, "short-stop")]
 LOST_LEASE = re.compile(r"lost its lease")
+GAVE_UP = re.compile(r"bundle left for redelivery")
 
 
 def _now() -> float:
@@ -191,10 +204,28 @@ def _lines(side: Path) -> int:
         return 0
 
 
+class LongPollProxy(FaultProxy):
+    """FaultProxy whose upstream connections wait as long as a long poll does.  FaultProxy's keep
+    the 5 s timeout of their connect: an upstream silent for 5 s (a long poll of an empty queue,
+    up to 20 s) is cut, and boto3 retries it, again and again, for as long as 40 s."""
+
+    def _connect(self, client: socket.socket) -> None:
+        try:
+            upstream = socket.create_connection(self._target, timeout=5)
+        except OSError:
+            client.close()
+            return
+        upstream.settimeout(None)
+        with self._lock:
+            self._connections.update((client, upstream))
+        for source, sink in ((client, upstream), (upstream, client)):
+            threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+
 @pytest.fixture
 def proxy(aws_env):
     port = int(aws_env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
-    with FaultProxy(port) as fault_proxy:
+    with LongPollProxy(port) as fault_proxy:
         yield fault_proxy
 
 
@@ -205,10 +236,11 @@ def test_remote_workers_die_pause_lose_aws_and_every_task_gets_one_result(
     # $PPID is the worker running the task; /proc/uptime's first field is CLOCK_BOOTTIME's seconds.
     record = f'read up _ < /proc/uptime; echo "%d $PPID $$ $up" >> {side}'
     rng = random.Random(SEED)
-    tasks = [record % i + (f"; sleep 0.0{rng.randint(1, 5)}" if i % 10 == 0 else "") for i in range(TASKS)]
+    tasks = [record % i + f"; sleep 0.0{rng.randint(2, 6)}" for i in range(TASKS)]
     env = {**remote.env, "AWS_ENDPOINT_URL": proxy.url}
     chaos = Chaos(env, remote, start_scheduler, proxy, f"chaos-{remote.table}")
     clients: list[Logged] = []
+    problems: list[str] = []  # every finding, reported together at the end
     out = tmp_path / "results.jsonl"
     try:
         chaos.start_scheduler()
@@ -221,8 +253,11 @@ def test_remote_workers_die_pause_lose_aws_and_every_task_gets_one_result(
         assert job, submitted + clients[0].text()
         job = job.group(1)
 
-        for share, fault in FAULTS:
+        last = time.monotonic()
+        for share, gap, fault in FAULTS:
             wait_until(lambda share=share: _lines(side) >= share * TASKS, timeout=90, interval=0.05)
+            time.sleep(max(0.0, last + gap - time.monotonic()))
+            last = time.monotonic()
             if fault == "kill":
                 chaos.kill()
             elif fault == "long-stop":
@@ -234,18 +269,36 @@ def test_remote_workers_die_pause_lose_aws_and_every_task_gets_one_result(
             else:
                 chaos.restart()
         chaos.finish()
+        wait_until(lambda: proxy.mode == "pass", timeout=OUTAGE_SECONDS + 1)
 
         fetched = run_client("-s", chaos.sched.address, "--cursor", job, "-o", str(out), timeout=120)
         assert fetched.returncode == 0, fetched.stderr
         assert "Traceback" not in fetched.stderr, fetched.stderr
         took = time.monotonic() - started
+        # The README: while AWS is unreachable "clients are served meanwhile"; a finished job's
+        # results too.
+        proxy.fault("refuse", REFETCH_OUTAGE_SECONDS)
+        again = tmp_path / "again.jsonl"
+        refetched = run_client("-s", chaos.sched.address, "--cursor", job, "-o", str(again), timeout=60)
+        if refetched.returncode != 0 or read_results(again) != read_results(out):
+            problems.append(f"the finished job {job}, fetched again while AWS was away, was not served: exit "
+                            f"{refetched.returncode}: {refetched.stderr.strip()}")
+        proxy.heal()
+        # Every worker has started (a worker stopped while it starts dies by the signal).
+        wait_until(lambda: all(any("threads on" in line for _, line in w.lines)
+                               for w in chaos.workers.values() if w.proc.poll() is None), timeout=30)
         # Stop everything at once: a worker's SIGTERM waits out its long poll in flight (up to 20 s).
         live = [w for w in chaos.workers.values() if w.proc.poll() is None]
         for worker in live:
             worker.proc.send_signal(signal.SIGTERM)
         assert chaos.sched.stop(signal.SIGTERM) == 0, chaos.schedulers[-1][1].text()
+        deadline = time.monotonic() + 40
         for worker in live:
-            assert worker.proc.wait(timeout=40) == 0, worker.text()[-3000:]
+            try:
+                code = worker.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                code = None
+            assert code == 0, f"worker {worker.proc.pid} exit {code}: " + worker.text()[-4000:]
     finally:
         chaos.finish()
         proxy.heal()
@@ -268,6 +321,14 @@ def test_remote_workers_die_pause_lose_aws_and_every_task_gets_one_result(
 
     lost = {pid: [when for when, line in worker.lines if LOST_LEASE.search(line)]
             for pid, worker in chaos.workers.items()}
+    gave_up = {pid: [when for when, line in worker.lines if GAVE_UP.search(line)]
+               for pid, worker in chaos.workers.items()}
+
+    def given_up(when: float, worker: int) -> bool:
+        """Not an excuse, a diagnosis: ``worker`` lived and held its lease, but dropped the results
+        of the bundle it ran (logged "bundle left for redelivery", as when AWS was away as it
+        reported), so that bundle ran again."""
+        return any(when <= line_time <= when + BUNDLE_SPAN_SECONDS for line_time in gave_up.get(worker, []))
 
     def excused(when: float, worker: int) -> str | None:
         if worker not in chaos.workers:
@@ -298,23 +359,29 @@ def test_remote_workers_die_pause_lose_aws_and_every_task_gets_one_result(
           f"(runs: {reasons}); {lost_lines} lost leases logged")
 
     def describe(task_runs) -> str:
-        return "; ".join(f"{when:.2f} by {worker} ({excused(when, worker) or 'not excused'})"
+        return "; ".join(f"{when:.2f} by {worker} ({excused(when, worker) or 'not excused'}"
+                         f"{', then gave its bundle up' if given_up(when, worker) else ''})"
                          for when, worker, _ in task_runs)
+    diagnosed = sum(all(excused(when, worker) or given_up(when, worker) for when, worker, _ in task_runs[:-1])
+                    for task_runs in wrong.values())
     worker_logs = {pid: w.text() for pid, w in chaos.workers.items()}
-    assert not wrong, (
-        f"{len(wrong)} tasks ran again although no worker that ran them died or lost its lease: "
-        + " | ".join(f"task {task}: {describe(task_runs)}" for task, task_runs in list(wrong.items())[:5])
-        + f"\nkilled {chaos.killed}; long pauses {chaos.long_stops}; short pauses {chaos.short_stops}; "
-        f"outages {chaos.outages}\n"
-        + "\n".join(f"--- worker {pid}:\n" + "".join(
-            line for line in text.splitlines(keepends=True) if "WARNING" in line or "ERROR" in line)[-2500:]
-            for pid, text in worker_logs.items()))
+    if wrong:
+        problems.append(
+            f"{len(wrong)} tasks ran again although no worker that ran them died or lost its lease "
+            f"({diagnosed} of them because a live worker that held its lease gave up a bundle it had run): "
+            + " | ".join(f"task {task}: {describe(task_runs)}" for task, task_runs in list(wrong.items())[:5])
+            + f"\nkilled {chaos.killed}; long pauses {chaos.long_stops}; short pauses {chaos.short_stops}; "
+            f"outages {chaos.outages}\n"
+            + "\n".join(f"--- worker {pid}:\n" + "".join(
+                line for line in text.splitlines(keepends=True)
+                if "WARNING" in line or "ERROR" in line)[-2500:] for pid, text in worker_logs.items()))
 
     logs = {s.name: s.text() for _, s in chaos.schedulers}
     logs.update({f"worker {pid}": text for pid, text in worker_logs.items()})
     logs.update({c.name: c.text() for c in clients})
     for name, text in logs.items():
-        assert "Traceback" not in text, f"{name}: " + text[max(0, text.index("Traceback") - 1500):][:4000]
+        if "Traceback" in text:
+            problems.append(f"{name}: " + text[max(0, text.index("Traceback") - 1500):][:4000])
 
     def none_of_ours() -> bool:
         found = []
@@ -328,3 +395,4 @@ def test_remote_workers_die_pause_lose_aws_and_every_task_gets_one_result(
         return not found
     wait_until(none_of_ours, timeout=30)
     assert all(w.proc.poll() is not None for w in chaos.workers.values())
+    assert not problems, "\n\n".join(problems)
