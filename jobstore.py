@@ -459,13 +459,22 @@ class Journal:
         self._failure = exc
 
     def _answer(self, call: _Call) -> None:
-        if self._failure is not None:  # what it would read or promise is incomplete
-            call.future.set_exception(BackendError(f"job store failed: {self._failure}"))
+        """Run a read for its caller: tried again through an outage, as writes are (a fetch waits
+        for the store to answer rather than fail while AWS is away)."""
+        while self._failure is None:
+            try:
+                result = call.function(*call.args) if call.function else None
+            except _PASSING_FAILURES as exc:
+                self._wait_out(exc)
+                continue
+            except Exception as exc:  # a corrupt row: the caller reports it
+                call.future.set_exception(BackendError(f"job store: {exc}"))
+                return
+            self._outage.ended()
+            call.future.set_result(result)
             return
-        try:
-            call.future.set_result(call.function(*call.args) if call.function else None)
-        except Exception as exc:  # a corrupt row, a lost connection: the caller reports it
-            call.future.set_exception(BackendError(f"job store: {exc}"))
+        # What it would read or promise is incomplete.
+        call.future.set_exception(BackendError(f"job store failed: {self._failure}"))
 
 
 def _weight(record: Record) -> int:

@@ -49,7 +49,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import aws
@@ -386,19 +386,37 @@ class Worker:
         finally:
             with self._lock:
                 del self._running[id(bundle)]
-                # Done with: no lease renewal may race its delete (a warning about a receipt gone).
-                self._held[message["MessageId"]] = (message["ReceiptHandle"], "")
             self._last_work = time.monotonic()  # real work: only this keeps an idle worker alive
         if self.leaving == "shutdown":  # its results are not sent: the bundle runs again elsewhere
             return
-        if running.lost or not self.claims.still_mine(key):
+        # An outage now must not throw the work away: each step is tried again while AWS is away
+        # (the lease thread keeps the lease meanwhile, or another worker takes the bundle over).
+        if running.lost or not self._through_outages(self.claims.still_mine, key):
             self._lost(running)
             return
-        self._send(bundle.job, reply_to, batches)
-        if not self.claims.finish(key):  # taken over while its results went out: its message is not ours
+        self._through_outages(self._send, bundle.job, reply_to, batches)
+        if not self._through_outages(self.claims.finish, key):  # taken over while its results went out
             self._lost(running)
             return
-        aws.delete_messages(self.sqs, self.request_url, [message["ReceiptHandle"]])
+        with self._lock:  # done with: no lease renewal may race its delete (a warning about a receipt gone)
+            self._held[message["MessageId"]] = (message["ReceiptHandle"], "")
+        self._through_outages(aws.delete_messages, self.sqs, self.request_url, [message["ReceiptHandle"]])
+
+    def _through_outages(self, step: Callable[..., Any], *args: Any) -> Any:
+        """``step(*args)``, tried again while it fails for a reason that passes (AWS unreachable,
+        throttling) and the worker is not stopping at once; any other failure is raised."""
+        outage = Outage(f"reporting a bundle ({getattr(step, '__name__', 'a step')})", RECEIVE_RETRY_SECONDS,
+                        log)
+        while True:
+            try:
+                result = step(*args)
+            except BackendError as exc:
+                if not aws.is_passing(exc) or self.leaving == "shutdown":
+                    raise
+                time.sleep(outage.failed(exc))
+                continue
+            outage.ended()
+            return result
 
     def _lost(self, running: _Running) -> None:
         """A bundle whose claim another worker took (this one was paused past its lease): stop its

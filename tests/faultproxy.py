@@ -118,6 +118,7 @@ class FaultProxy:
         except OSError:
             _reset(client)
             return
+        upstream.settimeout(None)  # the connect's timeout would cut a long poll (up to 20 s of silence)
         with self._lock:
             self._connections.update((client, upstream))
         for source, sink in ((client, upstream), (upstream, client)):

@@ -41,8 +41,7 @@ while AWS is unreachable.  Every finding is collected and reported together at t
 a live worker that logged "bundle left for redelivery" soon after is named in the report (it
 dropped the results of a bundle it ran and still held, so that bundle ran again), not excused.
 
-The emulator is reached through a FaultProxy whose upstream connections have no timeout
-(LongPollProxy): FaultProxy's keep their 5 s connect timeout and cut every long poll after 5 s.
+The emulator is reached through a FaultProxy (tests/faultproxy.py), as in test_outages.py.
 """
 
 from __future__ import annotations
@@ -51,7 +50,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -204,31 +202,14 @@ def _lines(side: Path) -> int:
         return 0
 
 
-class LongPollProxy(FaultProxy):
-    """FaultProxy whose upstream connections wait as long as a long poll does.  FaultProxy's keep
-    the 5 s timeout of their connect: an upstream silent for 5 s (a long poll of an empty queue,
-    up to 20 s) is cut, and boto3 retries it, again and again, for as long as 40 s."""
-
-    def _connect(self, client: socket.socket) -> None:
-        try:
-            upstream = socket.create_connection(self._target, timeout=5)
-        except OSError:
-            client.close()
-            return
-        upstream.settimeout(None)
-        with self._lock:
-            self._connections.update((client, upstream))
-        for source, sink in ((client, upstream), (upstream, client)):
-            threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
-
-
 @pytest.fixture
 def proxy(aws_env):
     port = int(aws_env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
-    with LongPollProxy(port) as fault_proxy:
+    with FaultProxy(port) as fault_proxy:
         yield fault_proxy
 
 
+@pytest.mark.timeout(300)  # about 90 s alone; more beside the rest of the suite on 2 cores
 def test_remote_workers_die_pause_lose_aws_and_every_task_gets_one_result(
         remote, proxy, start_scheduler, workload, tmp_path):
     started = time.monotonic()
