@@ -71,6 +71,24 @@ class SchedulerProcess:
         return workers
 
 
+def running(pid: int) -> bool:
+    """True if ``pid`` runs (a zombie, killed but not yet reaped by its new parent, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def line_count(path: Path) -> int:
+    """Lines in a file that tasks append to (0 before the first)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
 def _command_line(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:

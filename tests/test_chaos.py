@@ -31,7 +31,15 @@ import signal
 import threading
 from pathlib import Path
 
-from conftest import SchedulerProcess, children, read_results, run_client, start_client, wait_until
+from conftest import (
+    SchedulerProcess,
+    children,
+    line_count,
+    read_results,
+    run_client,
+    start_client,
+    wait_until,
+)
 
 TASKS = 10_000
 WORKERS = 3
@@ -125,14 +133,6 @@ def _runs(side: Path) -> dict[int, list[tuple[int, Process, str]]]:
     return runs
 
 
-def _lines(side: Path) -> int:
-    try:
-        with open(side, "rb") as f:
-            return f.read().count(b"\n")
-    except FileNotFoundError:
-        return 0
-
-
 def test_workers_and_schedulers_die_and_every_task_gets_one_result(start_scheduler, workload, tmp_path):
     rng = random.Random(SEED)
     side = tmp_path / "runs"
@@ -150,7 +150,7 @@ def test_workers_and_schedulers_die_and_every_task_gets_one_result(start_schedul
         for runs, fault in FAULTS:
             def reached(runs: int = runs) -> bool:
                 chaos.observe()
-                return _lines(side) >= runs
+                return line_count(side) >= runs
             wait_until(reached, timeout=60, interval=0.05)
             if fault == "worker":
                 chaos.kill_worker(rng)

@@ -57,7 +57,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, SchedulerProcess, read_results, run_client, start_client, wait_until
+from conftest import ROOT, SchedulerProcess, line_count, read_results, run_client, start_client, wait_until
 from faultproxy import FaultProxy
 
 TASKS = 1200
@@ -194,14 +194,6 @@ def _runs(side: Path) -> dict[int, list[tuple[float, int, int]]]:
     return runs
 
 
-def _lines(side: Path) -> int:
-    try:
-        with open(side, "rb") as f:
-            return f.read().count(b"\n")
-    except FileNotFoundError:
-        return 0
-
-
 @pytest.fixture
 def proxy(aws_env):
     port = int(aws_env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
@@ -236,7 +228,7 @@ def test_remote_workers_die_pause_lose_aws_and_every_task_gets_one_result(
 
         last = time.monotonic()
         for share, gap, fault in FAULTS:
-            wait_until(lambda share=share: _lines(side) >= share * TASKS, timeout=90, interval=0.05)
+            wait_until(lambda share=share: line_count(side) >= share * TASKS, timeout=90, interval=0.05)
             time.sleep(max(0.0, last + gap - time.monotonic()))
             last = time.monotonic()
             if fault == "kill":

@@ -10,7 +10,7 @@ import signal
 import threading
 
 import pytest
-from conftest import read_results, run_client, wait_until
+from conftest import read_results, run_client, running, wait_until
 
 import tasks
 from jdl import JobSpec
@@ -19,15 +19,6 @@ from tasks import CANCELLED, Cancellations, run_task
 
 LEFT_RUNNING = "[cloudkon: killed what the task left running in its process group]"
 PIPE_HELD = "[cloudkon: stopped reading: a process outside the task's group holds its output]"
-
-
-def _alive(pid: int) -> bool:
-    """True if ``pid`` runs (a zombie, killed but not yet reaped by its new parent, does not)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def _started(pidfile, command: str, escape: bool = False) -> str:
@@ -59,7 +50,7 @@ def test_a_task_that_closes_its_output_is_still_killed_at_its_timeout(pids):
     pidfile = pids("task")
     code, output, _, error = run_task(f"echo $$ > {pidfile}; exec >/dev/null 2>&1; sleep 15", timeout=1)
     assert (code, output, error) == (None, "", "timed out after 1 s")
-    wait_until(lambda: not _alive(int(pidfile.read_text())), timeout=10)
+    wait_until(lambda: not running(int(pidfile.read_text())), timeout=10)
 
 
 def test_a_job_script_that_redirects_its_output_to_a_log_is_killed_at_the_jobs_timeout(tmp_path):
@@ -75,7 +66,7 @@ def test_a_child_left_holding_the_output_is_killed_when_the_shell_exits(pids):
     code, output, _, error = run_task(f"{_started(pidfile, 'sleep 15')}; echo hi", timeout=10)
     assert (code, error) == (0, None), "the shell's exit status, not a timeout"
     assert output == f"hi\n\n{LEFT_RUNNING}"
-    wait_until(lambda: not _alive(int(pidfile.read_text())), timeout=10)
+    wait_until(lambda: not running(int(pidfile.read_text())), timeout=10)
 
 
 def test_a_shell_that_leaves_nothing_behind_gets_no_note():
@@ -87,7 +78,7 @@ def test_a_process_that_left_the_group_holding_the_output_is_not_waited_for(pids
     code, output, _, error = run_task(f"{_started(pidfile, 'sleep 25', escape=True)}; echo hi; exit 3")
     assert (code, error) == (3, None)
     assert output == f"hi\n\n{PIPE_HELD}"
-    assert _alive(int(pidfile.read_text())), "out of the task's reach: the note says so"
+    assert running(int(pidfile.read_text())), "out of the task's reach: the note says so"
 
 
 def test_a_cancel_stops_a_task_whose_output_is_held_by_an_escaped_process(pids):
@@ -114,7 +105,7 @@ def test_a_process_that_cannot_be_watched_is_killed_and_reported(monkeypatch, pi
     code, _, _, error = run_task(f"echo $$ > {pidfile}; exec sleep 15")
     assert code is None and error == f"could not watch /bin/sh: [Errno 24] {os.strerror(errno.EMFILE)}"
     if pidfile.exists() and pidfile.read_text().strip():
-        wait_until(lambda: not _alive(int(pidfile.read_text())), timeout=10)
+        wait_until(lambda: not running(int(pidfile.read_text())), timeout=10)
 
 
 def test_a_worker_is_free_for_the_next_task_once_a_shell_with_leftovers_exits(start_scheduler, workload,

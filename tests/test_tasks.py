@@ -4,6 +4,7 @@ import codecs
 import time
 
 import pytest
+from conftest import running
 
 from errors import WorkloadError
 from tasks import (
@@ -71,16 +72,7 @@ def test_timeout_kills_the_whole_process_group(tmp_path):
     assert time.monotonic() - start < 5
     grandchild = int(pidfile.read_text())
     time.sleep(0.2)
-    assert not _alive(grandchild)
-
-
-def _alive(pid: int) -> bool:
-    """True if ``pid`` runs (a zombie, killed but not yet reaped by its new parent, does not)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+    assert not running(grandchild)
 
 
 def test_native_sleep_honours_timeout():
