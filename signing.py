@@ -171,6 +171,13 @@ class Signer:
     def sign(self, body: str) -> str:
         return seal(body, self.key())
 
+    def republish(self) -> SigningKey:
+        """A new key, published now (the claim table was made again: the old key went with it);
+        whatever signs with this Signer (bundles, control messages) uses it from now on."""
+        with self._lock:
+            self._key = publish_key(self._dynamodb, self._claim_table)
+            return self._key
+
 
 class Keyring:
     """The keys of the claim table, each read the first time a message names it: a worker's

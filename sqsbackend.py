@@ -348,8 +348,7 @@ class SQSBackend(Backend):
             log.warning("claim table %s is gone (no worker can claim a bundle): creating it again, with a "
                         "new signing key", self._claim_table)
             aws.ensure_claim_table(self._dynamodb, self._claim_table)
-            self._signer = Signer(self._dynamodb, self._claim_table)  # the old key went with the table
-            self._signer.key()
+            self._signer.republish()  # the old key went with the table; the control topic signs with it too
             return {}
         return {item["claim"]["S"]: item for item in found.get("Responses", {}).get(self._claim_table, [])}
 
