@@ -89,6 +89,16 @@ def line_count(path: Path) -> int:
         return 0
 
 
+def processes_mentioning(text: str) -> list[str]:
+    """The command lines of the processes whose command line holds ``text`` (a test's folder, say)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        command = _command_line(int(pid))
+        if text in command:
+            found.append(command)
+    return found
+
+
 def _command_line(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:

@@ -35,6 +35,7 @@ from conftest import (
     SchedulerProcess,
     children,
     line_count,
+    processes_mentioning,
     read_results,
     run_client,
     start_client,
@@ -200,14 +201,4 @@ def test_workers_and_schedulers_die_and_every_task_gets_one_result(start_schedul
     # Every process of the test is gone: workers, forkservers, resource trackers, the shells.
     wait_until(lambda: not any(_alive(p) for p in chaos.seen), timeout=30)
 
-    def none_of_ours() -> bool:
-        found = []
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if str(tmp_path).encode() in cmdline:
-                found.append(cmdline.decode(errors="replace"))
-        return not found
-    wait_until(none_of_ours, timeout=30)
+    wait_until(lambda: not processes_mentioning(str(tmp_path)), timeout=30)

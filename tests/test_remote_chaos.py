@@ -57,7 +57,16 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, SchedulerProcess, line_count, read_results, run_client, start_client, wait_until
+from conftest import (
+    ROOT,
+    SchedulerProcess,
+    line_count,
+    processes_mentioning,
+    read_results,
+    run_client,
+    start_client,
+    wait_until,
+)
 from faultproxy import FaultProxy
 
 TASKS = 1200
@@ -356,16 +365,6 @@ def test_remote_workers_die_pause_lose_aws_and_every_task_gets_one_result(
         if "Traceback" in text:
             problems.append(f"{name}: " + text[max(0, text.index("Traceback") - 1500):][:4000])
 
-    def none_of_ours() -> bool:
-        found = []
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if str(side).encode() in cmdline or str(tmp_path).encode() in cmdline:
-                found.append(cmdline.decode(errors="replace"))
-        return not found
-    wait_until(none_of_ours, timeout=30)
+    wait_until(lambda: not processes_mentioning(str(tmp_path)), timeout=30)
     assert all(w.proc.poll() is not None for w in chaos.workers.values())
     assert not problems, "\n\n".join(problems)
