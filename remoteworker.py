@@ -23,7 +23,9 @@ For each request message, in ``-t`` threads:
 A worker that dies mid-bundle stops renewing: its message reappears after the
 visibility timeout, its lease has run out, and another worker runs the bundle.  One
 paused past its lease and resumed finds the claim another's (at its next renewal, or
-before it reports): it stops that bundle's tasks and sends nothing of it.
+before it reports): it stops that bundle's tasks and sends nothing of it.  No task starts
+on a lease the worker cannot vouch for: once the lease last written has under a third
+left (its renewals failed, AWS being away), the next task waits for a renewal.
 
 Control (control.py): the worker subscribes its own queue to the fleet's control
 topic and obeys ``cancel`` (stop the job's tasks), ``drain`` (finish the bundles held,
@@ -132,6 +134,10 @@ class _Running:
     # Its own, not the worker's: a lost lease stops this bundle, not the other bundles of its job.
     stop: Cancellations = dataclasses.field(default_factory=Cancellations)
     lost: bool = False  # another worker holds its claim now: nothing of it is sent
+
+
+class _LeaseLost(Exception):
+    """Raised before a task of a bundle whose claim another worker holds now: none starts."""
 
 
 class Claims:
@@ -381,8 +387,18 @@ class Worker:
             self._running[id(bundle)] = running
         if self.cancellations.is_cancelled(bundle.job):  # heard since it was checked, before it was listed
             running.stop.cancel(bundle.job)
+        def vouch_for_lease(_task: int) -> None:
+            # Free while the lease written last has a third left; past that (the renewals failed:
+            # AWS away, or this worker paused) it asks the table, and waits out an outage first.
+            if not self._through_outages("renewing a lease before a task", self.claims.still_mine, key):
+                raise _LeaseLost
+
         try:
-            batches = list(run_bundle(bundle, cancellations=running.stop, boxes=self.boxes))
+            batches = list(run_bundle(bundle, before_task=vouch_for_lease, cancellations=running.stop,
+                                      boxes=self.boxes))
+        except _LeaseLost:  # taken over: the tasks it started ran, no other starts here
+            self._lost(running)
+            return
         finally:
             with self._lock:
                 del self._running[id(bundle)]
@@ -391,22 +407,23 @@ class Worker:
             return
         # An outage now must not throw the work away: each step is tried again while AWS is away
         # (the lease thread keeps the lease meanwhile, or another worker takes the bundle over).
-        if running.lost or not self._through_outages(self.claims.still_mine, key):
+        if running.lost or not self._through_outages("checking a lease", self.claims.still_mine, key):
             self._lost(running)
             return
-        self._through_outages(self._send, bundle.job, reply_to, batches)
-        if not self._through_outages(self.claims.finish, key):  # taken over while its results went out
+        self._through_outages("sending results", self._send, bundle.job, reply_to, batches)
+        # False: taken over while its results went out.
+        if not self._through_outages("marking a bundle done", self.claims.finish, key):
             self._lost(running)
             return
         with self._lock:  # done with: no lease renewal may race its delete (a warning about a receipt gone)
             self._held[message["MessageId"]] = (message["ReceiptHandle"], "")
-        self._through_outages(aws.delete_messages, self.sqs, self.request_url, [message["ReceiptHandle"]])
+        self._through_outages("deleting a bundle's message", aws.delete_messages, self.sqs, self.request_url,
+                              [message["ReceiptHandle"]])
 
-    def _through_outages(self, step: Callable[..., Any], *args: Any) -> Any:
+    def _through_outages(self, what: str, step: Callable[..., Any], *args: Any) -> Any:
         """``step(*args)``, tried again while it fails for a reason that passes (AWS unreachable,
         throttling) and the worker is not stopping at once; any other failure is raised."""
-        outage = Outage(f"reporting a bundle ({getattr(step, '__name__', 'a step')})", RECEIVE_RETRY_SECONDS,
-                        log)
+        outage = Outage(what, RECEIVE_RETRY_SECONDS, log)
         while True:
             try:
                 result = step(*args)
@@ -419,14 +436,15 @@ class Worker:
             return result
 
     def _lost(self, running: _Running) -> None:
-        """A bundle whose claim another worker took (this one was paused past its lease): stop its
-        tasks at once, and send nothing of it; its message is that worker's to delete."""
+        """A bundle whose claim another worker took (this one was paused past its lease, or could
+        not renew it while AWS was away): stop its tasks at once, and send nothing of it; its
+        message is that worker's to delete."""
         with self._lock:
             if running.lost:
                 return
             running.lost = True
-        log.warning("bundle %s: lost its lease to another worker (this one was paused past it): stopping "
-                    "its tasks, sending nothing of it", running.key)
+        log.warning("bundle %s: lost its lease to another worker (it ran out while this one was paused or "
+                    "AWS was away): stopping its tasks, sending nothing of it", running.key)
         running.stop.cancel(running.job)
 
     def _refuse(self, message: dict[str, Any], reason: CloudKonError) -> None:

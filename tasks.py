@@ -462,16 +462,17 @@ class TimeBoxes:
 
 
 def run_bundle(bundle: Bundle, output_cap: int = OUTPUT_CAP_BYTES,
-               on_task_start: Callable[[int], None] | None = None,
+               before_task: Callable[[int], None] | None = None,
                cancellations: Cancellations | None = None,
                boxes: TimeBoxes | None = None) -> Iterator[ResultBatch]:
     """Run a bundle's tasks in order, yielding their results in batches.
 
     A batch is yielded every RESULT_FLUSH_SECONDS, or once it holds
-    RESULT_FLUSH_OUTPUT_BYTES of output, and at the end.  ``on_task_start(task_id)``
-    is called before each task (the local backend uses it to know which task a
-    worker that died was running).  Once the bundle's job is in ``cancellations``,
-    the running task stops and the rest report CANCELLED without running.
+    RESULT_FLUSH_OUTPUT_BYTES of output, and at the end.  ``before_task(task_id)``
+    is called before each task starts; an exception it raises ends the bundle there (the
+    remote worker's lease fence: no task starts on a lease it cannot vouch for).  Once the
+    bundle's job is in ``cancellations``, the running task stops and the rest report
+    CANCELLED without running.
 
     The bundle is a time-boxed lease: once it has run ``bundle.budget`` seconds no more
     of its tasks start.  With ``boxes``, the box ends on time even while a task runs,
@@ -481,22 +482,22 @@ def run_bundle(bundle: Bundle, output_cap: int = OUTPUT_CAP_BYTES,
     bundle always runs (so that each hand-back makes progress).
     """
     if cancellations is None:
-        yield from _run_boxed(bundle, output_cap, on_task_start, None, boxes)
+        yield from _run_boxed(bundle, output_cap, before_task, None, boxes)
         return
     with cancellations.running(bundle.job) as cancelled:
-        yield from _run_boxed(bundle, output_cap, on_task_start, cancelled, boxes)
+        yield from _run_boxed(bundle, output_cap, before_task, cancelled, boxes)
 
 
-def _run_boxed(bundle: Bundle, output_cap: int, on_task_start: Callable[[int], None] | None,
+def _run_boxed(bundle: Bundle, output_cap: int, before_task: Callable[[int], None] | None,
                cancelled: threading.Event | None, boxes: TimeBoxes | None) -> Iterator[ResultBatch]:
     if boxes is None:
-        yield from _run_bundle(bundle, output_cap, on_task_start, cancelled, None)
+        yield from _run_bundle(bundle, output_cap, before_task, cancelled, None)
         return
     with boxes.open(bundle) as box:
-        yield from _run_bundle(bundle, output_cap, on_task_start, cancelled, box)
+        yield from _run_bundle(bundle, output_cap, before_task, cancelled, box)
 
 
-def _run_bundle(bundle: Bundle, output_cap: int, on_task_start: Callable[[int], None] | None,
+def _run_bundle(bundle: Bundle, output_cap: int, before_task: Callable[[int], None] | None,
                 cancelled: threading.Event | None, box: _Box | None) -> Iterator[ResultBatch]:
     # A hot loop (a million `sleep 0` tasks): names bound once, the common case first, and
     # one clock reading per task, against the next time anything is to be looked at.
@@ -527,8 +528,8 @@ def _run_bundle(bundle: Bundle, output_cap: int, on_task_start: Callable[[int], 
                 # hand-back is ignored: only the bundle that still holds a task gives it back).
                 batch.returned = ids[position:]
                 break
-        if on_task_start is not None:
-            on_task_start(task_id)
+        if before_task is not None:
+            before_task(task_id)
         if command[:1] != "{" or not is_job_description(command):
             exit_code, output, elapsed_us, error = run_task(command, timeout, output_cap, cancelled)
             batch.add(task_id, exit_code, output, elapsed_us, error)

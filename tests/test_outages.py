@@ -16,7 +16,7 @@ import time
 
 import boto3
 import pytest
-from conftest import ROOT, read_results, run_client, start_client, wait_until
+from conftest import ROOT, line_count, read_results, run_client, start_client, wait_until
 from faultproxy import FaultProxy
 
 import jobstore
@@ -115,6 +115,42 @@ def test_an_aws_outage_mid_job_passes_without_a_restart(proxied, proxy, workload
     assert log.count("receiving results works again") == 1, log
     assert log.count("job store failed") == 1, log
     assert log.count("job store works again") == 1, log
+
+
+def test_a_worker_starts_no_task_on_a_lease_it_could_not_renew(proxied, proxy, workload, tmp_path):
+    """AWS away for longer than a lease while one worker runs a bundle: once the lease it wrote last
+    has under a third left, it starts none of the bundle's tasks (another worker could hold the bundle
+    by then), waits for AWS, renews (nobody took the bundle) and goes on.  No task starts while its
+    lease is unaccounted for; every task runs once and has one result."""
+    lease = 3
+    # One slot: a bundle is not cut to spread the job over more.
+    sched = proxied.scheduler("--visibility-timeout", str(lease), "--in-flight", "1")
+    worker = proxied.worker("-t", "1", "--visibility-timeout", str(lease))
+    ran = tmp_path / "ran"
+    # 0.1 s each: bundles of about 5 s by the estimates (the first goes out alone), so the outage
+    # starts early in the second, which runs well past the lease.
+    tasks = [f'read up _ < /proc/uptime; echo "{i} $up" >> {ran}; sleep 0.1' for i in range(100)]
+    out = tmp_path / "out.jsonl"
+    client = start_client("-s", sched.address, "-w", workload(tasks), "-o", str(out))
+    wait_until(lambda: line_count(ran) >= 5, timeout=60, interval=0.02)
+    began = time.clock_gettime(time.CLOCK_BOOTTIME)  # /proc/uptime's clock
+    proxy.fault("refuse", 8)
+    wait_until(lambda: proxy.mode == "pass", timeout=10, interval=0.02)
+    ended = time.clock_gettime(time.CLOCK_BOOTTIME)
+    code, stderr = _finish(client, 120)
+    assert code == 0, stderr
+    starts = [(int(i), float(up)) for i, up in (line.split() for line in ran.read_text().splitlines())]
+    # Renewed every third of the lease until AWS went away, so in doubt two thirds of it later.
+    unvouched = [(i, round(up - began, 2)) for i, up in starts if began + lease < up < ended]
+    assert not unvouched, f"tasks started on a lease the worker could not renew: {unvouched}"
+    assert sorted(i for i, _ in starts) == list(range(100))
+    assert sorted(r["id"] for r in read_results(out)) == list(range(100))
+    assert sched.stop() == 0
+    worker.terminate()
+    log = worker.communicate(timeout=40)[1]
+    assert log.count("renewing a lease before a task failed") == 1, log
+    assert log.count("renewing a lease before a task works again") == 1, log
+    assert "lost its lease" not in log, log
 
 
 def _emulator(service: str, env: dict[str, str]):

@@ -93,7 +93,7 @@ def test_unrunnable_command_is_a_failed_result():
 def test_run_bundle_reports_every_task_in_order_and_marks_starts():
     started = []
     bundle = Bundle("job", 7, [10, 11, 12], ["sleep 0", "false", "echo x"])
-    batches = list(run_bundle(bundle, on_task_start=started.append))
+    batches = list(run_bundle(bundle, before_task=started.append))
     assert started == [10, 11, 12]
     assert all(b.job == "job" and b.bundle == 7 for b in batches)
     ids = [i for b in batches for i in b.ids]
@@ -151,3 +151,19 @@ def test_workloads_in_other_encodings_are_refused_naming_it(data, message, line)
     with pytest.raises(WorkloadError, match=message) as refused:
         parse_workload_bytes(data, "w.txt")
     assert refused.value.line == line
+
+
+def test_an_exception_before_a_task_ends_the_bundle_before_that_task_starts(tmp_path):
+    ran = tmp_path / "ran"
+
+    class Fenced(Exception):
+        pass
+
+    def fence(task_id: int) -> None:
+        if task_id == 2:
+            raise Fenced
+
+    bundle = Bundle("job", 1, [0, 1, 2, 3], [f"echo {i} >> {ran}" for i in range(4)])
+    with pytest.raises(Fenced):
+        list(run_bundle(bundle, before_task=fence))
+    assert ran.read_text().split() == ["0", "1"]
