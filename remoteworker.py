@@ -480,10 +480,16 @@ class Worker:
 
     def _hand_back_rest(self, bundle: Bundle, ids: list[int]) -> None:
         """Send the tasks a bundle whose time box ran out will not start to its scheduler, now
-        (TimeBoxes' thread); its last results say so again."""
-        running = self._running[id(bundle)]
-        if not running.lost:
+        (TimeBoxes' thread); its last results say so again, so a failure here loses nothing."""
+        with self._lock:
+            running = self._running.get(id(bundle))  # None: it ended meanwhile, and said so
+        if running is None or running.lost:
+            return
+        try:
             self._send(bundle.job, running.reply_to, [ResultBatch(bundle.job, bundle.bundle, returned=ids)])
+        except BackendError as exc:
+            log.warning("bundle %s: handing back %d task(s) early failed (its results will): %s",
+                        running.key, len(ids), exc)
 
     def _cancelled(self, job: str) -> bool:
         """True if ``job`` is cancelled, by what this worker heard or by its durable mark."""

@@ -158,6 +158,9 @@ def test_cancelling_a_big_job_answers_in_frames_of_the_allowed_size(start_schedu
     sched = start_scheduler("--local", "1")
     big = start_client("-s", sched.address, "-w", workload(["sleep 100000"] * 600_000))
     job = _job_id(big)
+    # Printed once the client has sent every task: the scheduler may still be reading them.
+    wait_until(lambda: re.search(rf"^{job} .* 600000 ", run_client("-s", sched.address, "--jobs").stdout,
+                                 re.MULTILINE), timeout=60, interval=0.2)
     done = run_client("-s", sched.address, "--cancel", job, timeout=60)
     assert done.returncode == 0 and "600000 task(s) stopped" in done.stderr, done.stderr
     assert big.wait(60) == 3
