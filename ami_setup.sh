@@ -10,8 +10,8 @@ Turns a fresh Ubuntu instance into a CloudKon worker image. Run it from a checko
 CloudKon-py, then create an AMI from the instance and pass it to
 'scheduler.py --remote --provision --ami AMI_ID'.
 
-It installs Python 3 and boto3 (Ubuntu packages), copies worker.py and the modules it
-needs to /opt/cloudkon, and adds a cron @reboot entry that starts 'worker.py --ec2'
+It installs Python 3 and boto3 (Ubuntu packages), copies the cloudkon package to
+/opt/cloudkon, and adds a cron @reboot entry that starts 'python3 -m cloudkon worker --ec2'
 at boot, logging to /var/log/cloudkon-worker.log (rotated daily). Queue and table
 names, threads and the idle timeout are not baked in: each instance reads them from
 its user data, written by the scheduler that launches it, so one image serves every
@@ -40,9 +40,6 @@ while [ $# -gt 0 ]; do
 done
 
 source_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# What worker.py imports, directly or not.
-modules=(worker.py remoteworker.py aws.py backend.py control.py errors.py jdl.py options.py protocol.py
-         provisioning.py repeats.py s3staging.py sandbox.py signing.py sqsbackend.py tasks.py)
 app_dir=/opt/cloudkon
 log_file=/var/log/cloudkon-worker.log
 
@@ -57,16 +54,18 @@ if [ "$install_packages" = 1 ]; then
     systemctl enable cron
 fi
 
-install -d -m 0755 "$root$app_dir" "$root/etc/cron.d" "$root/etc/logrotate.d"
-for module in "${modules[@]}"; do
-    install -m 0644 "$source_dir/$module" "$root$app_dir/$module"
+install -d -m 0755 "$root$app_dir/cloudkon" "$root/etc/cron.d" "$root/etc/logrotate.d"
+# The whole package, as it is (a module left from an older image is removed: the image runs this one).
+find "$root$app_dir/cloudkon" -name '*.py' -delete
+for module in "$source_dir"/cloudkon/*.py; do
+    install -m 0644 "$module" "$root$app_dir/cloudkon/$(basename "$module")"
 done
 
 cat > "$root/etc/cron.d/cloudkon-worker" <<CRON
 # Start the CloudKon worker when the instance boots (written by ami_setup.sh).
 SHELL=/bin/sh
 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-@reboot root cd $app_dir && /usr/bin/python3 $app_dir/worker.py --ec2 >> $log_file 2>&1
+@reboot root cd $app_dir && /usr/bin/python3 -m cloudkon worker --ec2 >> $log_file 2>&1
 CRON
 chmod 0644 "$root/etc/cron.d/cloudkon-worker"
 

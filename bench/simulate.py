@@ -113,14 +113,11 @@ RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT))
 from local import machine  # noqa: E402
 
-import aws  # noqa: E402
-import localworkers  # noqa: E402
-import protocol  # noqa: E402
-import tasks  # noqa: E402
-from jobs import Dispatcher, Job  # noqa: E402
-from localworkers import LocalBackend, _Held, _WorkerSlot  # noqa: E402
-from scheduler import RECEIVE_POLL_SECONDS  # noqa: E402
-from sqsbackend import (  # noqa: E402
+from cloudkon import aws, localworkers, protocol, tasks  # noqa: E402
+from cloudkon.jobs import Dispatcher, Job  # noqa: E402
+from cloudkon.localworkers import LocalBackend, _Held, _WorkerSlot  # noqa: E402
+from cloudkon.scheduler import RECEIVE_POLL_SECONDS  # noqa: E402
+from cloudkon.sqsbackend import (  # noqa: E402
     MAX_RECEIVED,
     PARALLEL_SQS_CALLS,
     SQSBackend,
@@ -128,7 +125,7 @@ from sqsbackend import (  # noqa: E402
     request_bodies,
     response_bodies,
 )
-from tasks import RESULT_FLUSH_SECONDS, Bundle, ResultBatch, TimeBoxes, _Box  # noqa: E402
+from cloudkon.tasks import RESULT_FLUSH_SECONDS, Bundle, ResultBatch, TimeBoxes, _Box  # noqa: E402
 
 TARGET_RATIO = 1.15  # makespan / greedy, at 1,000 workers, mixed workloads
 WORKER_FULL_SLEEP = 0.05  # worker.Worker.run: time.sleep(0.05) while every thread holds a bundle
@@ -140,8 +137,8 @@ WORKLOADS = {  # name: orders, estimate kinds
     "bimodal": (["random", "short-first"], ["exact", "learned"]),
 }
 MIXED = ("loguniform", "bimodal")
-POLICY_MODULES = ["jobs.py", "estimates.py", "backend.py", "tasks.py", "localworkers.py", "sqsbackend.py",
-                  "worker.py", "aws.py", "scheduler.py"]
+POLICY_MODULES = [f"cloudkon/{name}.py" for name in (
+    "jobs", "estimates", "backend", "tasks", "localworkers", "sqsbackend", "worker", "aws", "scheduler")]
 
 
 # --- the clock ---------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import protocol  # noqa: E402
+from cloudkon import protocol  # noqa: E402
 
 
 class SchedulerProcess:

@@ -24,18 +24,20 @@ def test_installs_the_worker_and_a_boot_time_cron_entry(tmp_path):
     done = _setup("--root", str(tmp_path), "--no-packages")
     assert done.returncode == 0, done.stderr
     cron = (tmp_path / "etc/cron.d/cloudkon-worker").read_text().splitlines()
-    assert ("@reboot root cd /opt/cloudkon && /usr/bin/python3 /opt/cloudkon/worker.py --ec2 "
+    assert ("@reboot root cd /opt/cloudkon && /usr/bin/python3 -m cloudkon worker --ec2 "
             ">> /var/log/cloudkon-worker.log 2>&1") in cron
     assert "/var/log/cloudkon-worker.log {" in (tmp_path / "etc/logrotate.d/cloudkon-worker").read_text()
-    # everything worker.py imports (remoteworker.py once its options are read) was installed: every
-    # project module it loads comes from the image
+    # everything the worker imports (remoteworker once its options are read) was installed: every
+    # module of the package it loads comes from the image
     app = tmp_path / "opt/cloudkon"
-    project = sorted(p.stem for p in ROOT.glob("*.py"))
-    check = (f"import sys; sys.path.insert(0, {str(app)!r}); import worker, remoteworker; "
-             f"print([m for m in {project!r} if m in sys.modules "
-             f"and not sys.modules[m].__file__.startswith({str(app)!r})])")
-    loaded = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=tmp_path)
+    check = (f"import sys; sys.path.insert(0, {str(app)!r}); import cloudkon.worker, cloudkon.remoteworker; "
+             f"print([m for m, module in sys.modules.items() if m.startswith('cloudkon') "
+             f"and not module.__file__.startswith({str(app)!r})])")
+    loaded = subprocess.run([sys.executable, "-I", "-c", check], capture_output=True, text=True, cwd=tmp_path)
     assert loaded.returncode == 0 and loaded.stdout.strip() == "[]", loaded.stdout + loaded.stderr
+    help_run = subprocess.run([sys.executable, "-m", "cloudkon", "worker", "--help"], cwd=app,
+                              capture_output=True, text=True)
+    assert help_run.returncode == 0 and "--ec2" in help_run.stdout, help_run.stderr
 
 
 def test_running_it_again_changes_nothing(tmp_path):

@@ -10,7 +10,7 @@ import time
 import pytest
 from conftest import read_results, run_client, start_client, wait_until
 
-import protocol
+from cloudkon import protocol
 
 
 def _job_id(client) -> str:

@@ -12,8 +12,7 @@ import time
 import pytest
 from conftest import ROOT, run_client, wait_until
 
-import protocol
-import scheduler
+from cloudkon import protocol, scheduler
 
 
 def _error(sock: socket.socket) -> dict:

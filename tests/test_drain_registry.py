@@ -6,9 +6,9 @@ import boto3
 import pytest
 from conftest import wait_until
 
-import aws
-from control import ControlQueue, ControlTopic
-from signing import Keyring, Signer
+from cloudkon import aws
+from cloudkon.control import ControlQueue, ControlTopic
+from cloudkon.signing import Keyring, Signer
 
 
 def _emulator(service: str, remote):

@@ -122,8 +122,8 @@ def test_a_store_serves_one_scheduler_at_a_time(start_scheduler, tmp_path):
 
 
 def test_the_store_keeps_where_each_result_ran(tmp_path):
-    from jobstore import JobOpened, ResultsAdded, SQLiteJobStore, TasksAdded
-    from tasks import ResultBatch
+    from cloudkon.jobstore import JobOpened, ResultsAdded, SQLiteJobStore, TasksAdded
+    from cloudkon.tasks import ResultBatch
 
     store = SQLiteJobStore(str(tmp_path / "jobs.sqlite"))
     store.write([JobOpened("j", 1.0, None), TasksAdded("j", 0, ["true", "true"]),

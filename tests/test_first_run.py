@@ -10,9 +10,8 @@ import urllib.request
 import pytest
 from conftest import ROOT, run_client, start_client
 
-import client
-import protocol
-from tasks import CANCELLED, ResultBatch
+from cloudkon import client, protocol
+from cloudkon.tasks import CANCELLED, ResultBatch
 
 
 def _without_site_packages(*args: str) -> subprocess.CompletedProcess:

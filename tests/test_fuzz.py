@@ -25,7 +25,7 @@ from collections import Counter
 
 from conftest import read_results, run_client, wait_until
 
-import protocol
+from cloudkon import protocol
 
 SEED = int(os.environ.get("CLOUDKON_FUZZ_SEED", "1515"))
 TOKEN = "fuzz-token"

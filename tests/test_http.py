@@ -17,7 +17,7 @@ import pytest
 from conftest import ROOT, read_results, run_client, wait_until
 from openapi_spec_validator import validate as validate_spec
 
-import httpapi
+from cloudkon import httpapi
 
 SPEC = json.loads((ROOT / "docs" / "openapi.json").read_text())
 WORKLOAD = ["sleep 10", "echo hi", "exit 3", "printf 'a\\nb'", "sleep 0", "echo $((6 * 7))"]

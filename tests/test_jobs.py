@@ -5,10 +5,10 @@ import math
 
 import pytest
 
-from backend import MAX_BUNDLE_TASKS, Backend, plan_bundle
-from estimates import TASK_OVERHEAD_SECONDS, JobTimes, TaskTimes
-from jobs import Dispatcher, Job
-from tasks import CANCELLED, Bundle, ResultBatch
+from cloudkon.backend import MAX_BUNDLE_TASKS, Backend, plan_bundle
+from cloudkon.estimates import TASK_OVERHEAD_SECONDS, JobTimes, TaskTimes
+from cloudkon.jobs import Dispatcher, Job
+from cloudkon.tasks import CANCELLED, Bundle, ResultBatch
 
 
 def _job(n: int) -> Job:

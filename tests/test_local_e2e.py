@@ -9,7 +9,7 @@ import time
 import pytest
 from conftest import ROOT, read_results, run_client, start_client, wait_until
 
-import protocol
+from cloudkon import protocol
 
 MIXED = ["sleep 0", "sleep 20", "echo hello", "exit 4", "printf 'a\\nb'", "echo err >&2"]
 

@@ -15,9 +15,9 @@ import time
 import pytest
 from conftest import ROOT, run_client, start_client, wait_until
 
-import localworkers
-from localworkers import LocalBackend
-from tasks import Bundle, ResultBatch
+from cloudkon import localworkers
+from cloudkon.localworkers import LocalBackend
+from cloudkon.tasks import Bundle, ResultBatch
 
 
 @pytest.fixture
@@ -85,7 +85,7 @@ def test_with_no_worker_startable_queued_tasks_fail_after_a_while_then_work_resu
 # reads end of file: it must learn of the scheduler's end otherwise.
 _HELD_PIPE_SCHEDULER = """
 import subprocess, sys, time
-from localworkers import LocalBackend
+from cloudkon.localworkers import LocalBackend
 backend = LocalBackend(1)
 slot = backend._slots[0]
 holder = subprocess.Popen(["sleep", "60"], pass_fds=[slot.conn.fileno()])

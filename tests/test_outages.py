@@ -19,9 +19,9 @@ import pytest
 from conftest import ROOT, line_count, read_results, run_client, start_client, wait_until
 from faultproxy import FaultProxy
 
-import jobstore
-from errors import BackendError
-from jobstore import JobOpened, Journal, SQLiteJobStore, TasksAdded
+from cloudkon import jobstore
+from cloudkon.errors import BackendError
+from cloudkon.jobstore import JobOpened, Journal, SQLiteJobStore, TasksAdded
 
 # The target is 60 s; the suite takes AWS away for 15 s (measured by hand at 60 s).
 OUTAGE_SECONDS = 15

@@ -32,10 +32,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
-import jdl
-import protocol
-from errors import CloudKonError, MalformedMessage, ProtocolError, WorkloadError
-from tasks import MAX_COMMAND_BYTES, Bundle, ResultBatch, decode_workload, parse_workload_bytes
+from cloudkon import jdl, protocol
+from cloudkon.errors import CloudKonError, MalformedMessage, ProtocolError, WorkloadError
+from cloudkon.tasks import MAX_COMMAND_BYTES, Bundle, ResultBatch, decode_workload, parse_workload_bytes
 
 # Same examples on every run (derandomize), no example database (database=None),
 # no per-example deadline: a busy 2-core CI machine is slow, not wrong.

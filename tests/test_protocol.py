@@ -6,9 +6,9 @@ import struct
 
 import pytest
 
-import protocol
-from errors import FrameTooLarge, IncompleteFrame, MalformedMessage
-from tasks import Bundle, ResultBatch
+from cloudkon import protocol
+from cloudkon.errors import FrameTooLarge, IncompleteFrame, MalformedMessage
+from cloudkon.tasks import Bundle, ResultBatch
 
 
 def test_frame_is_big_endian_length_then_json():

@@ -13,7 +13,7 @@ from conftest import ROOT, read_results, run_client, start_client, wait_until
 from hypervisor import Hypervisor
 from test_remote import _allowed, _operations
 
-from control import queue_name
+from cloudkon.control import queue_name
 
 
 @pytest.fixture

@@ -12,9 +12,9 @@ import boto3
 import pytest
 from conftest import read_results, start_client, wait_until
 
-import aws
-from errors import BackendError, RefusedMessage
-from signing import Keyring, Signer, SigningKey, seal
+from cloudkon import aws
+from cloudkon.errors import BackendError, RefusedMessage
+from cloudkon.signing import Keyring, Signer, SigningKey, seal
 
 
 def _emulator(service: str, env: dict[str, str]):

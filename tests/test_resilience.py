@@ -8,7 +8,7 @@ import time
 import pytest
 from conftest import read_results, run_client, start_client, wait_until
 
-import protocol
+from cloudkon import protocol
 
 
 def _error_then_closed(sock):

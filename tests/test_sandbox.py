@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import animoto_workload, read_results, run_client, validate_videos, wait_until
 
-from errors import WorkloadError
-from jdl import MAX_INPUT_SANDBOX_BYTES, parse_jdl, parse_json_spec
+from cloudkon.errors import WorkloadError
+from cloudkon.jdl import MAX_INPUT_SANDBOX_BYTES, parse_jdl, parse_json_spec
 
 
 @pytest.fixture

@@ -119,8 +119,8 @@ def test_remote_worker_killed_while_its_bundle_is_over_its_time_box_loses_nothin
 
 
 def test_an_idle_local_worker_takes_the_unstarted_tail_of_a_busy_one():
-    from localworkers import LocalBackend
-    from tasks import Bundle
+    from cloudkon.localworkers import LocalBackend
+    from cloudkon.tasks import Bundle
 
     backend = LocalBackend(2)
     try:

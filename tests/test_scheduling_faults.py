@@ -11,8 +11,8 @@ from conftest import read_results, start_client, wait_until
 from test_jobs import RecordingBackend, _ok
 from test_scheduling import _process_running
 
-from jobs import Dispatcher
-from tasks import ResultBatch
+from cloudkon.jobs import Dispatcher
+from cloudkon.tasks import ResultBatch
 
 # --- 1. Shutdown without a store: tasks handed back after fail_undispatched get no result ----------
 
@@ -73,7 +73,7 @@ def test_sqs_backend_makes_no_aws_call_on_the_event_loop(remote, monkeypatch):
     of the scheduler waits meanwhile."""
     import asyncio
 
-    from sqsbackend import SQSBackend
+    from cloudkon.sqsbackend import SQSBackend
 
     for name, value in remote.env.items():
         monkeypatch.setenv(name, value)
@@ -138,7 +138,7 @@ def test_time_boxes_of_two_bundles_with_the_same_number():
     so a remote worker with -t 2 can run two bundles numbered alike at once.  TimeBoxes keys its
     boxes by number: the second replaces the first, and the first to end deletes the other's
     box, so the second raises KeyError (worker.py then drops its results: 'left for redelivery')."""
-    from tasks import Bundle, TimeBoxes, run_bundle
+    from cloudkon.tasks import Bundle, TimeBoxes, run_bundle
 
     boxes = TimeBoxes(lambda bundle, ids: None)
     first = run_bundle(Bundle("job-a", 1 << 32, [0, 1], ["sleep 0"] * 2, None, 10.0), boxes=boxes)

@@ -10,10 +10,10 @@ import boto3
 import pytest
 from conftest import read_results, run_client, wait_until
 
-import aws
-from control import queue_name
-from errors import RefusedMessage
-from signing import (
+from cloudkon import aws
+from cloudkon.control import queue_name
+from cloudkon.errors import RefusedMessage
+from cloudkon.signing import (
     KEY_ITEM_PREFIX,
     SEAL_BYTES,
     Keyring,
@@ -23,8 +23,8 @@ from signing import (
     seal,
     unseal,
 )
-from sqsbackend import request_body
-from tasks import Bundle
+from cloudkon.sqsbackend import request_body
+from cloudkon.tasks import Bundle
 
 KEY = SigningKey("0123456789abcdef", b"k" * 32, time.time() + 3600)
 

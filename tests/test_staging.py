@@ -10,11 +10,11 @@ import boto3
 import pytest
 from conftest import animoto_workload, read_results, start_client, validate_videos, wait_until
 
-import s3staging
-from errors import BackendError
-from jdl import MAX_INPUT_SANDBOX_BYTES, JobSpec
-from s3staging import fetch_archive, fetch_object
-from sandbox import run_job, staged_command
+from cloudkon import s3staging
+from cloudkon.errors import BackendError
+from cloudkon.jdl import MAX_INPUT_SANDBOX_BYTES, JobSpec
+from cloudkon.s3staging import fetch_archive, fetch_object
+from cloudkon.sandbox import run_job, staged_command
 
 
 @pytest.fixture
@@ -45,7 +45,7 @@ def test_animoto_through_s3_one_checked_archive_per_task(remote, s3, tmp_path, m
     artifact = read_results(tmp_path / "r.jsonl")[0]["outputs"]
     assert artifact["files"] == ["video.mp4"] and artifact["url"].endswith(f"/{job}/0/out.tar.gz")
 
-    from s3staging import fetch_outputs  # a changed archive is refused
+    from cloudkon.s3staging import fetch_outputs  # a changed archive is refused
     os.environ.update(remote.env)
     with pytest.raises(BackendError, match="not the one the task made"):
         fetch_outputs({**artifact, "sha256": "0" * 64}, tmp_path / "tampered")

@@ -10,7 +10,7 @@ import sys
 
 from conftest import ROOT, read_results, run_client
 
-from jobstore import JobOpened, SQLiteJobStore, TasksAdded
+from cloudkon.jobstore import JobOpened, SQLiteJobStore, TasksAdded
 
 
 def _start_scheduler_command(*args: str) -> subprocess.CompletedProcess:

@@ -12,10 +12,10 @@ import threading
 import pytest
 from conftest import read_results, run_client, running, wait_until
 
-import tasks
-from jdl import JobSpec
-from sandbox import run_job, staged_command
-from tasks import CANCELLED, Cancellations, run_task
+from cloudkon import tasks
+from cloudkon.jdl import JobSpec
+from cloudkon.sandbox import run_job, staged_command
+from cloudkon.tasks import CANCELLED, Cancellations, run_task
 
 LEFT_RUNNING = "[cloudkon: killed what the task left running in its process group]"
 PIPE_HELD = "[cloudkon: stopped reading: a process outside the task's group holds its output]"

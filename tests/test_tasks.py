@@ -6,8 +6,8 @@ import time
 import pytest
 from conftest import running
 
-from errors import WorkloadError
-from tasks import (
+from cloudkon.errors import WorkloadError
+from cloudkon.tasks import (
     MAX_COMMAND_BYTES,
     Bundle,
     TimeBoxes,

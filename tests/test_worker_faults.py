@@ -8,10 +8,10 @@ import time
 import boto3
 from conftest import read_results, start_client, wait_until
 
-import aws
-from signing import publish_key, seal
-from sqsbackend import request_body
-from tasks import Bundle
+from cloudkon import aws
+from cloudkon.signing import publish_key, seal
+from cloudkon.sqsbackend import request_body
+from cloudkon.tasks import Bundle
 
 
 def _emulator(service: str, remote):

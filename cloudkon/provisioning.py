@@ -26,9 +26,9 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import aws
-from control import DEFAULT_CONTROL_TOPIC, delete_queue, queue_name
-from errors import BackendError
+from cloudkon import aws
+from cloudkon.control import DEFAULT_CONTROL_TOPIC, delete_queue, queue_name
+from cloudkon.errors import BackendError
 
 log = logging.getLogger("cloudkon.fleet")
 

@@ -46,11 +46,11 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import protocol
-from errors import BackendError, ConfigError, ProtocolError
-from jobs import TASK_OVERHEAD_BYTES, Job, held_bytes
-from repeats import Outage
-from tasks import ResultBatch
+from cloudkon import protocol
+from cloudkon.errors import BackendError, ConfigError, ProtocolError
+from cloudkon.jobs import TASK_OVERHEAD_BYTES, Job, held_bytes
+from cloudkon.repeats import Outage
+from cloudkon.tasks import ResultBatch
 
 log = logging.getLogger("cloudkon.jobstore")
 

@@ -24,8 +24,8 @@ import struct
 from collections.abc import Iterator
 from typing import Any
 
-from errors import FrameTooLarge, IncompleteFrame, MalformedMessage, RemoteError
-from tasks import Bundle, ResultBatch
+from cloudkon.errors import FrameTooLarge, IncompleteFrame, MalformedMessage, RemoteError
+from cloudkon.tasks import Bundle, ResultBatch
 
 PROTOCOL_VERSION = 1
 

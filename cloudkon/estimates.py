@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from tasks import CANCELLED, ResultBatch, native_sleep_ms
+from cloudkon.tasks import CANCELLED, ResultBatch, native_sleep_ms
 
 # What a worker spends on a task beyond its own run (``sleep 0`` takes about 1.2 us in
 # the worker's loop): enough that a bundle of instant tasks still has a length.

@@ -41,11 +41,10 @@ import re
 import time
 from typing import Any
 
-import aws
-import protocol
-from errors import BackendError, ProtocolError
-from options import DEFAULT_CONTROL_TOPIC as DEFAULT_CONTROL_TOPIC  # re-exported: control.DEFAULT_*
-from signing import Keyring, Signer
+from cloudkon import aws, protocol
+from cloudkon.errors import BackendError, ProtocolError
+from cloudkon.options import DEFAULT_CONTROL_TOPIC as DEFAULT_CONTROL_TOPIC  # re-exported: control.DEFAULT_*
+from cloudkon.signing import Keyring, Signer
 
 log = logging.getLogger("cloudkon.control")
 

@@ -43,8 +43,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from errors import WorkloadError
-from jdl import is_job_description
+from cloudkon.errors import WorkloadError
+from cloudkon.jdl import is_job_description
 
 # Output kept per task.  Large enough for a useful log tail, small enough that a
 # bundle of chatty tasks still fits comfortably in one frame.
@@ -534,7 +534,9 @@ def _run_bundle(bundle: Bundle, output_cap: int, before_task: Callable[[int], No
             exit_code, output, elapsed_us, error = run_task(command, timeout, output_cap, cancelled)
             batch.add(task_id, exit_code, output, elapsed_us, error)
         else:
-            from sandbox import run_job  # sandbox.py builds on this module: imported when first needed
+            from cloudkon.sandbox import (
+                run_job,  # sandbox.py builds on this module: imported when first needed
+            )
             exit_code, output, elapsed_us, error, artifact = run_job(command, timeout, output_cap, cancelled)
             batch.add(task_id, exit_code, output, elapsed_us, error, artifact)
         output_bytes += len(output)

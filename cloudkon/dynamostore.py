@@ -26,10 +26,10 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-import aws
-from aws import MAX_SQS_MESSAGE_BYTES, aws_errors
-from jobs import Job
-from jobstore import (
+from cloudkon import aws
+from cloudkon.aws import MAX_SQS_MESSAGE_BYTES, aws_errors
+from cloudkon.jobs import Job
+from cloudkon.jobstore import (
     JobFinished,
     JobOpened,
     JobStore,
@@ -41,8 +41,8 @@ from jobstore import (
     finished_job,
     restore_job,
 )
-from sqsbackend import response_bodies
-from tasks import ResultBatch
+from cloudkon.sqsbackend import response_bodies
+from cloudkon.tasks import ResultBatch
 
 BATCH_WRITE_ITEMS = 25
 # Every item also expires by DynamoDB's own TTL this long after --result-ttl from its

@@ -41,9 +41,9 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 
-import protocol
-from errors import BackendError, BadRequest
-from tasks import ResultBatch, task_status
+from cloudkon import protocol
+from cloudkon.errors import BackendError, BadRequest
+from cloudkon.tasks import ResultBatch, task_status
 
 log = logging.getLogger("cloudkon.http")
 

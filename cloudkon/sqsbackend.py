@@ -39,15 +39,14 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import aws
-import protocol
-from aws import MAX_SQS_MESSAGE_BYTES, aws_errors
-from backend import Backend
-from control import DEFAULT_CONTROL_TOPIC, ControlTopic, mark_cancelled
-from errors import BackendError, FrameTooLarge, MalformedMessage, RefusedMessage
-from repeats import Outage, ThrottledLog
-from signing import SEAL_BYTES, Keyring, Signer
-from tasks import Bundle, ResultBatch, failed_batch
+from cloudkon import aws, protocol
+from cloudkon.aws import MAX_SQS_MESSAGE_BYTES, aws_errors
+from cloudkon.backend import Backend
+from cloudkon.control import DEFAULT_CONTROL_TOPIC, ControlTopic, mark_cancelled
+from cloudkon.errors import BackendError, FrameTooLarge, MalformedMessage, RefusedMessage
+from cloudkon.repeats import Outage, ThrottledLog
+from cloudkon.signing import SEAL_BYTES, Keyring, Signer
+from cloudkon.tasks import Bundle, ResultBatch, failed_batch
 
 log = logging.getLogger("cloudkon.sqs")
 

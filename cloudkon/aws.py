@@ -34,10 +34,12 @@ import boto3
 import botocore.exceptions
 from botocore.config import Config
 
-from errors import BackendError
-from options import DEFAULT_CLAIM_TABLE as DEFAULT_CLAIM_TABLE  # re-exported: aws.DEFAULT_* as before
-from options import DEFAULT_REQUEST_QUEUE as DEFAULT_REQUEST_QUEUE
-from options import DEFAULT_VISIBILITY_TIMEOUT
+from cloudkon.errors import BackendError
+from cloudkon.options import (
+    DEFAULT_CLAIM_TABLE as DEFAULT_CLAIM_TABLE,  # re-exported: aws.DEFAULT_* as before
+)
+from cloudkon.options import DEFAULT_REQUEST_QUEUE as DEFAULT_REQUEST_QUEUE
+from cloudkon.options import DEFAULT_VISIBILITY_TIMEOUT
 
 log = logging.getLogger("cloudkon.aws")
 

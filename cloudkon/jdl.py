@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from errors import WorkloadError
+from cloudkon.errors import WorkloadError
 
 # Bytes of local input files one task may stage (URL inputs are fetched by the worker).
 MAX_INPUT_SANDBOX_BYTES = 512 * 1024 * 1024

@@ -63,8 +63,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import aws
-from errors import BackendError, RefusedMessage
+from cloudkon import aws
+from cloudkon.errors import BackendError, RefusedMessage
 
 log = logging.getLogger("cloudkon.signing")
 

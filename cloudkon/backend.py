@@ -29,7 +29,7 @@ from bisect import bisect_right
 from itertools import accumulate
 from types import TracebackType
 
-from tasks import Bundle, ResultBatch
+from cloudkon.tasks import Bundle, ResultBatch
 
 # Upper bound on tasks per bundle, for tasks that take no time at all (``sleep 0``).
 MAX_BUNDLE_TASKS = 4096

@@ -54,15 +54,14 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import aws
-import protocol
-from control import DEFAULT_CONTROL_TOPIC, ControlQueue, cancelled_jobs, record_slots
-from errors import BackendError, CloudKonError, MalformedMessage, RefusedMessage
-from provisioning import Instance, send_heartbeats
-from repeats import Outage
-from signing import Keyring
-from sqsbackend import parse_request, response_bodies
-from tasks import (
+from cloudkon import aws, protocol
+from cloudkon.control import DEFAULT_CONTROL_TOPIC, ControlQueue, cancelled_jobs, record_slots
+from cloudkon.errors import BackendError, CloudKonError, MalformedMessage, RefusedMessage
+from cloudkon.provisioning import Instance, send_heartbeats
+from cloudkon.repeats import Outage
+from cloudkon.signing import Keyring
+from cloudkon.sqsbackend import parse_request, response_bodies
+from cloudkon.tasks import (
     CANCELLED,
     Bundle,
     Cancellations,

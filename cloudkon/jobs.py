@@ -25,10 +25,10 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 
-from backend import MAX_BUNDLE_COMMAND_BYTES, MAX_BUNDLE_TASKS, Backend, plan_bundle
-from estimates import JobTimes, TaskTimes
-from repeats import ThrottledLog
-from tasks import CANCELLED, Bundle, ResultBatch, failed_batch
+from cloudkon.backend import MAX_BUNDLE_COMMAND_BYTES, MAX_BUNDLE_TASKS, Backend, plan_bundle
+from cloudkon.estimates import JobTimes, TaskTimes
+from cloudkon.repeats import ThrottledLog
+from cloudkon.tasks import CANCELLED, Bundle, ResultBatch, failed_batch
 
 log = logging.getLogger("cloudkon.jobs")
 

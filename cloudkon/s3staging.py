@@ -35,9 +35,9 @@ from typing import Any
 
 import botocore.exceptions
 
-import aws
-from errors import BackendError
-from jdl import MAX_INPUT_SANDBOX_BYTES, JobSpec
+from cloudkon import aws
+from cloudkon.errors import BackendError
+from cloudkon.jdl import MAX_INPUT_SANDBOX_BYTES, JobSpec
 
 log = logging.getLogger("cloudkon.s3")
 

@@ -37,8 +37,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from jdl import JobSpec, is_url, url_name
-from tasks import CANCELLED, is_success, run_process
+from cloudkon.jdl import JobSpec, is_url, url_name
+from cloudkon.tasks import CANCELLED, is_success, run_process
 
 # Largest URL input fetched (the same bound as local inputs, per file).
 MAX_URL_INPUT_BYTES = 512 * 1024 * 1024
@@ -182,7 +182,7 @@ def _stage_in(root: Path, job: dict[str, Any], deadline: float | None,
         shutil.copyfile(path, root / name)  # a copy: what the job writes never reaches the user's file
         shutil.copymode(path, root / name)
     if job.get("archive"):
-        from s3staging import fetch_archive  # boto3 is loaded in remote mode only
+        from cloudkon.s3staging import fetch_archive  # boto3 is loaded in remote mode only
         fetch_archive(job["archive"], root)
     for url in job["urls"]:
         _fetch(url, root, deadline, cancelled)
@@ -190,7 +190,7 @@ def _stage_in(root: Path, job: dict[str, Any], deadline: float | None,
 
 def _fetch(url: str, root: Path, deadline: float | None, cancelled: threading.Event | None) -> None:
     if url.startswith("s3://"):
-        from s3staging import fetch_object
+        from cloudkon.s3staging import fetch_object
         fetch_object(url, root, MAX_URL_INPUT_BYTES)
         return
     name = url_name(url)
@@ -231,7 +231,7 @@ def _outputs(root: Path, patterns: list[str]) -> tuple[list[str], list[str]]:
 
 def _deliver(root: Path, files: list[str], deliver: str) -> dict[str, Any]:
     if is_url(deliver):
-        from s3staging import store_outputs
+        from cloudkon.s3staging import store_outputs
         return store_outputs(root, files, deliver)
     target = Path(deliver)
     if target.exists():  # a task run again replaces what an earlier run left

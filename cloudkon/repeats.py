@@ -13,7 +13,7 @@ import math
 import random
 import time
 
-from errors import CloudKonError
+from cloudkon.errors import CloudKonError
 
 # A failure that lasts is logged again this often, so that a long one is not silence.
 OUTAGE_REMINDER_SECONDS = 300.0

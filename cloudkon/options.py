@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 
-from errors import ConfigError
-from protocol import check_task_timeout
+from cloudkon.errors import ConfigError
+from cloudkon.protocol import check_task_timeout
 
 # The AWS resources of a fleet, by default (aws.py and control.py use them; kept here, where
 # loading them loads no boto3, so that every program's --help works without it).

@@ -52,10 +52,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.context import BaseContext
 
-import protocol
-from backend import Backend
-from errors import BackendError, MalformedMessage
-from tasks import (
+from cloudkon import protocol
+from cloudkon.backend import Backend
+from cloudkon.errors import BackendError, MalformedMessage
+from cloudkon.tasks import (
     CANCELLED,
     OUTPUT_CAP_BYTES,
     Bundle,
@@ -169,7 +169,7 @@ class LocalBackend(Backend):
         # by then, and forking a process with threads may copy a lock some other thread holds.
         self._context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
         if "forkserver" in methods:
-            self._context.set_forkserver_preload(["localworkers"])
+            self._context.set_forkserver_preload(["cloudkon.localworkers"])
         # The first ones, while this process has one thread (Linux), are forked from it at once: a
         # fork server takes a new interpreter and ~0.12 s to start, most of a short run's time.
         first = self._context
