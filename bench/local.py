@@ -103,7 +103,7 @@ def raw_pool_rate(n: int) -> float:
 
 
 def _bare_sleeper(go, count: int, ms: int) -> None:
-    from cloudkon.tasks import reduce_timer_slack
+    from cloudkon.processes import reduce_timer_slack
     reduce_timer_slack()
     go.wait()
     for _ in range(count):

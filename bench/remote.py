@@ -107,7 +107,7 @@ def run_baseline(tasks: int, env: dict[str, str], threads: int = 8) -> tuple[flo
                           AttributeDefinitions=[{"AttributeName": "claim", "AttributeType": "S"}],
                           KeySchema=[{"AttributeName": "claim", "KeyType": "HASH"}])
     calls.clear()
-    from cloudkon.tasks import run_task
+    from cloudkon.processes import run_task
     remaining = [tasks]
     lock = threading.Lock()
 

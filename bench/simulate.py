@@ -9,35 +9,35 @@ What runs for real (imported from the project, not copied): a ``jobs.Dispatcher`
 runs learned, each batch's longest always among them; fair feed, bundles cut by
 ``backend.plan_bundle`` from them, never over the even share, the hand-back queue); the
 backends' own rules, through ``Backend`` subclasses defined here:
-``SimLocalBackend(localworkers.LocalBackend)`` keeps real ``_WorkerSlot``s and runs the real
-``capacity`` (2 x workers), ``_record``, ``_WorkerSlot.takes_more`` (prefetch: PREFETCH_BUNDLES,
-PREFETCH_BEHIND_SECONDS) and ``_steal_for_idle`` (victim: the most ``_WorkerSlot.stealable``
+``SimLocalBackend(localworkers.LocalBackend)`` keeps real ``WorkerSlot``s and runs the real
+``capacity`` (2 x workers), ``_record``, ``WorkerSlot.takes_more`` (prefetch: PREFETCH_BUNDLES,
+PREFETCH_BEHIND_SECONDS) and ``_steal_for_idle`` (victim: the most ``WorkerSlot.stealable``
 tasks, unstarted ones of a slot whose last bundle has not been asked for yet; that bundle is
 asked back by a real ``hand_back`` frame); only ``_hand_out`` is replaced, by heaps that make the same
 choice (fewest bundles held, then longest idle, then slot order) without scanning every slot:
 ``--verify`` (on by itself at <= 32 workers) runs the real ``_hand_out`` instead and checks
-every choice against the heaps'.  Each worker process has a ``tasks.TimeBoxes`` whose own
+every choice against the heaps'.  Each worker process has a ``runner.TimeBoxes`` whose own
 ``open`` and ``end`` run, with its ``_Box``es (``_Box.end``: the tasks after the one running
 go back; the first task always runs); only its thread (``_watch``) is events here
-(``SimTimeBoxes``).  During a run, localworkers' and tasks' ``time`` modules are a stand-in
+(``SimTimeBoxes``).  During a run, localworkers' and runner's ``time`` modules are a stand-in
 whose ``monotonic()`` is the simulated clock, so idle times, stealing delays and the ends of
 time boxes are simulated time.
 ``SimSQSBackend(sqsbackend.SQSBackend)`` runs the real ``workers``
 (``in_flight`` slots), ``capacity`` (one bundle per slot) and ``target_bundle_seconds`` (5 s).
 Messages are the real ones: bundles travel as ``protocol`` frames (local) or
-``sqsbackend.request_bodies`` (SQS), results as ``response_bodies``, grouped into
-SendMessageBatch calls by ``aws._batches``.  Constants come from tasks.py
-(RESULT_FLUSH_SECONDS), aws.py, scheduler.py (RECEIVE_POLL_SECONDS), sqsbackend.py
+``sqsmessages.request_bodies`` (SQS), results as ``response_bodies``, grouped into
+SendMessageBatch calls by ``aws._batches``.  Constants come from runner.py
+(RESULT_FLUSH_SECONDS), aws.py, service.py (RECEIVE_POLL_SECONDS), sqsbackend.py
 (PARALLEL_SQS_CALLS).
 
 What is simulated (a heap of timed events; simulated time, not wall time):
-  - a worker running a bundle: tasks._run_boxed and _run_bundle step for step (``run_box``):
+  - a worker running a bundle: runner._run_boxed and _run_bundle step for step (``run_box``):
     before each task its position goes in the box's ``started``, and once the box has ended
     the runner stops there, its last results repeating the tail in ``returned``; the box ends
     on time even while a task runs: at ``start + budget`` TimeBoxes' thread hands back the
     tasks after the running one at once (a duplicate the dispatcher ignores comes with the
     last results; "handed back" counts each bundle's tail once);
-  - local: one process per worker, with localworkers._Inbox's rules (a bundle asked back is
+  - local: one process per worker, with localprocess._Inbox's rules (a bundle asked back is
     withdrawn whole if it waits behind another, else its box is ended, TimeBoxes.end: the
     running bundle's tail goes back at once, the next one's as soon as its first task has
     started); the tail goes back as a results frame; bundle and hand-back frames reach it,
@@ -113,19 +113,16 @@ RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT))
 from local import machine  # noqa: E402
 
-from cloudkon import aws, localworkers, protocol, tasks  # noqa: E402
+from cloudkon import aws, localslots, localworkers, protocol, runner  # noqa: E402
+from cloudkon.defaults import DEFAULT_VISIBILITY_TIMEOUT  # noqa: E402
 from cloudkon.jobs import Dispatcher, Job  # noqa: E402
-from cloudkon.localworkers import LocalBackend, _Held, _WorkerSlot  # noqa: E402
-from cloudkon.scheduler import RECEIVE_POLL_SECONDS  # noqa: E402
-from cloudkon.sqsbackend import (  # noqa: E402
-    MAX_RECEIVED,
-    PARALLEL_SQS_CALLS,
-    SQSBackend,
-    parse_request,
-    request_bodies,
-    response_bodies,
-)
-from cloudkon.tasks import RESULT_FLUSH_SECONDS, Bundle, ResultBatch, TimeBoxes, _Box  # noqa: E402
+from cloudkon.localslots import HeldBundle, WorkerSlot  # noqa: E402
+from cloudkon.localworkers import LocalBackend  # noqa: E402
+from cloudkon.runner import RESULT_FLUSH_SECONDS, TimeBoxes, _Box  # noqa: E402
+from cloudkon.service import RECEIVE_POLL_SECONDS  # noqa: E402
+from cloudkon.sqsbackend import MAX_RECEIVED, PARALLEL_SQS_CALLS, SQSBackend  # noqa: E402
+from cloudkon.sqsmessages import parse_request, request_bodies, response_bodies  # noqa: E402
+from cloudkon.tasks import Bundle, ResultBatch  # noqa: E402
 
 TARGET_RATIO = 1.15  # makespan / greedy, at 1,000 workers, mixed workloads
 WORKER_FULL_SLEEP = 0.05  # worker.Worker.run: time.sleep(0.05) while every thread holds a bundle
@@ -138,7 +135,8 @@ WORKLOADS = {  # name: orders, estimate kinds
 }
 MIXED = ("loguniform", "bimodal")
 POLICY_MODULES = [f"cloudkon/{name}.py" for name in (
-    "jobs", "estimates", "backend", "tasks", "localworkers", "sqsbackend", "worker", "aws", "scheduler")]
+    "jobs", "estimates", "backend", "tasks", "runner", "localworkers", "localslots", "sqsbackend",
+    "sqsmessages", "worker", "aws", "scheduler")]
 
 
 # --- the clock ---------------------------------------------------------------------------
@@ -254,8 +252,8 @@ class SimCondition:
 
 
 class SimTimeBoxes(TimeBoxes):
-    """A worker process's tasks.TimeBoxes: its own ``open`` and ``end`` and its ``_Box``es (run
-    for real, tasks' ``time`` being a SimClock), its thread (``_watch``) as simulated events:
+    """A worker process's runner.TimeBoxes: its own ``open`` and ``end`` and its ``_Box``es (run
+    for real, runner's ``time`` being a SimClock), its thread (``_watch``) as simulated events:
     each box due (``ends_at`` passed, not ended) is ended (``_Box.end``) and its unstarted rest
     handed back, one box after another, the thread taking as long as ``hand_back`` says
     (remote: one SendMessageBatch; local: a frame, no wait)."""
@@ -298,14 +296,14 @@ class SimTimeBoxes(TimeBoxes):
 
 def run_box(model: Model, bundle: Bundle, worker: int, boxes: TimeBoxes,
             emit: Callable[[ResultBatch], None]) -> Iterator[float]:
-    """tasks._run_boxed: the bundle runs inside its box (the real TimeBoxes.open)."""
+    """runner._run_boxed: the bundle runs inside its box (the real TimeBoxes.open)."""
     with boxes.open(bundle) as box:
         yield from _run_box(model, bundle, worker, box, emit)
 
 
 def _run_box(model: Model, bundle: Bundle, worker: int, box: _Box | None,
              emit: Callable[[ResultBatch], None]) -> Iterator[float]:
-    """tasks._run_bundle, step for step, in simulated time (yields the seconds each task takes).
+    """runner._run_bundle, step for step, in simulated time (yields the seconds each task takes).
 
     With a box (every bundle with a budget, or asked for before it started): before each task,
     its position goes in ``box.started``; once TimeBoxes has ended the box (``box.cut``: after
@@ -358,14 +356,14 @@ def _run_box(model: Model, bundle: Bundle, worker: int, box: _Box | None,
 # --- local mode ----------------------------------------------------------------------------
 
 class SimProcess:
-    """A local worker process (localworkers._worker_main: its _Inbox, reader thread and TimeBoxes)."""
+    """A local worker process (localprocess.worker_main: its _Inbox, reader thread and TimeBoxes)."""
 
     def __init__(self, model: Model, index: int, backend: SimLocalBackend, ipc: float) -> None:
         self.model, self.index, self.backend, self.ipc = model, index, backend, ipc
-        self.slot: _WorkerSlot | None = None
+        self.slot: WorkerSlot | None = None
         self.inbox: deque[Bundle] = deque()
         self.busy = False  # _Inbox._running
-        # _worker_main: TimeBoxes(lambda bundle, ids: send(ResultBatch(..., returned=ids)))
+        # worker_main: TimeBoxes(lambda bundle, ids: send(ResultBatch(..., returned=ids)))
         self.boxes = SimTimeBoxes(model, self._hand_back_rest)
 
     def _hand_back_rest(self, bundle: Bundle, ids: list[int]) -> float:
@@ -425,19 +423,19 @@ class SimLocalBackend(LocalBackend):
         self._queue_lock = threading.Lock()
         self._closed = False
         self._processes = [SimProcess(model, i, self, ipc) for i in range(workers)]
-        self._slots = [_WorkerSlot(process=None, conn=SimPipe(p), progress=None)  # type: ignore[arg-type]
+        self._slots = [WorkerSlot(process=None, conn=SimPipe(p), progress=None)  # type: ignore[arg-type]
                        for p in self._processes]
         for process, slot in zip(self._processes, self._slots, strict=True):
             process.slot = slot
         # by_held[k]: heap of (idle_since, index) of the slots holding k bundles that may take one
         # more (lazy: entries are checked when they come to the top)
-        self._by_held: list[list[tuple[float, int]]] = [[] for _ in range(localworkers.PREFETCH_BUNDLES)]
+        self._by_held: list[list[tuple[float, int]]] = [[] for _ in range(localslots.PREFETCH_BUNDLES)]
         self._by_held[0] = [(slot.idle_since, i) for i, slot in enumerate(self._slots)]
         self._look_again = 0
         self._sent: list[int] = []
 
-    def _wake(self) -> None:
-        pass
+    def wake(self) -> None:
+        pass  # no receiving thread to wake: results come as events (deliver)
 
     def receive(self, timeout: float) -> list[ResultBatch]:
         return []  # results come as events (deliver)
@@ -483,11 +481,11 @@ class SimLocalBackend(LocalBackend):
             slot = self._slots[index]
             bundle = self._queue.popleft()
             self._send(slot, protocol.bundle_message(bundle))
-            slot.held[bundle.bundle] = _Held(bundle)
+            slot.held[bundle.bundle] = HeldBundle(bundle)
             slot.took_work = True
             self._refile(index)
 
-    def _send(self, slot: _WorkerSlot, message: dict) -> bool:  # type: ignore[override]
+    def _send(self, slot: WorkerSlot, message: dict) -> bool:  # type: ignore[override]
         if self.verify and message["type"] == "bundle":  # the real _hand_out chose ``slot``
             self._refile_sent()
             index = self._slots.index(slot)
@@ -593,12 +591,12 @@ class SimMachine:
 
     def __init__(self, model: Model, backend: SimSQSBackend, index: int, threads: int) -> None:
         self.model, self.backend, self.index, self.threads = model, backend, index, threads
-        self.held = 0  # messages held (Worker._held)
+        self.held = 0  # messages held (holdings.Holdings)
         self.claimed = 0  # of which claimed: their leases are renewed
         self.sleeping_since: float | None = None
         self.wake_pending = False
         self.boxes = SimTimeBoxes(model, self._hand_back_rest)  # Worker.boxes, one per process
-        model.sim.at(model.rng.uniform(0, aws.DEFAULT_VISIBILITY_TIMEOUT / 3), self._renew)
+        model.sim.at(model.rng.uniform(0, DEFAULT_VISIBILITY_TIMEOUT / 3), self._renew)
 
     def loop(self) -> None:
         self.wake_pending = False
@@ -659,12 +657,12 @@ class SimMachine:
         return when - self.model.sim.now
 
     def _renew(self) -> None:
-        """Worker._keep_leases (call latencies ignored: a thread of its own)."""
+        """Holdings.keep_leases (call latencies ignored: a thread of its own)."""
         if self.claimed:
             self.model.calls["worker", "sqs:ChangeMessageVisibility"] += self.claimed
             self.model.calls["worker", "dynamodb:UpdateItem"] += self.claimed
             self.model.calls["worker", "dynamodb:GetItem"] += 1  # one job
-        self.model.sim.at(self.model.sim.now + aws.DEFAULT_VISIBILITY_TIMEOUT / 3, self._renew)
+        self.model.sim.at(self.model.sim.now + DEFAULT_VISIBILITY_TIMEOUT / 3, self._renew)
 
 
 class SimCalls:
@@ -857,7 +855,7 @@ def simulate(mode: str, workload: str, order: str, estimates: str, workers: int,
                   f"{args.seed}:{mode}:{workload}:{order}:{estimates}:{workers}")
     backend: SimLocalBackend | SimSQSBackend
     clock = localworkers.__dict__.get("time")
-    tasks.time = SimClock(model.sim)  # type: ignore[attr-defined]  # TimeBoxes.open: when a box ends
+    runner.time = SimClock(model.sim)  # type: ignore[attr-defined]  # TimeBoxes.open: when a box ends
     if mode == "local":
         localworkers.time = SimClock(model.sim)  # type: ignore[attr-defined]
         backend = SimLocalBackend(model, workers, args.ipc, args.verify or workers <= 32)
@@ -866,7 +864,7 @@ def simulate(mode: str, workload: str, order: str, estimates: str, workers: int,
     try:
         return _simulate(model, backend, mode, workload, order, estimates, workers, commands, cpu)
     finally:
-        tasks.time = time  # type: ignore[attr-defined]
+        runner.time = time  # type: ignore[attr-defined]
         if clock is not None:
             localworkers.time = clock  # type: ignore[attr-defined]
 
@@ -1123,8 +1121,8 @@ def main() -> None:
 
     setting = (f"Local: IPC {args.ipc * 1000:g} ms per frame each way, {args.task_overhead * 1e6:g} us per "
                f"task, target {LocalBackend.target_bundle_seconds} s, capacity 2 x workers, prefetch "
-               f"{localworkers.PREFETCH_BUNDLES} behind bundles boxed <= "
-               f"{localworkers.PREFETCH_BEHIND_SECONDS} s. Remote: SQS calls "
+               f"{localslots.PREFETCH_BUNDLES} behind bundles boxed <= "
+               f"{localslots.PREFETCH_BEHIND_SECONDS} s. Remote: SQS calls "
                f"{args.sqs_latency[0] * 1000:g}-{args.sqs_latency[1] * 1000:g} ms, DynamoDB calls "
                f"{args.dynamodb_latency[0] * 1000:g}-{args.dynamodb_latency[1] * 1000:g} ms, target "
                f"{SQSBackend.target_bundle_seconds} s, one bundle per slot, {args.threads} threads per "

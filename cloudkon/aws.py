@@ -1,9 +1,11 @@
 """AWS plumbing shared by the scheduler's SQS backend and the remote workers.
 
 Owns the boto3 clients (with retries), the one place where boto errors become
-BackendError, creating or reusing the queues and the claim table, and packing
-messages into SQS batches.  What the messages mean is sqsbackend.py's and
-worker.py's business.
+ours (``aws_errors``: typed as errors.py's AWSError subclasses, so that no caller
+reads AWS error codes), conditional writes whose refusal is an answer (``write_if``),
+creating or reusing queues and tables, and packing messages into SQS batches.  What
+the messages mean is sqsmessages'/sqsbackend's and remoteworker's business; what the
+claim table holds is claims.py's.
 
 AWS behaviour relied on:
   - boto3 finds credentials, region and endpoint by its standard chain
@@ -34,12 +36,16 @@ import boto3
 import botocore.exceptions
 from botocore.config import Config
 
-from cloudkon.errors import BackendError
-from cloudkon.options import (
-    DEFAULT_CLAIM_TABLE as DEFAULT_CLAIM_TABLE,  # re-exported: aws.DEFAULT_* as before
+from cloudkon.defaults import DEFAULT_VISIBILITY_TIMEOUT, RETENTION_SECONDS
+from cloudkon.errors import (
+    AlreadyExists,
+    AWSError,
+    BackendError,
+    ConditionFailed,
+    QueueGone,
+    ResourceNotFound,
+    TransientAWSError,
 )
-from cloudkon.options import DEFAULT_REQUEST_QUEUE as DEFAULT_REQUEST_QUEUE
-from cloudkon.options import DEFAULT_VISIBILITY_TIMEOUT
 
 log = logging.getLogger("cloudkon.aws")
 
@@ -49,8 +55,6 @@ SQS_MAX_BATCH = 10
 SQS_MAX_WAIT_SECONDS = 20
 
 RESPONSE_QUEUE_PREFIX = "cloudkon-responses-"
-# How long the queues made here keep a message nobody took.
-MESSAGE_RETENTION_SECONDS = 4 * 24 * 3600
 # Where workers put request messages they refuse (not signed by the fleet, or no valid bundle), next
 # to the request queue; SQS moves there too a message received this many times and never deleted
 # (a bundle that makes every worker fail): a few retries for a worker lost mid-bundle, not a
@@ -74,7 +78,8 @@ _RETRIES = Config(retries={"max_attempts": 8, "mode": "standard"}, max_pool_conn
 
 @contextlib.contextmanager
 def aws_errors(action: str) -> Iterator[None]:
-    """Turn any boto error raised inside into a BackendError saying what failed."""
+    """Turn any boto error raised inside into a BackendError saying what failed: the one place
+    where boto's errors become ours, typed by what callers act on (errors.AWSError's subclasses)."""
     try:
         yield
     except botocore.exceptions.NoCredentialsError:
@@ -84,35 +89,47 @@ def aws_errors(action: str) -> Iterator[None]:
         raise BackendError(f"{action}: no AWS region set (set AWS_REGION or AWS_DEFAULT_REGION)") from None
     except botocore.exceptions.ClientError as exc:
         error = exc.response.get("Error", {})
-        raise BackendError(f"{action}: {error.get('Code', 'error')}: {error.get('Message', exc)}") from exc
+        code = error.get("Code")
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        raise _error_type(code or "", status)(
+            f"{action}: {code or 'error'}: {error.get('Message', exc)}", code) from exc
+    except (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError) as exc:
+        # No answer from AWS (unreachable, reset, timed out): it may come back.
+        raise TransientAWSError(f"{action}: {exc}") from exc
     except botocore.exceptions.BotoCoreError as exc:
-        raise BackendError(f"{action}: {exc}") from exc
+        raise AWSError(f"{action}: {exc}") from exc
 
 
-def error_code(exc: BaseException) -> str | None:
-    """The AWS error code behind a BackendError (or ClientError), if any."""
-    cause = exc.__cause__ if isinstance(exc, BackendError) else exc
-    if isinstance(cause, botocore.exceptions.ClientError):
-        return cause.response.get("Error", {}).get("Code")
-    return None
+def _error_type(code: str, status: int) -> type[AWSError]:
+    """The AWSError subclass for AWS error ``code`` answered with HTTP ``status``."""
+    if status >= 500 or "Throttl" in code or "QueueDeletedRecently" in code:
+        return TransientAWSError
+    if "NonExistentQueue" in code or code == "QueueDoesNotExist":
+        return QueueGone
+    return _ERROR_TYPES.get(code, AWSError)
 
 
-def is_missing_queue(exc: BaseException) -> bool:
-    """True if the AWS error behind ``exc`` says an SQS queue does not exist."""
-    code = error_code(exc) or ""
-    return "NonExistentQueue" in code or code == "QueueDoesNotExist"
+# The AWS error codes callers act on, by the error they become.
+_ERROR_TYPES: dict[str, type[AWSError]] = {
+    "ConditionalCheckFailedException": ConditionFailed,
+    "ResourceNotFoundException": ResourceNotFound,  # DynamoDB: no such table
+    "NotFound": ResourceNotFound,  # SNS: no such subscription
+    "NoSuchBucket": ResourceNotFound,
+    "NoSuchLifecycleConfiguration": ResourceNotFound,
+    "ResourceInUseException": AlreadyExists,  # DynamoDB: the table exists (or is being made)
+    "BucketAlreadyOwnedByYou": AlreadyExists,
+}
 
 
-def is_passing(exc: BaseException) -> bool:
-    """True if the failure behind ``exc`` may pass by itself: no answer from AWS (unreachable,
-    reset, timed out), throttling, a server error, or a queue name deleted moments ago (SQS
-    takes it again after 60 s)."""
-    cause = exc.__cause__ if isinstance(exc, BackendError) else exc
-    if isinstance(cause, botocore.exceptions.ClientError):
-        code = error_code(cause) or ""
-        status = cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        return status >= 500 or "Throttl" in code or "QueueDeletedRecently" in code
-    return isinstance(cause, (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError))
+def write_if(action: str, write: Callable[..., Any], **request: Any) -> bool:
+    """``write(**request)``, a DynamoDB conditional write: True if it was made, False if its
+    condition did not hold (another wrote first: for the caller, an answer, not a failure)."""
+    try:
+        with aws_errors(action):
+            write(**request)
+    except ConditionFailed:
+        return False
+    return True
 
 
 def clients() -> tuple[Any, Any]:
@@ -142,31 +159,33 @@ def log_api_calls() -> None:
     log.info("AWS API calls: %d (%s)", sum(counts.values()), detail or "none")
 
 
+def queue_url(sqs: Any, name: str) -> str | None:
+    """The URL of queue ``name``, None if there is no such queue."""
+    try:
+        with aws_errors(f"finding queue {name}"):
+            return sqs.get_queue_url(QueueName=name)["QueueUrl"]
+    except QueueGone:
+        return None
+
+
 def ensure_queue(sqs: Any, name: str, visibility_timeout: int = DEFAULT_VISIBILITY_TIMEOUT) -> str:
     """The URL of queue ``name``, created if missing (an existing queue keeps its settings)."""
-    with aws_errors(f"finding queue {name}"):
-        try:
-            return sqs.get_queue_url(QueueName=name)["QueueUrl"]
-        except botocore.exceptions.ClientError as exc:
-            if not is_missing_queue(exc):
-                raise
+    url = queue_url(sqs, name)
+    if url is not None:
+        return url
+    with aws_errors(f"creating queue {name}"):
         log.info("creating queue %s", name)
         return sqs.create_queue(QueueName=name, Attributes={
             "VisibilityTimeout": str(visibility_timeout),
-            "MessageRetentionPeriod": str(MESSAGE_RETENTION_SECONDS),
+            "MessageRetentionPeriod": str(RETENTION_SECONDS),
         })["QueueUrl"]
 
 
 def ensure_request_queue(sqs: Any, name: str, visibility_timeout: int = DEFAULT_VISIBILITY_TIMEOUT) -> str:
     """The URL of request queue ``name``, created if missing, with a redrive policy to its dead-letter
     queue (given to an existing queue that has none: one read at start)."""
+    url = queue_url(sqs, name)
     with aws_errors(f"finding queue {name}"):
-        try:
-            url = sqs.get_queue_url(QueueName=name)["QueueUrl"]
-        except botocore.exceptions.ClientError as exc:
-            if not is_missing_queue(exc):
-                raise
-            url = None
         if url is not None and "RedrivePolicy" in sqs.get_queue_attributes(
                 QueueUrl=url, AttributeNames=["RedrivePolicy"]).get("Attributes", {}):
             return url
@@ -181,7 +200,7 @@ def ensure_request_queue(sqs: Any, name: str, visibility_timeout: int = DEFAULT_
         log.info("creating queue %s", name)
         return sqs.create_queue(QueueName=name, Attributes={
             "VisibilityTimeout": str(visibility_timeout),
-            "MessageRetentionPeriod": str(MESSAGE_RETENTION_SECONDS),
+            "MessageRetentionPeriod": str(RETENTION_SECONDS),
             "RedrivePolicy": redrive,
         })["QueueUrl"]
 
@@ -191,28 +210,25 @@ def dead_letter_queue(request_queue: str) -> str:
     return request_queue[:SQS_MAX_QUEUE_NAME - len(DEAD_LETTER_SUFFIX)] + DEAD_LETTER_SUFFIX
 
 
-def ensure_claim_table(dynamodb: Any, name: str) -> None:
-    """The claim table: key ``claim``; items expire by ``expires_at``."""
-    ensure_table(dynamodb, name, [("claim", "HASH")], ttl_attribute="expires_at")
-
-
 def ensure_table(dynamodb: Any, name: str, keys: list[tuple[str, str]],
                  ttl_attribute: str | None = None) -> None:
     """Create an on-demand table with string ``keys`` [(attribute, HASH|RANGE)] if it is missing."""
-    with aws_errors(f"finding table {name}"):
-        try:
+    try:
+        with aws_errors(f"finding table {name}"):
             dynamodb.describe_table(TableName=name)
-            return
-        except dynamodb.exceptions.ResourceNotFoundException:
-            pass
-        log.info("creating table %s", name)
-        try:
+        return
+    except ResourceNotFound:
+        pass
+    log.info("creating table %s", name)
+    try:
+        with aws_errors(f"creating table {name}"):
             dynamodb.create_table(
                 TableName=name, BillingMode="PAY_PER_REQUEST",
                 AttributeDefinitions=[{"AttributeName": key, "AttributeType": "S"} for key, _ in keys],
                 KeySchema=[{"AttributeName": key, "KeyType": kind} for key, kind in keys])
-        except dynamodb.exceptions.ResourceInUseException:
-            pass  # another scheduler or worker created it meanwhile
+    except AlreadyExists:
+        pass  # another scheduler or worker created it meanwhile
+    with aws_errors(f"creating table {name}"):
         dynamodb.get_waiter("table_exists").wait(TableName=name)
         if ttl_attribute:
             dynamodb.update_time_to_live(TableName=name, TimeToLiveSpecification={

@@ -27,7 +27,6 @@ import math
 from abc import ABC, abstractmethod
 from bisect import bisect_right
 from itertools import accumulate
-from types import TracebackType
 
 from cloudkon.tasks import Bundle, ResultBatch
 
@@ -67,12 +66,24 @@ def plan_bundle(times: list[float], target_seconds: float, even_share: int,
     return count, TIME_BOX_SLACK * expected + margin_seconds
 
 
+def commands_that_fit(commands: list[str]) -> int:
+    """How many of ``commands``, from the first, fit in MAX_BUNDLE_COMMAND_BYTES (at least one)."""
+    if sum(map(len, commands)) <= MAX_BUNDLE_COMMAND_BYTES:
+        return len(commands)
+    count, size = 1, len(commands[0])
+    while count < len(commands) and size + len(commands[count]) <= MAX_BUNDLE_COMMAND_BYTES:
+        size += len(commands[count])
+        count += 1
+    return count
+
+
 class Backend(ABC):
     """Runs bundles of tasks on workers and reports their results."""
 
     name: str = "backend"
     # Where clients stage the files of job descriptions (sandbox.py): an s3:// prefix, or
-    # local:HOST when the workers read and write the files in place on that host.
+    # local:HOST when the workers read and write the files in place on that host.  Each backend
+    # sets it once, in its constructor (a remote one is given it); the scheduler only reads it.
     staging: str | None = None
     # Work per bundle, by the estimates of its tasks (estimates.py): long enough that the
     # per-bundle cost stays near 1%, short enough that a job submitted behind a big
@@ -116,10 +127,3 @@ class Backend(ABC):
     @abstractmethod
     def close(self, wait: bool = True) -> None:
         """Stop the workers: after the bundles they hold if ``wait``, else at once."""
-
-    def __enter__(self) -> Backend:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close(wait=exc_type is None)

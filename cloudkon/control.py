@@ -1,7 +1,7 @@
 """The control channel: a scheduler's word to every remote worker, and durable cancels.
 
-Owns the SNS topic of a fleet's control messages, each worker's own small SQS queue
-subscribed to it, and the cancellation marks in the claim table::
+Owns the SNS topic of a fleet's control messages and each worker's own small SQS queue
+subscribed to it::
 
     scheduler --publish--> SNS topic --+--> worker queue cloudkon-control-<identity> --> worker 1
                                        +--> worker queue cloudkon-control-<identity> --> worker 2
@@ -11,12 +11,12 @@ nothing new, exit) and ``shutdown`` (stop now; the request queue redelivers what
 held), sealed with the publisher's key (signing.py): a worker ignores, with a log
 line, any it cannot verify, so whoever may publish to the topic or send to a worker's
 queue cannot stop the fleet without the key.  SNS is fast but not durable for a
-worker that is not subscribed yet or lost its queue, so a cancel is first written to
-the claim table under the job's id; a worker reads that mark before it runs a bundle
-and again while it runs one.
+worker that is not subscribed yet or lost its queue, so a cancel is first marked in
+the claim table (claims.py); a worker reads that mark before it runs a bundle and
+again while it runs one.
 
 The subscriptions also tell a scheduler who is there: each worker records its thread
-count in the claim table under ``slots:<its control queue>``, and ``ControlTopic.slots``
+count in the claim table by its control queue (claims.py), and ``ControlTopic.slots``
 adds up those of the workers subscribed (one listing, one batch read per 100 workers),
 so that bundles are sized and kept in flight for the workers that are there.
 
@@ -42,15 +42,15 @@ import time
 from typing import Any
 
 from cloudkon import aws, protocol
-from cloudkon.errors import BackendError, ProtocolError
-from cloudkon.options import DEFAULT_CONTROL_TOPIC as DEFAULT_CONTROL_TOPIC  # re-exported: control.DEFAULT_*
+from cloudkon.claims import read_slots
+from cloudkon.defaults import DEFAULT_WORKER_THREADS
+from cloudkon.errors import BackendError, QueueGone, ResourceNotFound
 from cloudkon.signing import Keyring, Signer
+from cloudkon.sqsmessages import Refused, take_sealed
 
 log = logging.getLogger("cloudkon.control")
 
 CONTROL_QUEUE_PREFIX = "cloudkon-control-"
-# Cancellation marks outlive any bundle of their job that may still be queued.
-CANCEL_RETENTION_SECONDS = 4 * 24 * 3600
 # A busy worker takes a control message within a second, an idle one within one long poll (it
 # polls its control queue in turn with the request queue, to halve what idling costs); one whose
 # queue still holds the message after this long is gone without cleaning up.
@@ -60,12 +60,6 @@ UNTAKEN_SECONDS = aws.SQS_MAX_WAIT_SECONDS + 10.0
 # again it misses broadcast cancels only (it reads a running job's durable mark every third of
 # its lease), as drain and shutdown reach it in its queue directly.
 SUBSCRIPTION_CHECK_SECONDS = 300.0
-_CANCELLED = "cancelled"
-_SLOTS_KEY = "slots:"
-# A subscribed worker that recorded no thread count (yet) is taken to run worker.py's default.
-UNKNOWN_WORKER_SLOTS = 4
-# DynamoDB's limit of keys per BatchGetItem.
-_BATCH_GET_KEYS = 100
 
 
 def queue_name(identity: str) -> str:
@@ -78,34 +72,6 @@ def ensure_topic(sns: Any, name: str) -> str:
     """The ARN of topic ``name``, created if missing."""
     with aws.aws_errors(f"finding topic {name}"):
         return sns.create_topic(Name=name)["TopicArn"]
-
-
-def mark_cancelled(dynamodb: Any, claim_table: str, job: str) -> None:
-    """Record durably that ``job`` is cancelled (its item in the claim table)."""
-    with aws.aws_errors(f"recording the cancel of job {job}"):
-        dynamodb.put_item(TableName=claim_table, Item={
-            "claim": {"S": job}, "state": {"S": _CANCELLED},
-            "expires_at": {"N": str(int(time.time() + CANCEL_RETENTION_SECONDS))}})
-
-
-def cancelled_jobs(dynamodb: Any, claim_table: str, jobs: set[str]) -> set[str]:
-    """Which of ``jobs`` are marked cancelled (strongly consistent: a cancel is never missed)."""
-    found: set[str] = set()
-    for job in jobs:
-        with aws.aws_errors(f"reading the state of job {job}"):
-            item = dynamodb.get_item(TableName=claim_table, Key={"claim": {"S": job}},
-                                     ConsistentRead=True).get("Item", {})
-        if item.get("state", {}).get("S") == _CANCELLED:
-            found.add(job)
-    return found
-
-
-def record_slots(dynamodb: Any, claim_table: str, identity: str, threads: int) -> None:
-    """Record that the worker ``identity`` runs ``threads`` bundles at once (for ControlTopic.slots)."""
-    with aws.aws_errors("recording the worker's thread count"):
-        dynamodb.put_item(TableName=claim_table, Item={
-            "claim": {"S": _SLOTS_KEY + queue_name(identity)}, "threads": {"N": str(threads)},
-            "expires_at": {"N": str(int(time.time() + CANCEL_RETENTION_SECONDS))}})
 
 
 class ControlTopic:
@@ -127,8 +93,8 @@ class ControlTopic:
         try:
             with aws.aws_errors(f"publishing {message['type']} on {self.name}"):
                 self.sns.publish(TopicArn=self.arn, Message=body)
-        except BackendError as exc:
-            if not aws.is_missing_queue(exc) or not self.prune():
+        except QueueGone:
+            if not self.prune():
                 raise
             with aws.aws_errors(f"publishing {message['type']} on {self.name}"):
                 self.sns.publish(TopicArn=self.arn, Message=body)
@@ -142,27 +108,16 @@ class ControlTopic:
         """Bundles the workers subscribed now run at once: the sum of their thread counts."""
         names = [_queue_of(sub) for sub in self.subscribers()
                  if sub["Protocol"] == "sqs" and CONTROL_QUEUE_PREFIX in sub["Endpoint"]]
-        threads: dict[str, int] = {}
-        for start in range(0, len(names), _BATCH_GET_KEYS):
-            keys = [{"claim": {"S": _SLOTS_KEY + name}} for name in names[start:start + _BATCH_GET_KEYS]]
-            with aws.aws_errors("reading the workers' thread counts"):
-                found = dynamodb.batch_get_item(RequestItems={claim_table: {"Keys": keys}})
-            for item in found.get("Responses", {}).get(claim_table, []):
-                threads[item["claim"]["S"].removeprefix(_SLOTS_KEY)] = int(item["threads"]["N"])
-        return sum(threads.get(name, UNKNOWN_WORKER_SLOTS) for name in names)
+        threads = read_slots(dynamodb, claim_table, names)
+        # A worker that recorded no thread count (yet) is taken to run worker.py's default.
+        return sum(threads.get(name, DEFAULT_WORKER_THREADS) for name in names)
 
     def prune(self) -> int:
         """Unsubscribe the queues that no longer exist (workers killed before they cleaned up)."""
         sqs = aws.client("sqs")
         pruned = 0
         for subscription in self.subscribers():
-            name = _queue_of(subscription)
-            try:
-                with aws.aws_errors(f"finding queue {name}"):
-                    sqs.get_queue_url(QueueName=name)
-            except BackendError as exc:
-                if not aws.is_missing_queue(exc):
-                    raise
+            if aws.queue_url(sqs, _queue_of(subscription)) is None:
                 with aws.aws_errors("removing a stale subscription"):
                     self.sns.unsubscribe(SubscriptionArn=subscription["SubscriptionArn"])
                 pruned += 1
@@ -179,10 +134,8 @@ class ControlTopic:
                 with aws.aws_errors(f"reading the policy of queue {name}"):
                     policy = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["Policy"])[
                         "Attributes"].get("Policy", "{}")
-            except BackendError as exc:
-                if aws.is_missing_queue(exc):  # its worker left meanwhile
-                    continue
-                raise
+            except QueueGone:  # its worker left meanwhile
+                continue
             if _admits(policy, self.arn):
                 found[name] = url
         return found
@@ -205,9 +158,8 @@ class ControlTopic:
         for name in unsubscribed:
             try:
                 aws.send_messages(sqs, waiting[name], [body])
-            except BackendError as exc:
-                if not aws.is_missing_queue(exc):
-                    raise
+            except QueueGone:
+                pass  # its worker left meanwhile
         if unsubscribed:
             log.warning("%d worker(s) not subscribed to %s (was it deleted?): %s sent to their queues",
                         len(unsubscribed), self.name, how)
@@ -238,15 +190,15 @@ class ControlTopic:
         A live worker deletes a control message as soon as it receives it; a message
         received but never deleted (by a long poll its dead worker left open) counts too.
         """
+        url = aws.queue_url(sqs, name)
         try:
+            if url is None:
+                return False
             with aws.aws_errors(f"reading queue {name}"):
-                url = sqs.get_queue_url(QueueName=name)["QueueUrl"]
                 attributes = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=[
                     "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
-        except BackendError as exc:
-            if aws.is_missing_queue(exc):
-                return False
-            raise
+        except QueueGone:  # deleted meanwhile
+            return False
         return sum(int(count) for count in attributes.values()) > 0
 
     def _forget(self, sqs: Any, subscription: str | None, name: str) -> None:
@@ -289,13 +241,15 @@ def _queue_of(subscription: dict[str, Any]) -> str:
 
 def delete_queue(sqs: Any, name: str) -> None:
     """Delete queue ``name`` if it exists."""
+    url = aws.queue_url(sqs, name)
+    if url is None:
+        return
     try:
         with aws.aws_errors(f"deleting queue {name}"):
-            sqs.delete_queue(QueueUrl=sqs.get_queue_url(QueueName=name)["QueueUrl"])
+            sqs.delete_queue(QueueUrl=url)
         log.info("deleted queue %s", name)
-    except BackendError as exc:
-        if not aws.is_missing_queue(exc):
-            raise
+    except QueueGone:
+        pass  # deleted meanwhile
 
 
 class ControlQueue:
@@ -335,9 +289,8 @@ class ControlQueue:
             with aws.aws_errors("checking the subscription to the control topic"):
                 self.sns.get_subscription_attributes(SubscriptionArn=self.subscription)
             return False
-        except BackendError as exc:
-            if aws.error_code(exc) != "NotFound":
-                raise
+        except ResourceNotFound:
+            pass
         log.warning("the subscription to control topic %s is gone: subscribing again", self._topic)
         self.open()
         return True
@@ -350,18 +303,8 @@ class ControlQueue:
             self._next_check = time.monotonic() + SUBSCRIPTION_CHECK_SECONDS
             self.resubscribe_if_lost()
         messages = aws.receive_messages(self.sqs, self.url, aws.SQS_MAX_BATCH, wait_seconds)
-        decoded, read = [], []
-        for message in messages:
-            try:
-                decoded.append(protocol.decode(self._keyring.open(message["Body"]).encode()))
-            except ProtocolError as exc:  # refused (unsigned, forged) or malformed
-                log.error("ignoring control message %s: %s", message["MessageId"], exc)
-            except BackendError as exc:
-                log.warning("control message %s kept for later: %s", message["MessageId"], exc)
-                continue
-            read.append(message["ReceiptHandle"])
-        aws.delete_messages(self.sqs, self.url, read)
-        return decoded
+        return take_sealed(self.sqs, self.url, messages, self._keyring,
+                           lambda body: protocol.decode(body.encode()), _ignore, "control message")
 
     def close(self) -> None:
         """Delete the queue and unsubscribe (each even if the other fails: the topic may be gone)."""
@@ -373,3 +316,9 @@ class ControlQueue:
                     call()
             except BackendError as exc:
                 log.warning("%s", exc)
+
+
+def _ignore(refused: list[Refused]) -> None:
+    """Log control messages the fleet did not sign, or that hold no message (they are deleted)."""
+    for message, reason in refused:
+        log.error("ignoring control message %s: %s", message["MessageId"], reason)

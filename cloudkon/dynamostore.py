@@ -6,7 +6,8 @@ sort key ``part`` tells them apart:
     job=<id>  part=job            owner (the scheduler's --state name), created_at, timeout,
                                   and once finished: total, finished_at, succeeded, failed, cancelled
     job=<id>  part=t#<first id>   tasks, a JSON list, split so that an item stays small
-    job=<id>  part=r#<n>          a results message (the protocol's JSON), the n-th of the job
+    job=<id>  part=r#<n>          a results message (the protocol's JSON, cut by sqsmessages.response_bodies),
+                                  the n-th of the job
     job=scheduler#<name> part=starts   how many times that scheduler started
 
 Items carry ``expires_at`` for DynamoDB's TTL (see BACKSTOP_SECONDS); the scheduler
@@ -41,7 +42,7 @@ from cloudkon.jobstore import (
     finished_job,
     restore_job,
 )
-from cloudkon.sqsbackend import response_bodies
+from cloudkon.sqsmessages import response_bodies
 from cloudkon.tasks import ResultBatch
 
 BATCH_WRITE_ITEMS = 25

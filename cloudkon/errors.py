@@ -1,7 +1,9 @@
 """The exception hierarchy of CloudKon-py.
 
 Owns every exception the framework raises on purpose.  A task that fails is not an
-exception: it is a result with an exit code (see tasks.py).
+exception: it is a result with an exit code (see tasks.py).  The AWS errors (AWSError and
+its subclasses, typed by what callers act on) are made from boto's in one place only,
+aws.aws_errors, so that no caller reads an AWS error code.
 """
 
 from __future__ import annotations
@@ -89,3 +91,39 @@ class RefusedMessage(ProtocolError):
 
 class BackendError(CloudKonError):
     """Raised when a backend cannot run, queue or report tasks."""
+
+
+class AWSError(BackendError):
+    """Raised when an AWS call failed (aws.aws_errors made it from boto's error).
+
+    ``code`` is AWS's error code (``ThrottlingException``, ``AccessDenied``...), None when AWS
+    gave none (no answer at all).
+    """
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class TransientAWSError(AWSError):
+    """Raised when an AWS call failed for a reason that may pass by itself: no answer (unreachable,
+    reset, timed out), throttling, a server error, or a queue name deleted moments ago (SQS takes
+    it again after 60 s)."""
+
+
+class QueueGone(AWSError):
+    """Raised when an SQS queue named or addressed does not exist (deleted, or never made)."""
+
+
+class ConditionFailed(AWSError):
+    """Raised when a DynamoDB conditional write was refused because its condition did not hold."""
+
+
+class ResourceNotFound(AWSError):
+    """Raised when an AWS resource other than a queue does not exist: a DynamoDB table, an SNS
+    subscription, an S3 bucket or its lifecycle configuration."""
+
+
+class AlreadyExists(AWSError):
+    """Raised when an AWS resource to create exists already (made meanwhile by another scheduler
+    or worker, or by us before)."""

@@ -15,7 +15,7 @@ durations are.  An estimate comes from, in order:
   4. nothing: an unknown task is taken to be long (UNKNOWN_TASK_SECONDS), so it goes
      out alone until something is known.
 
-Wrong estimates cost little: a bundle is also time-boxed (tasks.run_bundle hands back
+Wrong estimates cost little: a bundle is also time-boxed (runner.run_bundle hands back
 what it has not started once its budget is spent).  Knows nothing of jobs' queues or
 backends; jobs.py asks it.
 """

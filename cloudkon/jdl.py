@@ -14,19 +14,19 @@ import json
 import os
 import re
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from cloudkon.errors import WorkloadError
+from cloudkon.tasks import MAX_TASK_TIMEOUT_SECONDS, check_task_timeout, task_line_numbers
 
 # Bytes of local input files one task may stage (URL inputs are fetched by the worker).
 MAX_INPUT_SANDBOX_BYTES = 512 * 1024 * 1024
 
-# Longest timeout a job description may ask for (30 days), the scheduler's limit for any task
-# (protocol.MAX_TASK_TIMEOUT_SECONDS; jdl sits above protocol and cannot import it): a longer one
-# is a mistake, and a deadline past every clock's range breaks the worker's timers.
-MAX_TIMEOUT_SECONDS = 30 * 86400.0
+# How a check reports a field that is wrong: the message, and the field (for its line in a JDL file).
+_Fail = Callable[..., WorkloadError]
 
 _FIELDS = ("executable", "arguments", "input_sandbox", "output_sandbox", "prologue", "env", "timeout")
 # Classic JDL attribute names (case-insensitive) and their JSON field.
@@ -77,8 +77,7 @@ def workload_specs(path: str, text: str, tasks: list[str]) -> dict[int, JobSpec]
     if not any(map(is_job_description, tasks)):
         return {}
     base = Path(path).resolve().parent
-    lines = text.split("\n")  # as tasks.workload_tasks split it
-    numbers = [n for n, line in enumerate(lines, 1) if line.strip() and not line.strip().startswith("#")]
+    numbers = task_line_numbers(text)
     return {task_id: parse_json_spec(task, base, (path, numbers[task_id]))
             for task_id, task in enumerate(tasks) if is_job_description(task)}
 
@@ -165,6 +164,26 @@ def build_spec(values: dict[str, Any], base: Path, where: tuple[str, int | None]
     if not isinstance(arguments, list) or not all(isinstance(a, str) for a in arguments):
         raise fail("'arguments' is a string or a list of strings", "arguments")
     spec = JobSpec(executable, arguments)
+    _add_files(spec, values, base, fail)
+    spec.env = _checked_env(values, fail)
+    timeout = values.get("timeout")
+    if timeout is not None:
+        try:
+            check_task_timeout(timeout)
+        except ValueError:
+            raise fail(f"'timeout' is a positive number of seconds, at most {MAX_TASK_TIMEOUT_SECONDS:.0f} "
+                       "(30 days)", "timeout") from None
+    spec.timeout = timeout
+    size = spec.input_bytes()
+    if size > MAX_INPUT_SANDBOX_BYTES:
+        raise fail(f"input sandbox of {size:,} bytes is over the limit of {MAX_INPUT_SANDBOX_BYTES:,}",
+                   "input_sandbox")
+    return spec
+
+
+def _add_files(spec: JobSpec, values: dict[str, Any], base: Path, fail: _Fail) -> None:
+    """Check the sandbox fields and add their files to ``spec``: inputs (local, checked to exist,
+    or URLs), prologue scripts, output patterns (inside the sandbox)."""
     for key in ("input_sandbox", "output_sandbox", "prologue"):
         items = values.get(key, [])
         if not isinstance(items, list) or not all(isinstance(i, str) and i for i in items):
@@ -192,27 +211,19 @@ def build_spec(values: dict[str, Any], base: Path, where: tuple[str, int | None]
     clash = next((n for n in names if names.count(n) > 1 and not _same_file(spec, n)), None)
     if clash is not None:
         raise fail(f"two inputs would both be {clash!r} in the sandbox", "input_sandbox")
+
+
+def _checked_env(values: dict[str, Any], fail: _Fail) -> dict[str, str]:
     env = values.get("env", {})
     if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
         raise fail("'env' is an object of strings", "env")
     bad_name = next((k for k, v in env.items() if not k or "=" in k or not _is_text(k + v)), None)
     if bad_name is not None:
         raise fail(f"env: {bad_name!r} cannot be an environment variable", "env")
-    spec.env = dict(env)
-    timeout = values.get("timeout")
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                or not 0 < timeout <= MAX_TIMEOUT_SECONDS):
-        raise fail(f"'timeout' is a positive number of seconds, at most {MAX_TIMEOUT_SECONDS:.0f} (30 days)",
-                   "timeout")
-    spec.timeout = timeout
-    size = spec.input_bytes()
-    if size > MAX_INPUT_SANDBOX_BYTES:
-        raise fail(f"input sandbox of {size:,} bytes is over the limit of {MAX_INPUT_SANDBOX_BYTES:,}",
-                   "input_sandbox")
-    return spec
+    return dict(env)
 
 
-def _existing_file(base: Path, item: str, fail: Any, key: str) -> str:
+def _existing_file(base: Path, item: str, fail: _Fail, key: str) -> str:
     """The absolute path of an input, as named (a symbolic link keeps its own name in the sandbox)."""
     path = os.path.abspath(base / item)
     try:

@@ -1,20 +1,20 @@
 """Jobs in a scheduler: their tasks, their results so far, and who runs next.
 
-Owns the bookkeeping between the protocol and a backend: which tasks of which job
-are still to be bundled, which bundles are out, which tasks have their result
-(each task gets exactly one: later duplicates are dropped), and the fair share of
-the backend between jobs (round robin, one bundle at a time, so a small job is not
-stuck behind a million-task one).  Knows neither sockets nor which backend it feeds.
+Owns the bookkeeping between the job service and a backend: which tasks of which job are
+still to be bundled, which bundles are out, which tasks have their result (each task gets
+exactly one: later duplicates are dropped), and the fair share of the backend between jobs
+(round robin, one bundle at a time, so a small job is not stuck behind a million-task one).
+Knows neither sockets nor which backend it feeds.
 
-A bundle is a time-boxed lease on a run of a job's tasks, cut by the estimates of
-those tasks (estimates.py, backend.plan_bundle).  Tasks a worker hands back unstarted
-(its time box ran out, or the backend took them for an idle worker) go to the front
-of their job's queue, and the job to the front of the turn order, so that the next
-free worker takes them.  Only the bundle that holds a task may hand it back: a
-duplicate delivery of an old bundle cannot queue a task twice.
+A bundle is a time-boxed lease on a run of a job's tasks, cut by the estimates of those
+tasks (estimates.py, backend.plan_bundle).  Tasks a worker hands back unstarted (its time
+box ran out, or the backend took them for an idle worker) go to the front of their job's
+queue, and the job to the front of the turn order, so that the next free worker takes
+them.  Only the bundle that holds a task may hand it back: a duplicate delivery of an old
+bundle cannot queue a task twice.
 
-Runs in one thread (the scheduler's event loop); results reach it from the
-backend's receiving thread through ``handle_results``.
+Runs in one thread (the scheduler's event loop); results reach it from the backend's
+receiving thread through ``handle_results``.
 """
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from functools import partial
+from itertools import islice
 
-from cloudkon.backend import MAX_BUNDLE_COMMAND_BYTES, MAX_BUNDLE_TASKS, Backend, plan_bundle
+from cloudkon.backend import MAX_BUNDLE_TASKS, Backend, commands_that_fit, plan_bundle
 from cloudkon.estimates import JobTimes, TaskTimes
 from cloudkon.repeats import ThrottledLog
 from cloudkon.tasks import CANCELLED, Bundle, ResultBatch, failed_batch
@@ -35,7 +37,6 @@ log = logging.getLogger("cloudkon.jobs")
 # Tasks whose estimates are looked at first when cutting a bundle; eight times more each
 # round while they all fit (a bundle of long tasks needs only its first few looked at).
 FIRST_LOOK_TASKS = 16
-
 # Tasks per batch of results the scheduler makes up itself (cancelled, failed at shutdown):
 # a batch of a million would not fit in one frame to the client or one job-store record.
 SYNTHETIC_BATCH_TASKS = 50_000
@@ -87,10 +88,8 @@ class Job:
 
     def state(self) -> str:
         """open (tasks still arriving), running, finished or cancelled."""
-        if self.cancelled:
-            return "cancelled"
-        if self.finished:
-            return "finished"
+        if self.cancelled or self.finished:
+            return "cancelled" if self.cancelled else "finished"
         return "running" if self.closed else "open"
 
     def counts(self) -> dict[str, int]:
@@ -100,12 +99,15 @@ class Job:
                 "succeeded": self.succeeded_count, "failed": self.failed_count - self.cancelled_count,
                 "cancelled": self.cancelled_count}
 
-    def add_tasks(self, commands: list[str]) -> None:
+    def add_tasks(self, commands: list[str]) -> int:
+        """Add tasks to the job; what they weigh held in memory (held_bytes)."""
+        weight = held_bytes(commands)
         self.commands.extend(commands)
-        self.held_bytes += held_bytes(commands)
+        self.held_bytes += weight
         self.done.extend(bytes(len(commands)))
         self.total += len(commands)
         self.undispatched += len(commands)
+        return weight
 
     def take_bundle(self, number: int, target_seconds: float, slots: int, margin_seconds: float) -> Bundle:
         """The job's next tasks as bundle ``number``: handed-back ones first, then the next
@@ -123,26 +125,15 @@ class Job:
             if count < len(ids) or len(ids) < look or look >= MAX_BUNDLE_TASKS:
                 break
             look = min(look * 8, MAX_BUNDLE_TASKS)
+        count = commands_that_fit(commands[:count])
         ids, commands = ids[:count], commands[:count]
-        if count > 1 and sum(map(len, commands)) > MAX_BUNDLE_COMMAND_BYTES:
-            count, size = 1, len(commands[0])
-            while count < len(commands) and size + len(commands[count]) <= MAX_BUNDLE_COMMAND_BYTES:
-                size += len(commands[count])
-                count += 1
-            ids, commands = ids[:count], commands[:count]
         self._take(ids)
         return Bundle(self.id, number, ids, commands, self.timeout, budget)
 
     def _next_ids(self, limit: int) -> list[int]:
         """Up to ``limit`` of the tasks to bundle next, in order: handed-back ones, else a run."""
         if self.returned_set:
-            ids = []
-            for task_id in self.returned:
-                if task_id in self.returned_set:
-                    ids.append(task_id)
-                    if len(ids) == limit:
-                        break
-            return ids
+            return list(islice((i for i in self.returned if i in self.returned_set), limit))
         start = self.done.find(0, self.next_task)
         stop = self.done.find(1, start, start + limit)  # a run stops before a task with a result
         return list(range(start, min(start + limit, self.total) if stop < 0 else stop))
@@ -171,10 +162,8 @@ class Job:
         """Record the results in ``batch`` that are new, and return just those (without the
         tasks it handed back: those are the dispatcher's business, not its clients')."""
         done, total = self.done, self.total
-        if self.finished:
-            fresh = []
-        else:
-            fresh = [p for p, i in enumerate(batch.ids) if 0 <= i < total and not done[i]]
+        fresh = [] if self.finished else \
+            [p for p, i in enumerate(batch.ids) if 0 <= i < total and not done[i]]
         if len(fresh) != len(batch.ids) or batch.returned:
             batch = batch.select(fresh)
         for i in batch.ids:
@@ -196,8 +185,7 @@ class Job:
 
     def release(self) -> None:
         """Drop what a finished job no longer needs in memory (its store keeps it)."""
-        self.commands, self.done, self.results, self.times = [], bytearray(), None, None
-        self.held_bytes = 0
+        self.commands, self.done, self.results, self.times, self.held_bytes = [], bytearray(), None, None, 0
 
     def unqueue(self, in_flight: bool = True) -> list[int]:
         """Empty the job's queue (no more of its tasks will be bundled): the ids of its tasks
@@ -206,16 +194,14 @@ class Job:
         queued = [] if in_flight else [i for i in self.returned if i in self.returned_set]
         pending = queued + [i for i in range(first, self.total) if not self.done[i]]
         self.next_task, self.undispatched = self.total, 0
-        self.returned.clear()
-        self.returned_set.clear()
+        self.returned, self.returned_set = deque(), set()
         return pending
 
 
 class Dispatcher:
     """The jobs of one scheduler, fed to one backend fairly."""
 
-    def __init__(self, backend: Backend,
-                 on_results: Callable[[Job, ResultBatch], None],
+    def __init__(self, backend: Backend, on_results: Callable[[Job, ResultBatch], None],
                  on_finished: Callable[[Job], None], first_bundle: int = 0) -> None:
         self.backend = backend
         self.jobs: dict[str, Job] = {}
@@ -231,12 +217,10 @@ class Dispatcher:
         self._held = False  # shutting down: no more bundles
         # Shutting down without a store: why a task that is not run now never will be.
         self._unrun_reason: str | None = None
-        self._unknown_job = ThrottledLog(log, logging.INFO, "results for no job held here, dropped",
-                                         DROPPED_LOG_SECONDS)
-        self._beyond_job = ThrottledLog(log, logging.WARNING, "results for no task of their job, dropped",
-                                        DROPPED_LOG_SECONDS)
-        self._duplicates = ThrottledLog(log, logging.INFO, "results for tasks that had one, dropped",
-                                        DROPPED_LOG_SECONDS)
+        dropped = partial(ThrottledLog, log, seconds=DROPPED_LOG_SECONDS)
+        self._unknown_job = dropped(logging.INFO, "results for no job held here, dropped")
+        self._beyond_job = dropped(logging.WARNING, "results for no task of their job, dropped")
+        self._duplicates = dropped(logging.INFO, "results for tasks that had one, dropped")
         self.held_bytes = 0  # of every job's commands held in memory (Job.held_bytes)
 
     @property
@@ -269,28 +253,21 @@ class Dispatcher:
     def add_tasks(self, job: Job, commands: list[str]) -> None:
         if not commands:
             return
+        first, queued = job.total, job.undispatched > 0
+        self.held_bytes += job.add_tasks(commands)
         if job.cancelled:  # still arriving after a cancel: each gets its result at once
-            first = job.total
-            self._add(job, commands)
             job.next_task, job.undispatched = job.total, 0
             self.handle_results(_synthetic(job.id, None, list(range(first, job.total)), CANCELLED))
             return
-        if job.undispatched == 0:
+        if not queued:  # it had no turn: it takes one now
             self._ready.append(job)
-        self._add(job, commands)
         self.pump()
-
-    def _add(self, job: Job, commands: list[str]) -> None:
-        before = job.held_bytes
-        job.add_tasks(commands)
-        self.held_bytes += job.held_bytes - before
 
     def cancel(self, job: Job) -> int:
         """Give every task of ``job`` still without a result the result CANCELLED; how many.
 
-        The backend is told separately (Backend.cancel) to stop the ones it holds; what
-        they report later is a duplicate and dropped.  A finished job is left alone (0).
-        """
+        The backend is told separately (Backend.cancel) to stop the ones it holds; what they
+        report later is a duplicate and dropped.  A finished job is left alone (0)."""
         if job.finished:
             return 0
         job.cancelled = job.cancelling = True
@@ -352,8 +329,8 @@ class Dispatcher:
         self.pump()
 
     def _count_dropped(self, job: Job | None, batch: ResultBatch, dropped: int) -> None:
-        """Log (throttled) results that are not recorded: for no job held, for no task of the job,
-        or for a task that has its result (a duplicate delivery, or a late reply after a cancel)."""
+        """Log (throttled) results not recorded: for no job held, no task of the job, or a task that
+        had its result (a duplicate delivery, a late reply after a cancel)."""
         if job is None:
             if batch.ids:
                 self._unknown_job.add(len(batch.ids), f"job {batch.job[:64]!r}")
@@ -404,11 +381,10 @@ class Dispatcher:
 
     def _finish(self, job: Job) -> None:
         job.finished_at = time.time()
-        elapsed = job.finished_at - job.created_at
         counts = job.counts()
         log.info("job %s %s: %d tasks, %d failed, %d cancelled, %.2f s", job.id,
                  "cancelled" if job.cancelled else "finished", job.total, counts["failed"],
-                 counts["cancelled"], elapsed)
+                 counts["cancelled"], job.finished_at - job.created_at)
         self._on_finished(job)
 
 

@@ -1,7 +1,9 @@
 """LocalBackend: bundles run by worker processes on this machine.
 
-Owns the worker processes: starting them, feeding them bundles, reading their
-results, and replacing any that die.  Data flow::
+Owns the scheduler's side of the worker processes: starting them, feeding them bundles,
+reading their results, stealing work for an idle one, and replacing any that die.  What
+runs inside a worker is localprocess.py; what the backend knows of each worker, and the
+prefetch and stealing rules on it, is localslots.py.  Data flow::
 
     submit(bundle) --> queue --+                       +--> bundle frames --> worker 0
       (any thread)    wakeup --+--> receive(timeout) --+--> bundle frames --> worker N-1
@@ -13,7 +15,7 @@ second one only behind a short one), so the backend always knows which tasks a w
 holds.  No worker idles while another holds tasks it has not started: when one has had
 nothing for STEAL_AFTER_SECONDS and nothing is queued, the backend sends a ``hand_back``
 frame to the worker holding the most unstarted tasks; it returns a bundle it has not
-started at once, or ends the time box of the one it runs (tasks.TimeBoxes: the rest goes
+started at once, or ends the time box of the one it runs (runner.TimeBoxes: the rest goes
 back at once as ``returned``, the task in hand runs on), and the dispatcher queues those
 tasks first.  A box that runs out by itself does the same.  ``receive`` waits on the
 pipes, the process sentinels and a wakeup pipe together (as concurrent.futures
@@ -23,13 +25,12 @@ shared progress slot the worker writes before each task) is retried once, then
 reported failed.  A replacement that cannot be started (no file descriptors left, say)
 is tried again with a growing pause, never raised out of ``receive``; with no worker
 alive for NO_WORKERS_FAIL_SECONDS, the queued tasks are reported failed rather than
-held.  A worker exits when its scheduler dies: its pipe reaches end of file or, should
-its reader be gone or the pipe be held open elsewhere, a thread watching the scheduler's
-process (a pidfd, Linux) sees it end.  (A parent-death signal would not do: a worker's
-parent is the forkserver, which lives as long as any worker does.)  ``cancel(job)``
-drops the job's queued bundles and sends a ``cancel`` frame to each worker holding one
-of its bundles: the worker kills the job's running task and skips its other tasks.
-Frames on the pipes are protocol.py's JSON: nothing is pickled after start-up.
+held.  A worker exits when its scheduler dies (localprocess.py says how: a parent-death
+signal would not do, as a worker's parent is the forkserver, which lives as long as any
+worker does).  ``cancel(job)`` drops the job's queued bundles and sends a ``cancel``
+frame to each worker holding one of its bundles: the worker kills the job's running
+task and skips its other tasks.  Frames on the pipes are protocol.py's JSON: nothing is
+pickled after start-up.
 """
 
 from __future__ import annotations
@@ -40,44 +41,21 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import queue
-import select
-import signal
 import socket
 import sys
 import threading
 import time
-import traceback
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from multiprocessing.context import BaseContext
 
 from cloudkon import protocol
 from cloudkon.backend import Backend
-from cloudkon.errors import BackendError, MalformedMessage
-from cloudkon.tasks import (
-    CANCELLED,
-    OUTPUT_CAP_BYTES,
-    Bundle,
-    Cancellations,
-    ResultBatch,
-    TimeBoxes,
-    failed_batch,
-    kill_running_tasks,
-    reduce_timer_slack,
-    run_bundle,
-)
+from cloudkon.errors import BackendError
+from cloudkon.localprocess import NO_TASK, STOP_FRAME, worker_main
+from cloudkon.localslots import HeldBundle, WorkerSlot
+from cloudkon.tasks import CANCELLED, OUTPUT_CAP_BYTES, Bundle, ResultBatch, failed_batch
 
 log = logging.getLogger("cloudkon.local")
-
-# Bundles a worker holds at once: the one it runs and the next, so it never waits
-# for the scheduler between bundles.  More would hurt balance at the end of a job.
-PREFETCH_BUNDLES = 2
-
-# ... but a next one only behind a bundle boxed to at most this long: behind a longer one
-# the wait for the scheduler is negligible, and a bundle queued behind it could have
-# gone to the next worker that frees up.
-PREFETCH_BEHIND_SECONDS = 0.25
 
 # A worker steals only once it has had nothing for this long: between two bundles of a busy
 # job it has nothing for a moment (its results go to the dispatcher, which then sends it the
@@ -97,60 +75,6 @@ MAX_RESTART_PAUSE_SECONDS = 10.0
 # than held: a client waits out a passing shortage, but not one that lasts.
 NO_WORKERS_FAIL_SECONDS = 60.0
 
-_STOP = b""
-_NO_TASK = -1
-
-
-@dataclass
-class _Held:
-    """A bundle a worker holds: the first ``reported`` of its tasks have results (a worker
-    reports a bundle's tasks in order), those from ``cut`` on were handed back."""
-
-    bundle: Bundle
-    reported: int = 0
-    cut: int = -1
-
-    def __post_init__(self) -> None:
-        self.cut = len(self.bundle.ids)
-
-    @property
-    def unreported(self) -> int:
-        return self.cut - self.reported
-
-
-@dataclass
-class _WorkerSlot:
-    """One worker process and what the backend has handed it."""
-
-    process: multiprocessing.Process
-    conn: multiprocessing.connection.Connection
-    progress: object  # RawArray('q', 2): [bundle number, task id] the worker is running
-    held: dict[int, _Held] = field(default_factory=dict)  # by bundle number, in the order handed out
-    asked: set[int] = field(default_factory=set)  # bundles it was asked to hand back
-    idle_since: float = 0.0  # when it last ran out of bundles (the longest idle is served first)
-    took_work: bool = False
-    dead: bool = False
-
-    def unstarted(self) -> int:
-        """Tasks it holds that it has not started (its first bundle's next task is running)."""
-        return sum(held.unreported for held in self.held.values()) - (1 if self.held else 0)
-
-    def stealable(self) -> int:
-        """Its unstarted tasks, if its last bundle has not been asked for yet (once asked, its
-        results may lag: they go out at its next flush, after the running task, so it may seem
-        to hold tasks it has run or handed back)."""
-        if not self.held or next(reversed(self.held)) in self.asked:
-            return 0
-        return self.unstarted()
-
-    def takes_more(self) -> bool:
-        """Whether it may be handed another bundle now."""
-        if not self.held:
-            return True
-        return len(self.held) < PREFETCH_BUNDLES and all(
-            held.bundle.budget is not None and held.bundle.budget <= PREFETCH_BEHIND_SECONDS
-            for held in self.held.values())
-
 
 class LocalBackend(Backend):
     """Runs bundles in ``workers`` local processes."""
@@ -169,7 +93,7 @@ class LocalBackend(Backend):
         # by then, and forking a process with threads may copy a lock some other thread holds.
         self._context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
         if "forkserver" in methods:
-            self._context.set_forkserver_preload(["cloudkon.localworkers"])
+            self._context.set_forkserver_preload(["cloudkon.localprocess"])
         # The first ones, while this process has one thread (Linux), are forked from it at once: a
         # fork server takes a new interpreter and ~0.12 s to start, most of a short run's time.
         first = self._context
@@ -241,7 +165,7 @@ class LocalBackend(Backend):
         for slot in self._slots:
             try:
                 if wait:
-                    slot.conn.send_bytes(_STOP)
+                    slot.conn.send_bytes(STOP_FRAME)
                 else:
                     slot.process.terminate()
             except OSError:
@@ -263,15 +187,15 @@ class LocalBackend(Backend):
 
     # --- internals (called from the receiving thread only) ------------------------
 
-    def _start_worker(self, context: BaseContext | None = None) -> _WorkerSlot:
+    def _start_worker(self, context: BaseContext | None = None) -> WorkerSlot:
         """A new worker process, started by ``context`` (by default the fork server); OSError if
         one cannot be started (nothing is left open then)."""
         context = context or self._context
         parent_end, child_end = context.Pipe(duplex=True)
         try:
-            progress = context.RawArray("q", [_NO_TASK, _NO_TASK])
+            progress = context.RawArray("q", [NO_TASK, NO_TASK])
             process = context.Process(
-                target=_worker_main, args=(child_end, progress, self._output_cap, os.getpid()),
+                target=worker_main, args=(child_end, progress, self._output_cap, os.getpid()),
                 name="cloudkon-worker", daemon=True)
             process.start()
         except BaseException:
@@ -279,7 +203,7 @@ class LocalBackend(Backend):
             raise
         finally:
             child_end.close()
-        return _WorkerSlot(process, parent_end, progress)
+        return WorkerSlot(process, parent_end, progress)
 
     def _replace_dead(self, results: list[ResultBatch]) -> float:
         """Start workers in place of dead ones when it is time to try; with none alive for
@@ -357,7 +281,7 @@ class LocalBackend(Backend):
             if not self._send(slot, protocol.bundle_message(bundle)):
                 self._queue.appendleft(bundle)
                 return
-            slot.held[bundle.bundle] = _Held(bundle)
+            slot.held[bundle.bundle] = HeldBundle(bundle)
             slot.took_work = True
 
     def _steal_for_idle(self) -> float:
@@ -370,7 +294,7 @@ class LocalBackend(Backend):
         wait = min(idle) + STEAL_AFTER_SECONDS - time.monotonic()
         if wait > 0:
             return wait
-        victim = max((s for s in self._slots if not s.dead), key=_WorkerSlot.stealable)
+        victim = max((s for s in self._slots if not s.dead), key=WorkerSlot.stealable)
         if victim.stealable() <= 0:
             return math.inf
         number = next(reversed(victim.held))
@@ -379,14 +303,14 @@ class LocalBackend(Backend):
         return math.inf
 
     @staticmethod
-    def _send(slot: _WorkerSlot, message: dict) -> bool:
+    def _send(slot: WorkerSlot, message: dict) -> bool:
         try:
             slot.conn.send_bytes(protocol.encode_body(message))
             return True
         except OSError:
             return False  # the worker is dying; its sentinel will fire
 
-    def _read_results(self, slot: _WorkerSlot, results: list[ResultBatch]) -> None:
+    def _read_results(self, slot: WorkerSlot, results: list[ResultBatch]) -> None:
         try:
             while not slot.dead and slot.conn.poll():
                 batch = protocol.results_from_message(protocol.decode(slot.conn.recv_bytes()))
@@ -396,7 +320,7 @@ class LocalBackend(Backend):
             self._bury(slot, results)
 
     @staticmethod
-    def _record(slot: _WorkerSlot, batch: ResultBatch) -> None:
+    def _record(slot: WorkerSlot, batch: ResultBatch) -> None:
         held = slot.held.get(batch.bundle)  # type: ignore[arg-type]
         if held is None:
             return
@@ -409,7 +333,7 @@ class LocalBackend(Backend):
             if not slot.held:
                 slot.idle_since = time.monotonic()
 
-    def _bury(self, slot: _WorkerSlot, results: list[ResultBatch]) -> None:
+    def _bury(self, slot: WorkerSlot, results: list[ResultBatch]) -> None:
         """Re-queue (or fail) what a dead worker held, and start its replacement."""
         if slot.dead:
             return
@@ -447,137 +371,3 @@ class LocalBackend(Backend):
             del self._deaths[key]
             return True
         return False
-
-
-class _Inbox:
-    """The bundles a worker process holds but has not started, in order.
-
-    The scheduler may ask for one back (``hand_back``): a bundle queued behind a running
-    one is withdrawn whole; any other (the one running, or the next about to) has its time
-    box ended (TimeBoxes.end), which hands back what it has not started once its first
-    task runs, so a bundle cannot bounce between workers unstarted.  Both under one lock
-    with ``take``, so that a bundle is never both withdrawn and started.
-    """
-
-    def __init__(self, boxes: TimeBoxes) -> None:
-        self._bundles: deque[Bundle | None] = deque()
-        self._lock = threading.Condition()
-        self._running = False
-        self._boxes = boxes
-
-    def put(self, bundle: Bundle | None) -> None:
-        with self._lock:
-            self._bundles.append(bundle)
-            self._lock.notify()
-
-    def take(self) -> Bundle | None:
-        with self._lock:
-            while not self._bundles:
-                self._lock.wait()
-            self._running = True
-            return self._bundles.popleft()
-
-    def finished(self) -> None:
-        with self._lock:
-            self._running = False
-
-    def hand_back(self, job: str, number: int) -> Bundle | None:
-        """The bundle ``number`` if it waits behind another, taken out; else None, its box ended."""
-        with self._lock:
-            for position, bundle in enumerate(self._bundles):
-                if bundle is not None and bundle.bundle == number and (self._running or position):
-                    del self._bundles[position]
-                    return bundle
-            self._boxes.end(job, number)
-            return None
-
-
-def _worker_main(conn: multiprocessing.connection.Connection, progress: object,
-                 output_cap: int, scheduler_pid: int) -> None:
-    """A worker process: run bundles from ``conn`` and send back their results.
-
-    A reader thread drains the pipe into an inbox, so the backend's sends never wait
-    for a bundle to finish (and the two sides cannot deadlock on full pipes); it also
-    answers hand-back requests for bundles not started, and TimeBoxes' thread hands back
-    the rest of a bundle whose box runs out: three threads send.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the scheduler's to handle
-    signal.signal(signal.SIGTERM, _stop_now)
-    threading.Thread(target=_stop_with_scheduler, args=(scheduler_pid,), daemon=True).start()
-    reduce_timer_slack()
-    cancellations = Cancellations()
-    worker = f"{socket.gethostname()}:{os.getpid()}"  # where each result ran, as the user sees it
-    sending = threading.Lock()
-
-    def send(batch: ResultBatch) -> None:
-        batch.worker = worker
-        frame = protocol.encode_body(protocol.results_message(batch))
-        try:
-            with sending:
-                conn.send_bytes(frame)
-        except OSError:  # the scheduler is gone (killed): nobody wants the result
-            _stop_now()
-
-    boxes = TimeBoxes(lambda bundle, ids: send(ResultBatch(bundle.job, bundle.bundle, returned=ids)))
-    inbox = _Inbox(boxes)
-    threading.Thread(target=_read_bundles, args=(conn, inbox, cancellations, send), daemon=True).start()
-
-    def mark_running(task_id: int) -> None:
-        progress[1] = task_id  # type: ignore[index]
-
-    while (bundle := inbox.take()) is not None:
-        progress[0] = bundle.bundle  # type: ignore[index]
-        for batch in run_bundle(bundle, output_cap, mark_running, cancellations, boxes):
-            send(batch)
-        progress[1] = _NO_TASK  # type: ignore[index]
-        inbox.finished()
-
-
-def _stop_with_scheduler(pid: int) -> None:
-    """Exit once the scheduler process ``pid`` has ended (where pidfds exist: Linux 5.3 on)."""
-    try:
-        watch = os.pidfd_open(pid)
-    except ProcessLookupError:
-        _stop_now()  # gone already
-    except (AttributeError, OSError):
-        return  # no pidfds here: the pipe's end of file alone tells
-    select.select([watch], [], [])  # readable once the process has ended
-    _stop_now()
-
-
-def _read_bundles(conn: multiprocessing.connection.Connection, inbox: _Inbox,
-                  cancellations: Cancellations, send: Callable[[ResultBatch], None]) -> None:
-    """The worker's reader thread: a worker without one would hold its bundles forever, so any
-    failure here ends the process, which the backend notices (its sentinel) and replaces."""
-    try:
-        _read_frames(conn, inbox, cancellations, send)
-    except (EOFError, OSError):
-        _stop_now()  # the backend is gone: nobody wants what is running
-    except Exception:  # a frame it cannot read: say so where the scheduler's log goes
-        traceback.print_exc()
-        _stop_now()
-
-
-def _read_frames(conn: multiprocessing.connection.Connection, inbox: _Inbox,
-                 cancellations: Cancellations, send: Callable[[ResultBatch], None]) -> None:
-    while (data := conn.recv_bytes()) != _STOP:
-        message = protocol.decode(data)
-        if message["type"] == "cancel":
-            cancellations.cancel(message["job"])
-        elif message["type"] == "hand_back":
-            withdrawn = inbox.hand_back(message["job"], message["bundle"])
-            if withdrawn is not None:
-                send(ResultBatch(withdrawn.job, withdrawn.bundle, returned=list(withdrawn.ids)))
-        else:
-            try:
-                inbox.put(protocol.bundle_from_message(message))
-            except MalformedMessage as exc:  # its tasks fail, not the worker: a new one would fail too
-                send(failed_batch(message["job"], message["bundle"], message["ids"],
-                                  f"the worker could not read this task's bundle: {exc}"))
-    inbox.put(None)
-
-
-def _stop_now(signum: int | None = None, frame: object = None) -> None:
-    """Exit at once, taking the running command's process group along."""
-    kill_running_tasks()
-    os._exit(1)

@@ -3,7 +3,8 @@
 Owns the remote-mode and provisioning options: scheduler.py offers them, and a client
 with --remote forwards the ones given to the scheduler it embeds.  Kept apart so that
 the client does not load the scheduler (its server, HTTP API and job store) to parse
-its own command line.
+its own command line.  Their defaults are defaults.py's (where loading them loads no
+boto3, so that every program's --help works without it).
 """
 
 from __future__ import annotations
@@ -11,20 +12,26 @@ from __future__ import annotations
 import argparse
 import importlib.util
 
+from cloudkon.defaults import (
+    DEFAULT_BOOT_TIMEOUT,
+    DEFAULT_CLAIM_TABLE,
+    DEFAULT_CONTROL_TOPIC,
+    DEFAULT_FLEET,
+    DEFAULT_FLEET_TABLE,
+    DEFAULT_HEARTBEAT_SECONDS,
+    DEFAULT_HEARTBEAT_TIMEOUT,
+    DEFAULT_INSTANCE_TYPE,
+    DEFAULT_MAX_WORKERS,
+    DEFAULT_REQUEST_QUEUE,
+    DEFAULT_RETENTION_DAYS,
+    DEFAULT_SCALE_INTERVAL,
+    DEFAULT_STAGING_PREFIX,
+    DEFAULT_VISIBILITY_TIMEOUT,
+    DEFAULT_WORKER_IDLE_TIMEOUT,
+    DEFAULT_WORKER_THREADS,
+)
 from cloudkon.errors import ConfigError
-from cloudkon.protocol import check_task_timeout
-
-# The AWS resources of a fleet, by default (aws.py and control.py use them; kept here, where
-# loading them loads no boto3, so that every program's --help works without it).
-DEFAULT_REQUEST_QUEUE = "cloudkon-requests"
-DEFAULT_CLAIM_TABLE = "cloudkon-claims"
-DEFAULT_CONTROL_TOPIC = "cloudkon-control"
-# A bundle's lease: SQS visibility timeout and claim, renewed while it runs.
-DEFAULT_VISIBILITY_TIMEOUT = 60
-
-# Titles of the option groups that a client with --remote forwards to its embedded scheduler.
-REMOTE_GROUP_TITLES = ("remote mode (AWS settings come from boto3's standard chain)",
-                       "provisioning of EC2 workers (remote mode)")
+from cloudkon.tasks import check_task_timeout
 
 
 def task_timeout_argument(text: str) -> float:
@@ -48,7 +55,7 @@ def require_boto3() -> None:
 
 def add_remote_arguments(parser: argparse.ArgumentParser) -> None:
     """The remote mode and provisioning options (shared with client.py --remote)."""
-    remote = parser.add_argument_group(REMOTE_GROUP_TITLES[0])
+    remote = parser.add_argument_group("remote mode (AWS settings come from boto3's standard chain)")
     remote.add_argument("--request-queue",
                         help=f"SQS queue shared with the workers (default: {DEFAULT_REQUEST_QUEUE})")
     remote.add_argument("--response-queue", default=None,
@@ -62,44 +69,53 @@ def add_remote_arguments(parser: argparse.ArgumentParser) -> None:
                              "subscribed to the control topic, added up; with --provision, "
                              "--max-workers x --worker-threads)")
     remote.add_argument("--visibility-timeout", type=int, metavar="SECONDS",
-                        help="visibility timeout of queues this scheduler creates (default: 60)")
+                        help="visibility timeout of queues this scheduler creates "
+                             f"(default: {DEFAULT_VISIBILITY_TIMEOUT})")
     remote.add_argument("--bucket",
                         help="S3 bucket where clients stage the files of job descriptions (default: "
                              "cloudkon-<account>-<region>, created if missing)")
     remote.add_argument("--staging-prefix", metavar="PREFIX",
-                        help="key prefix of job files in the bucket (default: jobs)")
+                        help=f"key prefix of job files in the bucket (default: {DEFAULT_STAGING_PREFIX})")
     remote.add_argument("--retention-days", type=int, metavar="DAYS",
                         help="a lifecycle rule deletes job files this many days after they are "
-                             "written (default: 7)")
+                             f"written (default: {DEFAULT_RETENTION_DAYS})")
     remote.add_argument("--control-topic",
                         help="SNS topic of control messages to the workers (cancel, drain, shutdown; "
-                             "default: cloudkon-control)")
-    fleet = parser.add_argument_group(REMOTE_GROUP_TITLES[1])
+                             f"default: {DEFAULT_CONTROL_TOPIC})")
+    fleet = parser.add_argument_group("provisioning of EC2 workers (remote mode)")
     fleet.add_argument("--provision", action="store_true",
                        help="launch EC2 worker instances while bundles wait; they terminate when idle")
     fleet.add_argument("--ami", help="image made with ami_setup.sh (required with --provision)")
-    fleet.add_argument("--instance-type", default="t3.micro", help="(default: t3.micro)")
-    fleet.add_argument("--max-workers", type=int, default=16, metavar="N", help="(default: 16)")
+    fleet.add_argument("--instance-type", default=DEFAULT_INSTANCE_TYPE,
+                       help=f"(default: {DEFAULT_INSTANCE_TYPE})")
+    fleet.add_argument("--max-workers", type=int, default=DEFAULT_MAX_WORKERS, metavar="N",
+                       help=f"(default: {DEFAULT_MAX_WORKERS})")
     fleet.add_argument("--key-name", help="EC2 key pair for the instances")
     fleet.add_argument("--subnet", help="subnet to launch in")
     fleet.add_argument("--security-group", action="append", default=[], metavar="ID",
                        help="security group id (repeatable)")
     fleet.add_argument("--instance-profile", metavar="NAME",
                        help="IAM instance profile giving the workers iam/worker-policy.json")
-    fleet.add_argument("--worker-threads", type=int, default=4, metavar="N",
-                       help="bundles each worker runs at once (default: 4)")
-    fleet.add_argument("--worker-idle-timeout", type=float, default=300, metavar="SECONDS",
-                       help="an instance terminates itself after this long without work (default: 300)")
-    fleet.add_argument("--fleet", default="cloudkon",
+    fleet.add_argument("--worker-threads", type=int, default=DEFAULT_WORKER_THREADS, metavar="N",
+                       help=f"bundles each worker runs at once (default: {DEFAULT_WORKER_THREADS})")
+    fleet.add_argument("--worker-idle-timeout", type=float, default=DEFAULT_WORKER_IDLE_TIMEOUT,
+                       metavar="SECONDS",
+                       help="an instance terminates itself after this long without work "
+                            f"(default: {DEFAULT_WORKER_IDLE_TIMEOUT:g})")
+    fleet.add_argument("--fleet", default=DEFAULT_FLEET,
                        help="fleet name: a restarted scheduler adopts its fleet's instances "
-                            "(default: cloudkon)")
-    fleet.add_argument("--fleet-table", default="cloudkon-fleet",
-                       help="DynamoDB table registering the instances (default: cloudkon-fleet)")
-    fleet.add_argument("--heartbeat-seconds", type=float, default=5, help=argparse.SUPPRESS)
-    fleet.add_argument("--heartbeat-timeout", type=float, default=30, metavar="SECONDS",
-                       help="terminate an instance silent this long (default: 30)")
-    fleet.add_argument("--boot-timeout", type=float, default=300, metavar="SECONDS",
+                            f"(default: {DEFAULT_FLEET})")
+    fleet.add_argument("--fleet-table", default=DEFAULT_FLEET_TABLE,
+                       help=f"DynamoDB table registering the instances (default: {DEFAULT_FLEET_TABLE})")
+    fleet.add_argument("--heartbeat-seconds", type=float, default=DEFAULT_HEARTBEAT_SECONDS,
+                       help=argparse.SUPPRESS)
+    fleet.add_argument("--heartbeat-timeout", type=float, default=DEFAULT_HEARTBEAT_TIMEOUT,
+                       metavar="SECONDS",
+                       help="terminate an instance silent this long "
+                            f"(default: {DEFAULT_HEARTBEAT_TIMEOUT:g})")
+    fleet.add_argument("--boot-timeout", type=float, default=DEFAULT_BOOT_TIMEOUT, metavar="SECONDS",
                        help="terminate an instance that sent no heartbeat this long after launch "
-                            "(default: 300)")
-    fleet.add_argument("--scale-interval", type=float, default=5, metavar="SECONDS",
-                       help="how often to check the backlog and the fleet (default: 5)")
+                            f"(default: {DEFAULT_BOOT_TIMEOUT:g})")
+    fleet.add_argument("--scale-interval", type=float, default=DEFAULT_SCALE_INTERVAL, metavar="SECONDS",
+                       help="how often to check the backlog and the fleet "
+                            f"(default: {DEFAULT_SCALE_INTERVAL:g})")

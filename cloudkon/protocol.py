@@ -43,10 +43,6 @@ HEADER_BYTES = _HEADER.size
 
 _RESULT_COLUMNS = ("ids", "exit_codes", "outputs", "elapsed_us", "errors")
 
-# Longest task timeout a job may ask for (30 days): a longer one is a mistake (1e308, or
-# milliseconds taken for seconds), and a deadline past every clock's range breaks timers.
-MAX_TASK_TIMEOUT_SECONDS = 30 * 86400.0
-
 # A lone surrogate escape (``\ud800``) is valid JSON but no valid text: it cannot be written
 # to a file or passed to a process.  Frames are ASCII, so surrogates can arrive only this way.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
@@ -136,17 +132,6 @@ def parse_json(data: bytes | bytearray) -> Any:
 
 def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not a number JSON allows")
-
-
-def check_task_timeout(value: object) -> float:
-    """``value`` as a task timeout in seconds: positive, finite and at most MAX_TASK_TIMEOUT_SECONDS.
-
-    Raises ValueError saying what is wrong otherwise (NaN and infinity included)."""
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not number or not 0 < value <= MAX_TASK_TIMEOUT_SECONDS:
-        raise ValueError(f"a task timeout must be a number of seconds above 0 and at most "
-                         f"{MAX_TASK_TIMEOUT_SECONDS:.0f} (30 days), not {value!r}")
-    return float(value)
 
 
 def _type_name(kind: type | tuple[type, ...]) -> str:

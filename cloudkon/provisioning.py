@@ -27,17 +27,25 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from cloudkon import aws
-from cloudkon.control import DEFAULT_CONTROL_TOPIC, delete_queue, queue_name
-from cloudkon.errors import BackendError
+from cloudkon.control import delete_queue, queue_name
+from cloudkon.defaults import (
+    DEFAULT_BOOT_TIMEOUT,
+    DEFAULT_CLAIM_TABLE,
+    DEFAULT_CONTROL_TOPIC,
+    DEFAULT_FLEET,
+    DEFAULT_FLEET_TABLE,
+    DEFAULT_HEARTBEAT_SECONDS,
+    DEFAULT_HEARTBEAT_TIMEOUT,
+    DEFAULT_INSTANCE_TYPE,
+    DEFAULT_REQUEST_QUEUE,
+    DEFAULT_VISIBILITY_TIMEOUT,
+    DEFAULT_WORKER_IDLE_TIMEOUT,
+    DEFAULT_WORKER_THREADS,
+)
+from cloudkon.errors import BackendError, ResourceNotFound
 
 log = logging.getLogger("cloudkon.fleet")
 
-DEFAULT_FLEET = "cloudkon"
-DEFAULT_FLEET_TABLE = "cloudkon-fleet"
-DEFAULT_HEARTBEAT_SECONDS = 5.0
-DEFAULT_HEARTBEAT_TIMEOUT = 30.0
-# An instance must boot, start its worker (cron @reboot) and send a first heartbeat in this time.
-DEFAULT_BOOT_TIMEOUT = 300.0
 FLEET_TAG = "cloudkon:fleet"
 _GONE_STATES = ("shutting-down", "terminated", "stopping", "stopped")
 _IMDS_DEFAULT_ENDPOINT = "http://169.254.169.254/"
@@ -52,11 +60,11 @@ class WorkerSettings:
 
     fleet: str = DEFAULT_FLEET
     fleet_table: str = DEFAULT_FLEET_TABLE
-    request_queue: str = aws.DEFAULT_REQUEST_QUEUE
-    claim_table: str = aws.DEFAULT_CLAIM_TABLE
-    threads: int = 4
-    idle_timeout: float = 300.0
-    visibility_timeout: int = aws.DEFAULT_VISIBILITY_TIMEOUT
+    request_queue: str = DEFAULT_REQUEST_QUEUE
+    claim_table: str = DEFAULT_CLAIM_TABLE
+    threads: int = DEFAULT_WORKER_THREADS
+    idle_timeout: float = DEFAULT_WORKER_IDLE_TIMEOUT
+    visibility_timeout: int = DEFAULT_VISIBILITY_TIMEOUT
     heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS
     control_topic: str = DEFAULT_CONTROL_TOPIC
 
@@ -77,7 +85,7 @@ class LaunchOptions:
     """How to launch a worker instance (the usual run_instances options)."""
 
     ami: str
-    instance_type: str = "t3.micro"
+    instance_type: str = DEFAULT_INSTANCE_TYPE
     key_name: str | None = None
     subnet: str | None = None
     security_groups: list[str] = field(default_factory=list)
@@ -166,21 +174,19 @@ class Fleet:
         sqs = aws.client("sqs")
         with aws.aws_errors("removing queues"):
             urls = sqs.list_queues(QueueNamePrefix=aws.RESPONSE_QUEUE_PREFIX).get("QueueUrls", [])
-            for name in (self.settings.request_queue, aws.dead_letter_queue(self.settings.request_queue)):
-                try:
-                    urls.append(sqs.get_queue_url(QueueName=name)["QueueUrl"])
-                except sqs.exceptions.QueueDoesNotExist:
-                    pass
-            for url in urls:
+        for name in (self.settings.request_queue, aws.dead_letter_queue(self.settings.request_queue)):
+            urls.append(aws.queue_url(sqs, name))
+        with aws.aws_errors("removing queues"):
+            for url in filter(None, urls):
                 sqs.delete_queue(QueueUrl=url)
                 log.info("deleted queue %s", url)
         for table in (self.settings.claim_table, self.settings.fleet_table):
-            with aws.aws_errors(f"removing table {table}"):
-                try:
+            try:
+                with aws.aws_errors(f"removing table {table}"):
                     self.dynamodb.delete_table(TableName=table)
-                    log.info("deleted table %s", table)
-                except self.dynamodb.exceptions.ResourceNotFoundException:
-                    pass
+                log.info("deleted table %s", table)
+            except ResourceNotFound:
+                pass
 
     # --- EC2 and the registry ----------------------------------------------------
 
@@ -231,14 +237,14 @@ class Fleet:
                     for page in pages for r in page["Reservations"] for i in r["Instances"]}
 
     def _registered(self) -> list[dict[str, Any]]:
-        with aws.aws_errors("reading the fleet registry"):
-            pages = self.dynamodb.get_paginator("query").paginate(
-                TableName=self.settings.fleet_table, KeyConditionExpression="fleet = :fleet",
-                ExpressionAttributeValues={":fleet": {"S": self.settings.fleet}}, ConsistentRead=True)
-            try:
+        try:
+            with aws.aws_errors("reading the fleet registry"):
+                pages = self.dynamodb.get_paginator("query").paginate(
+                    TableName=self.settings.fleet_table, KeyConditionExpression="fleet = :fleet",
+                    ExpressionAttributeValues={":fleet": {"S": self.settings.fleet}}, ConsistentRead=True)
                 return [item for page in pages for item in page["Items"]]
-            except self.dynamodb.exceptions.ResourceNotFoundException:
-                return []  # no registry table: nothing was ever registered
+        except ResourceNotFound:
+            return []  # no registry table: nothing was ever registered
 
     def _register(self, instance: str, launched_at: float) -> None:
         with aws.aws_errors("registering an instance"):
@@ -273,17 +279,12 @@ class Instance:
 
     def heartbeat(self, dynamodb: Any) -> None:
         """Mark this instance alive in the registry (only once the scheduler has registered it)."""
-        try:
-            with aws.aws_errors("sending a heartbeat"):
-                dynamodb.update_item(
-                    TableName=self.settings.fleet_table,
-                    Key={"fleet": {"S": self.settings.fleet}, "instance": {"S": self.id}},
-                    UpdateExpression="SET heartbeat_at = :now",
-                    ConditionExpression="attribute_exists(launched_at)",
-                    ExpressionAttributeValues={":now": {"N": f"{time.time():.3f}"}})
-        except BackendError as exc:
-            if aws.error_code(exc) != "ConditionalCheckFailedException":
-                raise
+        if not aws.write_if(
+                "sending a heartbeat", dynamodb.update_item, TableName=self.settings.fleet_table,
+                Key={"fleet": {"S": self.settings.fleet}, "instance": {"S": self.id}},
+                UpdateExpression="SET heartbeat_at = :now",
+                ConditionExpression="attribute_exists(launched_at)",
+                ExpressionAttributeValues={":now": {"N": f"{time.time():.3f}"}}):
             log.info("not in the fleet registry (yet): no heartbeat sent")
 
     def retire(self, dynamodb: Any) -> None:

@@ -33,16 +33,12 @@ import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import botocore.exceptions
-
 from cloudkon import aws
-from cloudkon.errors import BackendError
+from cloudkon.errors import AlreadyExists, BackendError, ResourceNotFound
 from cloudkon.jdl import MAX_INPUT_SANDBOX_BYTES, JobSpec
 
 log = logging.getLogger("cloudkon.s3")
 
-DEFAULT_PREFIX = "jobs"
-DEFAULT_RETENTION_DAYS = 7
 _DOWNLOAD_NAME = ".cloudkon-download"
 _ARCHIVE_NAME = ".cloudkon-outputs.tar.gz"
 
@@ -77,33 +73,33 @@ def default_bucket() -> str:
 def ensure_bucket(bucket: str, prefix: str, retention_days: int) -> None:
     """Create the staging bucket if needed, and expire what is under ``prefix`` after the retention."""
     s3 = aws.client("s3")
-    with aws.aws_errors(f"creating bucket {bucket}"):
-        try:
+    try:
+        with aws.aws_errors(f"creating bucket {bucket}"):
             region = s3.meta.region_name
             options = {} if region == "us-east-1" else {
                 "CreateBucketConfiguration": {"LocationConstraint": region}}
             s3.create_bucket(Bucket=bucket, **options)
-            log.info("created bucket %s", bucket)
-        except s3.exceptions.BucketAlreadyOwnedByYou:
-            pass
-        rule = {"ID": f"cloudkon-expire-{prefix}"[:255], "Filter": {"Prefix": f"{prefix}/"},
-                "Status": "Enabled", "Expiration": {"Days": retention_days},
-                "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1}}
-        try:  # keep the bucket's other rules (another prefix's, the owner's own)
+        log.info("created bucket %s", bucket)
+    except AlreadyExists:
+        pass
+    rule = {"ID": f"cloudkon-expire-{prefix}"[:255], "Filter": {"Prefix": f"{prefix}/"},
+            "Status": "Enabled", "Expiration": {"Days": retention_days},
+            "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1}}
+    try:  # keep the bucket's other rules (another prefix's, the owner's own)
+        with aws.aws_errors(f"creating bucket {bucket}"):
             rules = s3.get_bucket_lifecycle_configuration(Bucket=bucket)["Rules"]
-        except botocore.exceptions.ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") != "NoSuchLifecycleConfiguration":
-                raise
-            rules = []
-        rules = [r for r in rules if r.get("ID") != rule["ID"]] + [rule]
+    except ResourceNotFound:  # no lifecycle configuration yet
+        rules = []
+    rules = [r for r in rules if r.get("ID") != rule["ID"]] + [rule]
+    with aws.aws_errors(f"creating bucket {bucket}"):
         s3.put_bucket_lifecycle_configuration(Bucket=bucket, LifecycleConfiguration={"Rules": rules})
 
 
 def remove_staging(bucket: str, prefix: str) -> None:
     """Delete the job files under ``prefix``, then the bucket if nothing else is in it (cleanup)."""
     s3 = aws.client("s3")
-    with aws.aws_errors(f"removing job files from bucket {bucket}"):
-        try:
+    try:
+        with aws.aws_errors(f"removing job files from bucket {bucket}"):
             for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/"):
                 keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
                 if keys:
@@ -112,9 +108,9 @@ def remove_staging(bucket: str, prefix: str) -> None:
                 log.info("bucket %s keeps files outside %s/: not deleted", bucket, prefix)
                 return
             s3.delete_bucket(Bucket=bucket)
-            log.info("deleted bucket %s", bucket)
-        except s3.exceptions.NoSuchBucket:
-            pass
+        log.info("deleted bucket %s", bucket)
+    except ResourceNotFound:  # no such bucket: nothing to remove
+        pass
 
 
 class InputUploader:

@@ -18,7 +18,8 @@ as the task's command) and its run on a worker, local or remote:
      SHA-256, which the client checks).
 
 Nothing outside the sandbox is written except the delivery.  s3staging.py does the
-S3 side; tasks.run_bundle calls ``run_job`` for every job description (``{"...``).
+S3 side; runner.run_bundle calls ``run_job`` for every job description (``{"...``).  Each
+step runs as a process of processes.py (deadline, output cap, cancel).
 """
 
 from __future__ import annotations
@@ -33,12 +34,12 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from cloudkon.jdl import JobSpec, is_url, url_name
-from cloudkon.tasks import CANCELLED, is_success, run_process
+from cloudkon.processes import cancel_overrides, run_process, timeout_error
+from cloudkon.tasks import is_success
 
 # Largest URL input fetched (the same bound as local inputs, per file).
 MAX_URL_INPUT_BYTES = 512 * 1024 * 1024
@@ -77,13 +78,12 @@ def run_job(command: str, timeout: float | None, output_cap: int,
     try:
         code, output, error, artifact = _run_in(root, job, timeout, output_cap, cancelled)
     except _TimedOut:
-        code, output, error, artifact = None, "", f"timed out after {timeout:g} s", None
+        code, output, error, artifact = None, "", timeout_error(timeout), None
     except Exception as exc:  # whatever the job or its staging did, the task fails, the worker lives
         code, output, error, artifact = None, "", f"sandbox: {type(exc).__name__}: {exc}", None
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    if cancelled is not None and cancelled.is_set() and not is_success(code, error):
-        code, error = None, CANCELLED
+    code, error = cancel_overrides(code, error, cancelled)
     return code, output, (time.perf_counter_ns() - start) // 1000, error, artifact
 
 
@@ -172,7 +172,7 @@ def _left(deadline: float | None) -> float | None:
 def _reason(error: str | None, timeout: float | None) -> str | None:
     """``error``, naming the job's whole timeout rather than the part of it left for one step."""
     if error is not None and error.startswith("timed out") and timeout is not None:
-        return f"timed out after {timeout:g} s"
+        return timeout_error(timeout)
     return error
 
 
@@ -193,6 +193,11 @@ def _fetch(url: str, root: Path, deadline: float | None, cancelled: threading.Ev
         from cloudkon.s3staging import fetch_object
         fetch_object(url, root, MAX_URL_INPUT_BYTES)
         return
+    # Here, not at the top: every worker process (and the local scheduler) loads this module
+    # through runner.py, few tasks fetch a URL, and urllib.request (http.client, email) takes
+    # tens of milliseconds to import.
+    import urllib.request
+
     name = url_name(url)
     timeout = URL_TIMEOUT_SECONDS if deadline is None else min(URL_TIMEOUT_SECONDS, _left(deadline))
     with urllib.request.urlopen(url, timeout=timeout) as response, open(root / name, "wb") as out:

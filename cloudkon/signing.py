@@ -64,6 +64,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from cloudkon import aws
+from cloudkon.defaults import RETENTION_SECONDS
 from cloudkon.errors import BackendError, RefusedMessage
 
 log = logging.getLogger("cloudkon.signing")
@@ -79,7 +80,7 @@ SEAL_BYTES = len(SCHEME) + 2 * _KEY_ID_BYTES + 64 + 3
 # A scheduler signs with one key this long, then makes another: a leaked key is worth a day.
 KEY_ROTATION_SECONDS = 24 * 3600
 # A key still verifies this long after its last use: as long as SQS keeps a message signed with it.
-KEY_GRACE_SECONDS = aws.MESSAGE_RETENTION_SECONDS
+KEY_GRACE_SECONDS = RETENTION_SECONDS
 # Keys read from the table at most this often by one worker, so that a flood of messages
 # naming made-up keys costs it ten reads a second at most, not one per message.
 KEY_LOOKUP_INTERVAL_SECONDS = 0.1

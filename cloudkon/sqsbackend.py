@@ -1,6 +1,7 @@
 """SQSBackend: bundles go to remote workers through Amazon SQS.
 
-Owns the scheduler's side of remote mode and the shape of its messages::
+Owns the scheduler's side of remote mode (what its messages hold, and their size rule, are
+sqsmessages.py's)::
 
     submit(bundle) -> sender thread -> request queue (shared by every scheduler and worker)
                                            |  worker.py: claim in DynamoDB, run, report
@@ -9,9 +10,8 @@ Owns the scheduler's side of remote mode and the shape of its messages::
 A request message is a protocol ``bundle`` plus ``reply_to`` (the response queue's
 URL), sealed with this scheduler's key (signing.py: workers refuse any other); a
 response message is a protocol ``results`` with its ``bundle``, sealed by the worker
-with a key of the fleet (signing.py says which).  Both are kept within
-MAX_SQS_MESSAGE_BYTES here, whatever the emulator accepts: a bundle that encodes too
-large (seal included) is split, a result whose output alone is too large is trimmed.
+with a key of the fleet (signing.py says which).  A bundle that encodes too large for
+one message (seal included) is split; a single task still too large fails.
 A response message is checked whole (seal, shape, every column) before any of it is
 handed to the scheduler; one that is no signed result batch (a stray or forged
 message, a damaged one) is moved to ``<response queue>-dead``, made at the first
@@ -23,12 +23,17 @@ The scheduler long-polls for SQS_MAX_WAIT_SECONDS when it expects no result
 counts the workers' slots only while it expects results (it sizes bundles by them).
 ``cancel(job)`` marks the job cancelled in the claim table (durable: every worker
 reads it before running a bundle), then tells the workers over the control topic
-(control.py) so that running tasks stop at once.
+(control.py) so that running tasks stop at once.  A bundle not heard of for
+OVERDUE_LEASES visibility timeouts (outstanding.py keeps count) is looked into by its claim.
+
+AWS behaviour relied on: a long poll returns as soon as a message comes (and waits
+SQS_MAX_WAIT_SECONDS at most); a receive, send or delete call takes at most SQS_MAX_BATCH
+messages; a message received and not deleted comes back after the visibility timeout; a
+queue or the claim table deleted by someone else is made again here when a call finds it gone.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import queue
@@ -39,13 +44,22 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from cloudkon import aws, protocol
+from cloudkon import aws
 from cloudkon.aws import MAX_SQS_MESSAGE_BYTES, aws_errors
 from cloudkon.backend import Backend
-from cloudkon.control import DEFAULT_CONTROL_TOPIC, ControlTopic, mark_cancelled
-from cloudkon.errors import BackendError, FrameTooLarge, MalformedMessage, RefusedMessage
+from cloudkon.claims import claim_key, ensure_claim_table, mark_cancelled
+from cloudkon.control import ControlTopic
+from cloudkon.defaults import (
+    DEFAULT_CLAIM_TABLE,
+    DEFAULT_CONTROL_TOPIC,
+    DEFAULT_REQUEST_QUEUE,
+    DEFAULT_VISIBILITY_TIMEOUT,
+)
+from cloudkon.errors import BackendError, QueueGone, ResourceNotFound, TransientAWSError
+from cloudkon.outstanding import Outstanding
 from cloudkon.repeats import Outage, ThrottledLog
-from cloudkon.signing import SEAL_BYTES, Keyring, Signer
+from cloudkon.signing import Keyring, Signer
+from cloudkon.sqsmessages import Refused, parse_response, request_bodies, take_sealed
 from cloudkon.tasks import Bundle, ResultBatch, failed_batch
 
 log = logging.getLogger("cloudkon.sqs")
@@ -78,91 +92,6 @@ MAX_OVERDUE_LOOKED_INTO = 100
 # SQS sends of bundles that fail while AWS is unreachable are tried again after a pause that
 # doubles up to the second figure: the bundles wait, no task fails for an outage.
 SEND_RETRY_SECONDS = (0.5, 5.0)
-_TRIMMED = "\n[cloudkon: output trimmed to fit an SQS message]"
-
-
-def claim_key(bundle: Bundle) -> str:
-    """The claim table's key for ``bundle`` (a part of one, if it was split to fit messages)."""
-    return f"{bundle.job}:{bundle.bundle}:{bundle.ids[0] if bundle.ids else 0}"
-
-
-@dataclasses.dataclass
-class _Out:
-    """A bundle sent and not heard of whole: its tasks without news, and when it was last heard of."""
-
-    bundle: Bundle
-    due: set[int]
-    heard: float
-
-
-def request_body(bundle: Bundle, reply_to: str) -> str:
-    return protocol.encode_body({**protocol.bundle_message(bundle), "reply_to": reply_to}).decode("ascii")
-
-
-def _fits(encode: Callable[[], str], limit: int) -> str | None:
-    """The encoded body if it is within ``limit`` bytes, else None."""
-    try:
-        body = encode()
-    except FrameTooLarge:
-        return None
-    return body if len(body) <= limit else None
-
-
-def parse_request(body: str) -> tuple[Bundle, str]:
-    """(bundle, response queue URL) of a request message; MalformedMessage if it is not one."""
-    message = protocol.decode(body.encode("utf-8"))
-    if message["type"] != "bundle" or not isinstance(message.get("reply_to"), str):
-        raise MalformedMessage("a request message is a bundle with a reply_to", body.encode()[:200])
-    return protocol.bundle_from_message(message), message["reply_to"]
-
-
-def request_bodies(bundle: Bundle, reply_to: str,
-                   limit: int = MAX_SQS_MESSAGE_BYTES - SEAL_BYTES) -> tuple[list[str], list[Bundle]]:
-    """Message bodies carrying ``bundle`` (split in halves until each fits, with room for
-    the seal), and any single-task bundles too large for one message."""
-    body = _fits(lambda: request_body(bundle, reply_to), limit)
-    if body is not None:
-        return [body], []
-    if len(bundle.ids) == 1:
-        return [], [bundle]
-    half = len(bundle.ids) // 2
-    bodies, too_large = [], []
-    for part in (slice(0, half), slice(half, None)):
-        more, rejected = request_bodies(dataclasses.replace(bundle, ids=bundle.ids[part],
-                                                            commands=bundle.commands[part]), reply_to, limit)
-        bodies += more
-        too_large += rejected
-    return bodies, too_large
-
-
-def response_bodies(batch: ResultBatch, limit: int = MAX_SQS_MESSAGE_BYTES - SEAL_BYTES) -> list[str]:
-    """Message bodies carrying ``batch``, split in halves until each fits (with room for the
-    seal); an output too large to fit even alone is trimmed (and says so)."""
-    body = _fits(lambda: protocol.encode_body(protocol.results_message(batch)).decode("ascii"), limit)
-    if body is not None:
-        return [body]
-    if len(batch.ids) == 1:
-        output = batch.outputs[0]
-        size = len(protocol.encode_body(protocol.results_message(batch)))
-        keep = max(0, len(output) * limit // size - len(_TRIMMED) - 1024)
-        return response_bodies(dataclasses.replace(batch, outputs=[output[:keep] + _TRIMMED]), limit)
-    half = len(batch.ids) // 2
-    first, rest = batch.select(list(range(half))), batch.select(list(range(half, len(batch.ids))))
-    first.returned = batch.returned  # select keeps the worker; the tasks handed back go with one part
-    return response_bodies(first, limit) + response_bodies(rest, limit)
-
-
-def parse_response(body: str) -> ResultBatch:
-    """The result batch of an (unsealed) response message; MalformedMessage unless it is one
-    whole valid batch: nothing of it may be recorded before all of it is checked."""
-    data = body.encode("utf-8", "surrogatepass")
-    message = protocol.decode(data)
-    if message["type"] != "results":
-        raise MalformedMessage(f"a response message holds results, not {message['type']!r}", data)
-    batch = protocol.results_from_message(message)
-    if len(set(batch.ids)) != len(batch.ids):  # one task counted twice would end its job early
-        raise MalformedMessage("results: a task id appears twice", data)
-    return batch
 
 
 class SQSBackend(Backend):
@@ -187,10 +116,14 @@ class SQSBackend(Backend):
     # a message comes, and the scheduler does not wait it out to stop.
     idle_receive_seconds: float = aws.SQS_MAX_WAIT_SECONDS
 
-    def __init__(self, request_queue: str = aws.DEFAULT_REQUEST_QUEUE, response_queue: str | None = None,
-                 claim_table: str = aws.DEFAULT_CLAIM_TABLE, in_flight: int | None = None,
-                 visibility_timeout: int = aws.DEFAULT_VISIBILITY_TIMEOUT,
-                 control_topic: str = DEFAULT_CONTROL_TOPIC) -> None:
+    def __init__(self, request_queue: str = DEFAULT_REQUEST_QUEUE, response_queue: str | None = None,
+                 claim_table: str = DEFAULT_CLAIM_TABLE, in_flight: int | None = None,
+                 visibility_timeout: int = DEFAULT_VISIBILITY_TIMEOUT,
+                 control_topic: str = DEFAULT_CONTROL_TOPIC, staging: str | None = None,
+                 delete_response_queue: bool | None = None) -> None:
+        """``staging``: where clients stage job files (Backend.staging).  The response queue is
+        deleted at close if ``delete_response_queue`` (by default, if its name is made up here)."""
+        self.staging = staging
         self._sqs, self._dynamodb = aws.clients()
         self._claim_table = claim_table
         self._in_flight = in_flight
@@ -198,11 +131,11 @@ class SQSBackend(Backend):
         self._slots_counted = -math.inf
         self._request_queue, self._visibility_timeout = request_queue, visibility_timeout
         self._make_request_queue()
-        self._out: dict[tuple[str, int | None], _Out] = {}  # (job, bundle number) -> bundle sent
-        self._out_lock = threading.Lock()  # the sending and the receiving threads share it
+        self._out = Outstanding()  # the sending and the receiving threads share it
         self._overdue_checked = time.monotonic()
         self._send_outage = Outage("sending bundles", SEND_RETRY_SECONDS, log)
-        self._owns_response_queue = response_queue is None
+        self._owns_response_queue = response_queue is None if delete_response_queue is None \
+            else delete_response_queue
         self.response_queue = response_queue or f"{aws.RESPONSE_QUEUE_PREFIX}{secrets.token_hex(6)}"
         response_queue = self.response_queue
         self._response_url = aws.ensure_queue(self._sqs, response_queue, visibility_timeout)
@@ -211,7 +144,7 @@ class SQSBackend(Backend):
         self._set_aside = ThrottledLog(log, logging.ERROR, f"messages of {response_queue} that are no "
                                        "signed result batch, set aside", SET_ASIDE_LOG_SECONDS)
         self._closed = threading.Event()
-        aws.ensure_claim_table(self._dynamodb, claim_table)
+        ensure_claim_table(self._dynamodb, claim_table)
         self._signer = Signer(self._dynamodb, claim_table)
         self._keyring = Keyring(self._dynamodb, claim_table)  # checks the workers' seals on results
         self._signer.key()  # now: a missing permission stops the start, not every send
@@ -265,9 +198,7 @@ class SQSBackend(Backend):
         try:
             messages = aws.receive_messages(self._sqs, self._response_url, aws.SQS_MAX_BATCH,
                                             0 if results else int(timeout))
-        except BackendError as exc:
-            if not aws.is_missing_queue(exc):
-                raise
+        except QueueGone:
             log.warning("response queue %s is gone: creating it again (results sent meanwhile are lost: "
                         "their bundles run again)", self.response_queue)
             self._response_url = aws.ensure_queue(self._sqs, self.response_queue, self._visibility_timeout)
@@ -282,21 +213,8 @@ class SQSBackend(Backend):
         if self._closed.is_set():  # a long poll that outlived the scheduler: left on the queue
             return []
         results += self._accept(messages)
-        self._hear(results)
+        self._out.hear(results)
         return results + self._overdue()
-
-    def _hear(self, batches: list[ResultBatch]) -> None:
-        """Note the tasks of bundles sent that have news (a result, or handed back)."""
-        now = time.monotonic()
-        with self._out_lock:
-            for batch in batches:
-                out = self._out.get((batch.job, batch.bundle))
-                if out is not None:
-                    out.due.difference_update(batch.ids)
-                    out.due.difference_update(batch.returned)
-                    out.heard = now
-                    if not out.due:
-                        del self._out[(batch.job, batch.bundle)]
 
     def _overdue(self) -> list[ResultBatch]:
         """Look into bundles not heard of for OVERDUE_LEASES leases (once a lease): send again those
@@ -305,9 +223,7 @@ class SQSBackend(Backend):
         if now - self._overdue_checked < self._visibility_timeout:
             return []
         self._overdue_checked = now
-        with self._out_lock:
-            late = [out for out in self._out.values()
-                    if now - out.heard > OVERDUE_LEASES * self._visibility_timeout][:MAX_OVERDUE_LOOKED_INTO]
+        late = self._out.late(OVERDUE_LEASES * self._visibility_timeout, MAX_OVERDUE_LOOKED_INTO)
         if not late:
             return []
         claims = self._read_claims([claim_key(out.bundle) for out in late])
@@ -322,8 +238,7 @@ class SQSBackend(Backend):
                 log.warning("%s, and it ran: its results were lost; its %d task(s) queued again", what,
                             len(out.due))
                 handed_back.append(ResultBatch(bundle.job, bundle.bundle, returned=sorted(out.due)))
-                with self._out_lock:
-                    self._out.pop((bundle.job, bundle.bundle), None)
+                self._out.drop(bundle)
             else:
                 log.warning("%s, and no worker holds it: sent again", what)
                 out.heard = now
@@ -341,12 +256,10 @@ class SQSBackend(Backend):
         try:
             with aws_errors(f"reading claims in {self._claim_table}"):
                 found = self._dynamodb.batch_get_item(RequestItems=request)
-        except BackendError as exc:
-            if aws.error_code(exc) != "ResourceNotFoundException":
-                raise
+        except ResourceNotFound:
             log.warning("claim table %s is gone (no worker can claim a bundle): creating it again, with a "
                         "new signing key", self._claim_table)
-            aws.ensure_claim_table(self._dynamodb, self._claim_table)
+            ensure_claim_table(self._dynamodb, self._claim_table)
             self._signer.republish()  # the old key went with the table; the control topic signs with it too
             return {}
         return {item["claim"]["S"]: item for item in found.get("Responses", {}).get(self._claim_table, [])}
@@ -360,30 +273,17 @@ class SQSBackend(Backend):
         """The result batches of ``messages``, each checked whole; messages that hold none are
         moved aside.  Both are deleted; a message whose key could not be read stays on the
         queue (it comes back after the visibility timeout)."""
+        # Every key the messages name, in one read first: a flood naming made-up keys costs one
+        # read per hundred, not a spaced lookup each.
         try:
             self._keyring.read(message["Body"] for message in messages)
         except BackendError as exc:
             log.warning("results left on the queue for now: %s", exc)
             return []
-        batches, accepted, refused = [], [], []
-        for message in messages:
-            try:
-                batches.append(parse_response(self._keyring.open(message["Body"])))
-                accepted.append(message["ReceiptHandle"])
-            except BackendError as exc:
-                log.warning("a result left on the queue for now: %s", exc)
-            except (RefusedMessage, MalformedMessage) as exc:
-                refused.append((message, str(exc)))
-            except Exception as exc:  # a message that breaks the parser must not come back forever
-                log.exception("a response message could not be read")
-                refused.append((message, repr(exc)))
-        if refused:
-            self._move_aside(refused)
-        aws.delete_messages(self._sqs, self._response_url,
-                            accepted + [message["ReceiptHandle"] for message, _ in refused], self._calls)
-        return batches
+        return take_sealed(self._sqs, self._response_url, messages, self._keyring, parse_response,
+                           self._move_aside, "response message", self._calls)
 
-    def _move_aside(self, refused: list[tuple[dict[str, Any], str]]) -> None:
+    def _move_aside(self, refused: list[Refused]) -> None:
         """Send messages that are no signed result batch to the dead-letter queue (the caller
         deletes them even if this fails: they must not come back)."""
         try:
@@ -397,9 +297,7 @@ class SQSBackend(Backend):
         self._set_aside.add(len(refused), f"{refused[-1][1]}; {outcome}")
 
     def cancel(self, job: str) -> None:
-        with self._out_lock:  # its bundles are not waited for any more
-            for key in [key for key in self._out if key[0] == job]:
-                del self._out[key]
+        self._out.drop_job(job)  # its bundles are not waited for any more
         mark_cancelled(self._dynamodb, self._claim_table, job)
         try:
             self._control.publish({"type": "cancel", "job": job})
@@ -442,7 +340,7 @@ class SQSBackend(Backend):
                 self._send_bodies(bodies)
                 break
             except BackendError as exc:
-                if self._closed.is_set() or not (aws.is_passing(exc) or aws.is_missing_queue(exc)):
+                if self._closed.is_set() or not isinstance(exc, (TransientAWSError, QueueGone)):
                     log.error("%s", exc)
                     for bundle in bundles:
                         fail(failed_batch(bundle.job, bundle.bundle, bundle.ids,
@@ -450,19 +348,13 @@ class SQSBackend(Backend):
                     return
                 self._closed.wait(self._send_outage.failed(exc))  # the bundles wait for AWS
         self._send_outage.ended()
-        now = time.monotonic()
-        with self._out_lock:
-            for bundle in bundles:
-                out = self._out.setdefault((bundle.job, bundle.bundle), _Out(bundle, set(bundle.ids), now))
-                out.heard = now  # sent again: its lease starts again
+        self._out.sent(bundles)
 
     def _send_bodies(self, bodies: list[str]) -> None:
         signed = [self._signer.sign(body) for body in bodies]  # may publish a new key: a call
         try:
             aws.send_messages(self._sqs, self._request_url, signed, self._calls)
-        except BackendError as exc:
-            if not aws.is_missing_queue(exc):
-                raise
+        except QueueGone:
             log.warning("request queue %s is gone: creating it again", self._request_queue)
             aws.send_messages(self._sqs, self._make_request_queue(), signed, self._calls)
 

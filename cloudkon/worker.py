@@ -13,23 +13,23 @@ import os
 import signal
 import socket
 import sys
+from typing import TYPE_CHECKING
 
-from cloudkon.errors import CloudKonError
-from cloudkon.options import (
+from cloudkon.defaults import (
     DEFAULT_CLAIM_TABLE,
     DEFAULT_CONTROL_TOPIC,
+    DEFAULT_ECONOMIZE_AFTER_SECONDS,
     DEFAULT_REQUEST_QUEUE,
     DEFAULT_VISIBILITY_TIMEOUT,
-    require_boto3,
+    DEFAULT_WORKER_THREADS,
 )
+from cloudkon.errors import CloudKonError
+from cloudkon.options import require_boto3
+
+if TYPE_CHECKING:  # loads boto3: only once the options are read
+    from cloudkon.remoteworker import Worker
 
 log = logging.getLogger("cloudkon.worker")
-
-# A worker that has run nothing for this long polls economically: one long poll at a time, on
-# the request and the control queue in turn (3 calls a minute; a new bundle may wait out one
-# control poll, up to 20 s).  Before, both queues are long-polled at once (6 calls a minute), so
-# that a job arriving while workers are warm starts at once.  --economize-after.
-DEFAULT_ECONOMIZE_AFTER_SECONDS = 120.0
 
 # SIGINT/SIGTERM stop the worker (twice: at once).
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="AWS credentials, region and endpoint come from boto3's standard settings. SIGINT/SIGTERM: "
                "take no new bundle, finish and report the ones held, exit 0; a second one kills the "
                "running tasks and exits (SQS redelivers what was held).")
-    parser.add_argument("-t", "--threads", type=int, default=4, help="bundles run at once (default: 4)")
+    parser.add_argument("-t", "--threads", type=int, default=DEFAULT_WORKER_THREADS,
+                        help=f"bundles run at once (default: {DEFAULT_WORKER_THREADS})")
     parser.add_argument("--request-queue", default=DEFAULT_REQUEST_QUEUE,
                         help=f"SQS queue to take bundles from (default: {DEFAULT_REQUEST_QUEUE})")
     parser.add_argument("--table", default=DEFAULT_CLAIM_TABLE,
@@ -78,67 +79,48 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s worker %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("botocore").setLevel(logging.WARNING)  # its INFO lines are noise here
     try:
-        require_boto3()
-        from cloudkon.aws import SQS_MAX_WAIT_SECONDS  # boto3 is loaded from here on
-        from cloudkon.provisioning import Instance, metadata_instance_id
-        from cloudkon.remoteworker import Worker
-        from cloudkon.tasks import kill_running_tasks, reduce_timer_slack
-        reduce_timer_slack()
-        instance = None
-        if args.ec2:
-            instance = Instance.from_metadata()
-            os.environ.setdefault("AWS_REGION", instance.region)
-            settings = instance.settings
-            args.request_queue, args.table, args.threads = (settings.request_queue, settings.claim_table,
-                                                            settings.threads)
-            args.idle_timeout, args.visibility_timeout = settings.idle_timeout, settings.visibility_timeout
-            args.control_topic = settings.control_topic
-            identity = instance.id
-        else:
-            identity = f"{metadata_instance_id() or socket.gethostname()}:{os.getpid()}"
-        named = logging.Formatter(f"%(asctime)s worker {identity} %(levelname)s %(message)s")
-        for handler in logging.getLogger().handlers:  # every line names this worker
-            handler.setFormatter(named)
-        if instance is not None:
-            log.info("instance %s of fleet %s", instance.id, instance.settings.fleet)
-        worker = Worker(args.request_queue, args.table, args.threads, args.idle_timeout,
-                        args.visibility_timeout, identity, args.control_topic, instance,
-                        economize_after=args.economize_after)
+        worker = start_worker(args)
     except CloudKonError as exc:
         print(f"worker.py: error: {exc}", file=sys.stderr)
         return 2
 
     def on_signal(signum: int, frame: object) -> None:
-        # First signal: set the flag and return.  The long poll in flight is not left: what SQS
-        # gives it would wait out the visibility timeout; it is handed back when the poll ends.
-        if not worker.stopping.is_set():
-            log.info("stopping: finishing the bundles held, handing back what the poll in flight "
-                     "brings, within %d s (signal again to stop now)", SQS_MAX_WAIT_SECONDS)
-            worker.stopping.set()
-            return
-        kill_running_tasks()
-        try:
-            worker.control.close()  # best effort: no queue left behind
-        finally:
-            os._exit(1)
+        # Only flags: the main thread acts on them (Worker.run), and nothing here may wait on a
+        # lock the interrupted code holds.
+        worker.request_stop()
 
     for stop_signal in STOP_SIGNALS:
         signal.signal(stop_signal, on_signal)
-    status = 0
-    try:
-        idle = worker.run()
-    except CloudKonError as exc:
-        log.error("%s", exc)
-        idle, status = False, 1
-    except Exception:  # whatever went wrong, leave no control queue behind
-        log.exception("worker failed")
-        idle, status = False, 1
-    try:
-        worker.leave(retire=idle or worker.leaving == "drain")
-    except CloudKonError as exc:
-        log.error("%s", exc)
-        return 1
-    return status
+    return worker.run()
+
+
+def start_worker(args: argparse.Namespace) -> Worker:
+    """The worker the options (or, with --ec2, the instance's launch settings) ask for, set up:
+    boto3 is loaded from here on."""
+    require_boto3()
+    from cloudkon.processes import reduce_timer_slack
+    from cloudkon.provisioning import Instance, metadata_instance_id
+    from cloudkon.remoteworker import Worker
+    reduce_timer_slack()
+    instance = None
+    if args.ec2:
+        instance = Instance.from_metadata()
+        os.environ.setdefault("AWS_REGION", instance.region)
+        settings = instance.settings
+        args.request_queue, args.table, args.threads = (settings.request_queue, settings.claim_table,
+                                                        settings.threads)
+        args.idle_timeout, args.visibility_timeout = settings.idle_timeout, settings.visibility_timeout
+        args.control_topic = settings.control_topic
+        identity = instance.id
+    else:
+        identity = f"{metadata_instance_id() or socket.gethostname()}:{os.getpid()}"
+    named = logging.Formatter(f"%(asctime)s worker {identity} %(levelname)s %(message)s")
+    for handler in logging.getLogger().handlers:  # every line names this worker
+        handler.setFormatter(named)
+    if instance is not None:
+        log.info("instance %s of fleet %s", instance.id, instance.settings.fleet)
+    return Worker(args.request_queue, args.table, args.threads, args.idle_timeout, args.visibility_timeout,
+                  identity, args.control_topic, instance, economize_after=args.economize_after)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import time
 import pytest
 from conftest import ROOT, run_client, wait_until
 
-from cloudkon import protocol, scheduler
+from cloudkon import protocol, server
 
 
 def _error(sock: socket.socket) -> dict:
@@ -71,7 +71,7 @@ def test_a_token_that_is_no_text_is_an_error_not_a_crash(start_scheduler, worklo
 def test_before_hello_only_a_small_frame_is_read(start_scheduler, workload):
     sched = start_scheduler("--local", "1", "--token", "secret")
     sock = sched.connect()
-    sock.sendall(struct.pack(">I", scheduler.MAX_HELLO_FRAME_BYTES + 1))  # and never the body
+    sock.sendall(struct.pack(">I", server.MAX_HELLO_FRAME_BYTES + 1))  # and never the body
     assert _error(sock)["code"] == "FrameTooLarge"
     _serves_others(sched, workload, "--token", "secret")
 
@@ -106,7 +106,7 @@ def test_a_client_that_never_reads_its_answers_does_not_grow_the_scheduler(start
 def test_jobs_open_on_one_connection_are_limited(start_scheduler, workload):
     sched = start_scheduler("--local", "1")
     sock = sched.hello()
-    for _ in range(scheduler.MAX_OPEN_JOBS_PER_CONNECTION):
+    for _ in range(server.MAX_OPEN_JOBS_PER_CONNECTION):
         protocol.send(sock, {"type": "job_open"})
         assert protocol.receive(sock)["type"] == "job_opened"
     protocol.send(sock, {"type": "job_open"})
@@ -116,7 +116,7 @@ def test_jobs_open_on_one_connection_are_limited(start_scheduler, workload):
 
 def test_connections_are_limited(start_scheduler, workload):
     sched = start_scheduler("--local", "1")
-    held = [sched.hello() for _ in range(scheduler.MAX_CONNECTIONS)]
+    held = [sched.hello() for _ in range(server.MAX_CONNECTIONS)]
     refused = sched.connect()
     assert _error(refused)["code"] == "too_many_connections"
     held.pop().close()

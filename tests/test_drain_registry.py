@@ -7,6 +7,7 @@ import pytest
 from conftest import wait_until
 
 from cloudkon import aws
+from cloudkon.claims import ensure_claim_table
 from cloudkon.control import ControlQueue, ControlTopic
 from cloudkon.signing import Keyring, Signer
 
@@ -48,7 +49,7 @@ def emulated(remote, monkeypatch):
     for name, value in remote.env.items():
         monkeypatch.setenv(name, value)
     sqs, dynamodb = aws.clients()
-    aws.ensure_claim_table(dynamodb, remote.table)
+    ensure_claim_table(dynamodb, remote.table)
     return sqs, dynamodb
 
 

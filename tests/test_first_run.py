@@ -10,7 +10,8 @@ import urllib.request
 import pytest
 from conftest import ROOT, run_client, start_client
 
-from cloudkon import client, protocol
+from cloudkon import protocol
+from cloudkon.results import PROGRESS_AFTER_SECONDS, Progress, Results
 from cloudkon.tasks import CANCELLED, ResultBatch
 
 
@@ -48,10 +49,10 @@ def test_a_short_embedded_run_tells_start_up_apart_and_gives_no_rate(workload):
 
 
 def test_the_progress_line_counts_cancelled_tasks_apart_from_failed_ones(capsys):
-    results = client.Results(4)
+    results = Results(4)
     results.add(ResultBatch("j", 0, [0, 1, 2], [0, 1, None], [""] * 3, [1] * 3, [None, None, CANCELLED]))
-    progress = client.Progress(enabled=True)
-    progress.start -= 2 * client.PROGRESS_AFTER_SECONDS  # a job running for a while
+    progress = Progress(enabled=True)
+    progress.start -= 2 * PROGRESS_AFTER_SECONDS  # a job running for a while
     progress._next = 0.0
     progress(results)
     line = capsys.readouterr().err

@@ -17,7 +17,7 @@ import pytest
 from conftest import ROOT, read_results, run_client, wait_until
 from openapi_spec_validator import validate as validate_spec
 
-from cloudkon import httpapi
+from cloudkon import httpapi, httpserver
 
 SPEC = json.loads((ROOT / "docs" / "openapi.json").read_text())
 WORKLOAD = ["sleep 10", "echo hi", "exit 3", "printf 'a\\nb'", "sleep 0", "echo $((6 * 7))"]
@@ -290,7 +290,7 @@ def local_api(monkeypatch):
 
     def start(**limits) -> str:
         for name, value in limits.items():
-            monkeypatch.setattr(httpapi, name, value)
+            monkeypatch.setattr(httpserver, name, value)
         api = httpapi.HttpApi("127.0.0.1", 0, None, FakeService(), loop)
         api.start()
         started.append(api)

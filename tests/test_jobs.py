@@ -2,12 +2,15 @@
 
 import logging
 import math
+import time
+from collections.abc import Callable
 
 import pytest
 
 from cloudkon.backend import MAX_BUNDLE_TASKS, Backend, plan_bundle
 from cloudkon.estimates import TASK_OVERHEAD_SECONDS, JobTimes, TaskTimes
 from cloudkon.jobs import Dispatcher, Job
+from cloudkon.localworkers import LocalBackend
 from cloudkon.tasks import CANCELLED, Bundle, ResultBatch
 
 
@@ -62,7 +65,9 @@ def test_estimates_come_from_the_task_then_what_was_seen_then_the_job():
 
 
 class RecordingBackend(Backend):
-    """Keeps what the dispatcher submits: the dispatcher's decisions are what is tested here."""
+    """Keeps what the dispatcher submits and runs nothing: for dispatcher tests fed results that no
+    backend produces on demand (a restart's, a stray scheduler's).  Tests of what the dispatcher
+    does with a backend's own results run on the real LocalBackend (the ``local`` fixture)."""
 
     name = "recording"
 
@@ -89,34 +94,56 @@ def _ok(job: str, bundle: int, ids: list[int]) -> ResultBatch:
     return ResultBatch(job, bundle, ids, [0] * len(ids), [""] * len(ids), [1] * len(ids), [None] * len(ids))
 
 
-def test_tasks_with_results_from_an_earlier_start_are_not_bundled_again():
-    backend = RecordingBackend()
-    dispatcher = Dispatcher(backend, lambda job, batch: None, lambda job: None)
+@pytest.fixture
+def local():
+    """One real local worker process: the dispatcher fills it with two bundles (its capacity)."""
+    backend = LocalBackend(1)
+    yield backend
+    backend.close(wait=False)
+
+
+def _drive(dispatcher: Dispatcher, backend: Backend, done: Callable[[], bool],
+           timeout: float = 20) -> list[ResultBatch]:
+    """Hand the backend's results to the dispatcher, as the scheduler's receiving thread does,
+    until ``done()``; the batches received."""
+    received: list[ResultBatch] = []
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, f"not done in {timeout} s"
+        batches = backend.receive(0.2)
+        received += batches
+        dispatcher.handle_results(batches)
+    return received
+
+
+def test_tasks_with_results_from_an_earlier_start_are_not_bundled_again(local, tmp_path):
+    ran = tmp_path / "ran"
+    dispatcher = Dispatcher(local, lambda job, batch: None, lambda job: None)
     job = dispatcher.open_job()
-    dispatcher.add_tasks(job, ["true"] * 6)  # two one-task bundles fill the backend
+    dispatcher.add_tasks(job, [f"echo {i} >> {ran}" for i in range(6)])  # two one-task bundles fill it
     dispatcher.close_job(job)
     dispatcher.handle_results([_ok(job.id, 7, [2, 3, 4, 5])])  # a bundle of the previous start
-    for bundle in list(backend.submitted):
-        dispatcher.handle_results([_ok(job.id, bundle.bundle, bundle.ids)])
-    assert [bundle.ids for bundle in backend.submitted] == [[0], [1]]
-    assert job.finished and dispatcher.idle and job.undispatched == 0
+    _drive(dispatcher, local, lambda: job.finished)
+    assert ran.read_text().split() == ["0", "1"]
+    assert dispatcher.idle and job.undispatched == 0
 
 
-def test_cancel_gives_every_task_without_a_result_one_cancelled_result():
-    backend = RecordingBackend()
+def test_cancel_gives_every_task_without_a_result_one_cancelled_result(local):
     delivered: dict[str, list[tuple[int, str | None]]] = {}
     finished: list[str] = []
-    dispatcher = Dispatcher(backend, lambda job, batch: delivered.setdefault(job.id, []).extend(
+    dispatcher = Dispatcher(local, lambda job, batch: delivered.setdefault(job.id, []).extend(
         zip(batch.ids, batch.errors, strict=True)), lambda job: finished.append(job.id))
     doomed, other = dispatcher.open_job(), dispatcher.open_job()
-    dispatcher.add_tasks(doomed, ["true"] * 5)
+    dispatcher.add_tasks(doomed, ["echo first"] + ["sleep 30000"] * 4)  # a bundle each; the backend holds two
     dispatcher.add_tasks(other, ["true"] * 2)
-    first = backend.submitted[0]  # doomed's first bundle; the backend holds two
-    dispatcher.handle_results([_ok(doomed.id, first.bundle, first.ids)])
+    # Its first task done, its second bundle runs and a third waits in the backend.
+    received = _drive(dispatcher, local, lambda: doomed.done_count == 1)
+    doomed_bundles = {batch.bundle for batch in received} | {
+        number for number, (bundle, _) in dispatcher._in_flight.items() if bundle.job == doomed.id}
 
-    submitted_before = len(backend.submitted)
     assert dispatcher.cancel(doomed) == 4
-    held = {bundle.job for bundle in backend.submitted if bundle.bundle in dispatcher._in_flight}
+    local.cancel(doomed.id)  # as the scheduler does: the backend stops what it holds of the job
+    held = {bundle.job for bundle, _ in dispatcher._in_flight.values()}
     assert held == {other.id}, "the cancelled job's bundles no longer count against the backend's capacity"
     dispatcher.add_tasks(doomed, ["true"] * 2)  # still arriving after the cancel
     dispatcher.close_job(doomed)
@@ -126,43 +153,43 @@ def test_cancel_gives_every_task_without_a_result_one_cancelled_result():
                                "cancelled": 6}
     assert dispatcher.cancel(doomed) == 0  # a second cancel changes nothing
 
-    # What the backend still held of the cancelled job reports later: dropped, and the
-    # other job's tasks are bundled as before.
-    for bundle in list(backend.submitted):
-        dispatcher.handle_results([_ok(bundle.job, bundle.bundle, bundle.ids)])
-    for bundle in list(backend.submitted):
-        dispatcher.handle_results([_ok(bundle.job, bundle.bundle, bundle.ids)])
+    # What the backend still held of the cancelled job reports later (cancelled): dropped, and the
+    # other job's tasks run as before, on the worker the cancel freed.
     dispatcher.close_job(other)
+    received = _drive(dispatcher, local, lambda: other.finished)
     assert len(delivered[doomed.id]) == 7
-    assert other.finished and other.counts()["succeeded"] == 2 and dispatcher.idle
-    assert {bundle.job for bundle in backend.submitted[submitted_before:]} == {other.id}
+    assert other.counts()["succeeded"] == 2 and dispatcher.idle
+    assert {batch.bundle for batch in received if batch.job == doomed.id} <= doomed_bundles, \
+        "no bundle of the cancelled job went out after the cancel"
 
 
-def test_handed_back_tasks_run_next_and_only_the_bundle_holding_them_hands_them_back():
-    backend = RecordingBackend()
+def test_handed_back_tasks_run_next_and_only_the_bundle_holding_them_hands_them_back(local):
     delivered: list[int] = []
-    dispatcher = Dispatcher(backend, lambda job, batch: delivered.extend(batch.ids), lambda job: None)
+    dispatcher = Dispatcher(local, lambda job, batch: delivered.extend(batch.ids), lambda job: None)
+    slow = "sleep 0.5; echo slow"  # half a second, taken for 1 ms like the rest
+    dispatcher.task_times.learn(slow, 0.001)
     job = dispatcher.open_job()
-    dispatcher.add_tasks(job, ["sleep 1"] * 100)  # 1 ms each, known: bundles of 20 ms
+    dispatcher.add_tasks(job, [slow] + ["sleep 1"] * 99)  # 1 ms each, known: bundles of 20 ms
     dispatcher.close_job(job)
-    first, second = backend.submitted
+    (first, _), (second, _) = dispatcher._in_flight.values()
     assert (first.ids, second.ids) == (list(range(20)), list(range(20, 40)))
-    assert first.budget == pytest.approx(0.08, rel=0.01)  # twice 20 ms, and the local margin
-    # The first bundle runs 5 tasks and hands back the rest: they go out next, before task 40.
-    handed_back = _ok(job.id, first.bundle, first.ids[:5])
-    handed_back.returned = first.ids[5:]
+    assert first.budget == pytest.approx(2 * local.target_bundle_seconds + local.time_box_margin, rel=0.01)
+    # The first bundle's box runs out during its first task: the worker hands back the other 19
+    # at once, and they wait at the front of the job while the first task runs on.
+    received = _drive(dispatcher, local, lambda: job.undispatched > 60)
+    handed_back = next(batch for batch in received if batch.returned)
+    assert (handed_back.bundle, handed_back.returned) == (first.bundle, list(range(1, 20)))
+    assert job.undispatched == 79 and first.bundle in dispatcher._in_flight
+    # Once the first task is done, the next bundle out is the tasks handed back, before task 40.
+    _drive(dispatcher, local, lambda: 0 in delivered)
+    assert dispatcher._in_flight[second.bundle + 1][0].ids == list(range(1, 20))
+    # A duplicate of the first bundle's hand-back (a redelivery) hands the same tasks back again: ignored.
+    in_flight, undispatched = set(dispatcher._in_flight), job.undispatched
     dispatcher.handle_results([handed_back])
-    third = backend.submitted[2]
-    assert third.ids == list(range(5, 20)) and job.undispatched == 60
-    assert first.bundle not in dispatcher._in_flight
-    # A duplicate of the first bundle (a redelivery) hands the same tasks back again: ignored.
-    dispatcher.handle_results([handed_back])
-    assert len(backend.submitted) == 3 and job.undispatched == 60
+    assert (set(dispatcher._in_flight), job.undispatched) == (in_flight, undispatched)
     # The rest of the job completes with exactly one result per task.
-    while len(delivered) < 100:
-        bundle = next(b for b in backend.submitted if b.bundle in dispatcher._in_flight)
-        dispatcher.handle_results([_ok(job.id, bundle.bundle, bundle.ids)])
-    assert sorted(delivered) == list(range(100)) and job.finished and dispatcher.idle
+    _drive(dispatcher, local, lambda: job.finished)
+    assert sorted(delivered) == list(range(100)) and dispatcher.idle
 
 
 def test_a_handed_back_task_given_a_result_meanwhile_is_not_run_again():

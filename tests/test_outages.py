@@ -19,9 +19,10 @@ import pytest
 from conftest import ROOT, line_count, read_results, run_client, start_client, wait_until
 from faultproxy import FaultProxy
 
-from cloudkon import jobstore
+import cloudkon.journal
 from cloudkon.errors import BackendError
-from cloudkon.jobstore import JobOpened, Journal, SQLiteJobStore, TasksAdded
+from cloudkon.jobstore import JobOpened, SQLiteJobStore, TasksAdded
+from cloudkon.journal import Journal
 
 # The target is 60 s; the suite takes AWS away for 15 s (measured by hand at 60 s).
 OUTAGE_SECONDS = 15
@@ -214,7 +215,7 @@ class _FlakyStore(SQLiteJobStore):
 
 
 def test_a_journal_keeps_what_it_could_not_write_and_writes_it_once_the_store_answers(monkeypatch):
-    monkeypatch.setattr(jobstore, "STORE_RETRY_SECONDS", (0.01, 0.05))
+    monkeypatch.setattr(cloudkon.journal, "STORE_RETRY_SECONDS", (0.01, 0.05))
     store = _FlakyStore()
     journal = Journal(store)
     journal.record(JobOpened("j", 1.0, None))
@@ -230,8 +231,8 @@ def test_a_journal_keeps_what_it_could_not_write_and_writes_it_once_the_store_an
 
 
 def test_a_journal_gives_up_past_its_limit_of_unwritten_records(monkeypatch):
-    monkeypatch.setattr(jobstore, "STORE_RETRY_SECONDS", (0.01, 0.05))
-    monkeypatch.setattr(jobstore, "MAX_UNWRITTEN_BYTES", 1000)
+    monkeypatch.setattr(cloudkon.journal, "STORE_RETRY_SECONDS", (0.01, 0.05))
+    monkeypatch.setattr(cloudkon.journal, "MAX_UNWRITTEN_BYTES", 1000)
     store = _FlakyStore()
     journal = Journal(store)
     journal.record(JobOpened("j", 1.0, None))

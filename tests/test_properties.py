@@ -34,7 +34,14 @@ from hypothesis.configuration import set_hypothesis_home_dir
 
 from cloudkon import jdl, protocol
 from cloudkon.errors import CloudKonError, MalformedMessage, ProtocolError, WorkloadError
-from cloudkon.tasks import MAX_COMMAND_BYTES, Bundle, ResultBatch, decode_workload, parse_workload_bytes
+from cloudkon.tasks import (
+    MAX_COMMAND_BYTES,
+    MAX_TASK_TIMEOUT_SECONDS,
+    Bundle,
+    ResultBatch,
+    decode_workload,
+    parse_workload_bytes,
+)
 
 # Same examples on every run (derandomize), no example database (database=None),
 # no per-example deadline: a busy 2-core CI machine is slow, not wrong.
@@ -540,7 +547,7 @@ def _assert_well_formed_spec(spec: jdl.JobSpec) -> None:
         assert not os.path.isabs(pattern) and ".." not in Path(pattern).parts
     assert all(name and "=" not in name for name in spec.env)
     assert spec.timeout is None or (type(spec.timeout) in (int, float)
-                                    and 0 < spec.timeout <= jdl.MAX_TIMEOUT_SECONDS)
+                                    and 0 < spec.timeout <= MAX_TASK_TIMEOUT_SECONDS)
 
 
 def _json_spec_or_refuse(text: str, base: Path) -> jdl.JobSpec | None:
@@ -697,8 +704,14 @@ def test_a_workload_gives_its_job_descriptions_or_an_error_naming_their_line(job
             _assert_well_formed_spec(spec)
 
 
-def test_a_job_description_timeout_has_the_limit_of_any_task():
-    assert jdl.MAX_TIMEOUT_SECONDS == protocol.MAX_TASK_TIMEOUT_SECONDS
+def test_a_job_description_timeout_has_the_limit_of_any_task(tmp_path):
+    def spec(timeout: float) -> str:
+        return json.dumps({"executable": "/bin/true", "timeout": timeout})
+
+    assert jdl.parse_json_spec(spec(MAX_TASK_TIMEOUT_SECONDS), tmp_path, ("w.txt", 1)).timeout == \
+        MAX_TASK_TIMEOUT_SECONDS
+    with pytest.raises(WorkloadError, match="timeout"):
+        jdl.parse_json_spec(spec(MAX_TASK_TIMEOUT_SECONDS * 1.001), tmp_path, ("w.txt", 1))
 
 
 def test_errors_are_of_the_documented_hierarchy():

@@ -13,9 +13,10 @@ import boto3
 from conftest import ROOT, read_results, run_client, start_client, wait_until
 
 from cloudkon import protocol
-from cloudkon.aws import MAX_SQS_MESSAGE_BYTES, ensure_claim_table
+from cloudkon.aws import MAX_SQS_MESSAGE_BYTES
+from cloudkon.claims import ensure_claim_table
 from cloudkon.signing import Signer
-from cloudkon.sqsbackend import request_bodies, request_body, response_bodies
+from cloudkon.sqsmessages import request_bodies, request_body, response_bodies
 from cloudkon.tasks import OUTPUT_CAP_BYTES, Bundle, ResultBatch
 
 MIXED = ["sleep 0", "sleep 30", "echo hello", "exit 4", "printf 'a\\nb'", "echo err >&2",

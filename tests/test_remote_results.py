@@ -12,7 +12,7 @@ import boto3
 import pytest
 from conftest import read_results, start_client, wait_until
 
-from cloudkon import aws
+from cloudkon.claims import ensure_claim_table
 from cloudkon.errors import BackendError, RefusedMessage
 from cloudkon.signing import Keyring, Signer, SigningKey, seal
 
@@ -83,7 +83,7 @@ def test_an_idle_scheduler_long_polls_and_still_stops_at_once(remote):
 def claim_table(aws_env):
     dynamodb = _emulator("dynamodb", aws_env)
     name = f"claims-{uuid.uuid4().hex[:8]}"
-    aws.ensure_claim_table(dynamodb, name)
+    ensure_claim_table(dynamodb, name)
     calls: list[str] = []
     dynamodb.meta.events.register("before-call.dynamodb", lambda model, **_: calls.append(model.name))
     yield dynamodb, name, calls

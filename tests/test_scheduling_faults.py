@@ -138,7 +138,8 @@ def test_time_boxes_of_two_bundles_with_the_same_number():
     so a remote worker with -t 2 can run two bundles numbered alike at once.  TimeBoxes keys its
     boxes by number: the second replaces the first, and the first to end deletes the other's
     box, so the second raises KeyError (worker.py then drops its results: 'left for redelivery')."""
-    from cloudkon.tasks import Bundle, TimeBoxes, run_bundle
+    from cloudkon.runner import TimeBoxes, run_bundle
+    from cloudkon.tasks import Bundle
 
     boxes = TimeBoxes(lambda bundle, ids: None)
     first = run_bundle(Bundle("job-a", 1 << 32, [0, 1], ["sleep 0"] * 2, None, 10.0), boxes=boxes)

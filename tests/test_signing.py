@@ -10,7 +10,7 @@ import boto3
 import pytest
 from conftest import read_results, run_client, wait_until
 
-from cloudkon import aws
+from cloudkon.claims import ensure_claim_table
 from cloudkon.control import queue_name
 from cloudkon.errors import RefusedMessage
 from cloudkon.signing import (
@@ -23,7 +23,7 @@ from cloudkon.signing import (
     seal,
     unseal,
 )
-from cloudkon.sqsbackend import request_body
+from cloudkon.sqsmessages import request_body
 from cloudkon.tasks import Bundle
 
 KEY = SigningKey("0123456789abcdef", b"k" * 32, time.time() + 3600)
@@ -69,7 +69,7 @@ def claim_table(aws_env):
     dynamodb = boto3.client("dynamodb", endpoint_url=aws_env["AWS_ENDPOINT_URL"], region_name="us-east-1",
                             aws_access_key_id="testing", aws_secret_access_key="testing")
     name = f"claims-{uuid.uuid4().hex[:8]}"
-    aws.ensure_claim_table(dynamodb, name)
+    ensure_claim_table(dynamodb, name)
     reads: list[str] = []
     dynamodb.meta.events.register("before-parameter-build.dynamodb.GetItem", lambda params, **_: reads.append(
         params["Key"]["claim"]["S"]))
@@ -109,7 +109,7 @@ def _emulator(service: str, remote):
 def test_forged_bundles_never_run_and_go_to_the_dead_letter_queue(remote, workload, tmp_path):
     sqs, dynamodb = _emulator("sqs", remote), _emulator("dynamodb", remote)
     request_url = sqs.create_queue(QueueName=remote.request_queue)["QueueUrl"]
-    aws.ensure_claim_table(dynamodb, remote.table)
+    ensure_claim_table(dynamodb, remote.table)
     worker = remote.worker("-t", "2")
     pwned = tmp_path / "pwned"
     forged = request_body(Bundle("f0f0f0f0f0f0f0f0", 0, [0], [f"touch {pwned}"]), request_url)

@@ -15,6 +15,6 @@ def test_ruff_clean():
 
 
 def test_local_mode_never_loads_boto3():
-    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from cloudkon import client, scheduler, localworkers; "
-            "assert 'boto3' not in sys.modules")
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
+            "from cloudkon import client, scheduler, localworkers; assert 'boto3' not in sys.modules")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -12,10 +12,11 @@ import threading
 import pytest
 from conftest import read_results, run_client, running, wait_until
 
-from cloudkon import tasks
+from cloudkon import processes
 from cloudkon.jdl import JobSpec
+from cloudkon.processes import Cancellations, run_task
 from cloudkon.sandbox import run_job, staged_command
-from cloudkon.tasks import CANCELLED, Cancellations, run_task
+from cloudkon.tasks import CANCELLED
 
 LEFT_RUNNING = "[cloudkon: killed what the task left running in its process group]"
 PIPE_HELD = "[cloudkon: stopped reading: a process outside the task's group holds its output]"
@@ -100,7 +101,7 @@ def test_a_cancel_stops_a_task_whose_output_is_held_by_an_escaped_process(pids):
 def test_a_process_that_cannot_be_watched_is_killed_and_reported(monkeypatch, pids):
     def no_descriptor_left(pid: int) -> int:
         raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
-    monkeypatch.setattr(tasks.os, "pidfd_open", no_descriptor_left)
+    monkeypatch.setattr(processes.os, "pidfd_open", no_descriptor_left)
     pidfile = pids("task")
     code, _, _, error = run_task(f"echo $$ > {pidfile}; exec sleep 15")
     assert code is None and error == f"could not watch /bin/sh: [Errno 24] {os.strerror(errno.EMFILE)}"

@@ -7,15 +7,9 @@ import pytest
 from conftest import running
 
 from cloudkon.errors import WorkloadError
-from cloudkon.tasks import (
-    MAX_COMMAND_BYTES,
-    Bundle,
-    TimeBoxes,
-    native_sleep_ms,
-    parse_workload_bytes,
-    run_bundle,
-    run_task,
-)
+from cloudkon.processes import run_task
+from cloudkon.runner import TimeBoxes, run_bundle
+from cloudkon.tasks import MAX_COMMAND_BYTES, Bundle, native_sleep_ms, parse_workload_bytes
 
 
 def test_workload_skips_blanks_and_comments_and_strips():

@@ -9,8 +9,9 @@ import boto3
 from conftest import read_results, start_client, wait_until
 
 from cloudkon import aws
+from cloudkon.claims import ensure_claim_table
 from cloudkon.signing import publish_key, seal
-from cloudkon.sqsbackend import request_body
+from cloudkon.sqsmessages import request_body
 from cloudkon.tasks import Bundle
 
 
@@ -51,7 +52,7 @@ def test_signed_poison_bundles_never_run_and_an_idle_worker_still_retires(remote
     sqs, dynamodb = _emulator("sqs", remote), _emulator("dynamodb", remote)
     request_url = aws.ensure_request_queue(sqs, remote.request_queue, visibility_timeout=3)
     reply_url = sqs.create_queue(QueueName=f"{remote.request_queue}-replies")["QueueUrl"]
-    aws.ensure_claim_table(dynamodb, remote.table)
+    ensure_claim_table(dynamodb, remote.table)
     key = publish_key(dynamodb, remote.table)  # a scheduler's key: these are signed, yet no bundle to run
     pwned = tmp_path / "pwned"
     touch = [f"touch {pwned}"]
