@@ -97,7 +97,10 @@ class Backend(ABC):
 
     @abstractmethod
     def workers(self) -> int:
-        """How many tasks can run at once: a job's last bundles are spread over this many."""
+        """The slots: how many tasks run at once, as far as the backend knows; a job's last bundles
+        are spread over this many.  Local: the worker processes.  SQS: the threads of the workers
+        subscribed, unless the user set --in-flight (then that), SLOTS_WITHOUT_WORKERS before any
+        worker has said."""
 
     def describe(self) -> str:
         """What runs the tasks, for the log."""

@@ -158,7 +158,8 @@ class SQSBackend(Backend):
         log.info("requests on %s, results on %s", self._request_url, self._response_url)
 
     def workers(self) -> int:
-        """The slots counted last (no AWS call: this runs on the scheduler's event loop)."""
+        """The slots (Backend.workers): --in-flight if given, else the worker threads counted last
+        (no AWS call: this runs on the scheduler's event loop)."""
         if self._in_flight is not None:
             return self._in_flight
         return self._slots or SLOTS_WITHOUT_WORKERS
