@@ -3,6 +3,7 @@
     python bench/simulate.py                          # the full matrix (about 60 s of CPU)
     python bench/simulate.py --workers 1 32 256       # fewer worker counts
     python bench/simulate.py --sqs-latency 0.005 0.010 --dynamodb-latency 0.004 0.008
+    python bench/simulate.py --bursty                 # the fleet's provisioning policy (bench/fleetsim.py)
 
 What runs for real (imported from the project, not copied): a ``jobs.Dispatcher`` with its
 ``estimates.TaskTimes`` (a program's estimate: the longest of its last PROGRAM_SAMPLE_SIZE (256)
@@ -1101,7 +1102,13 @@ def report(rows: list[Row], args: argparse.Namespace, setting: str, files: list[
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    if sys.argv[1:2] == ["--bursty"]:  # the fleet and its provisioning policy: bench/fleetsim.py
+        import fleetsim
+        fleetsim.main(sys.argv[2:])
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     epilog="python bench/simulate.py --bursty [OPTIONS]: the provisioning "
+                                            "policy on a bursty workload (bench/fleetsim.py --help)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 32, 256, 1000])
     parser.add_argument("--modes", nargs="+", default=["local", "remote"], choices=["local", "remote"])
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))

@@ -41,6 +41,7 @@ from cloudkon.errors import (
     AlreadyExists,
     AWSError,
     BackendError,
+    CapacityRefused,
     ConditionFailed,
     QueueGone,
     ResourceNotFound,
@@ -102,12 +103,20 @@ def aws_errors(action: str) -> Iterator[None]:
 
 def _error_type(code: str, status: int) -> type[AWSError]:
     """The AWSError subclass for AWS error ``code`` answered with HTTP ``status``."""
+    if code in _CAPACITY_CODES:  # before the status: EC2 answers some with a 500, yet they last
+        return CapacityRefused
     if status >= 500 or "Throttl" in code or "QueueDeletedRecently" in code:
         return TransientAWSError
     if "NonExistentQueue" in code or code == "QueueDoesNotExist":
         return QueueGone
     return _ERROR_TYPES.get(code, AWSError)
 
+
+# EC2's refusals to launch that another instance type, subnet or market may not meet (capacity.py).
+_CAPACITY_CODES = frozenset((
+    "InsufficientInstanceCapacity", "InsufficientCapacity", "InsufficientHostCapacity",
+    "InsufficientFreeAddressesInSubnet", "InstanceLimitExceeded", "VcpuLimitExceeded", "Unsupported",
+    "MaxSpotInstanceCountExceeded", "SpotMaxPriceTooLow", "InsufficientSpotCapacity"))
 
 # The AWS error codes callers act on, by the error they become.
 _ERROR_TYPES: dict[str, type[AWSError]] = {
@@ -137,13 +146,16 @@ def clients() -> tuple[Any, Any]:
     return client("sqs"), client("dynamodb")
 
 
-def client(service: str, region: str | None = None) -> Any:
-    """A boto3 client with retries and call counting, from boto3's standard configuration."""
+def client(service: str, region: str | None = None, attempts: int | None = None) -> Any:
+    """A boto3 client with retries (``attempts`` tries a call, if given) and call counting, from
+    boto3's standard configuration."""
+    config = _RETRIES if attempts is None else _RETRIES.merge(
+        Config(retries={"total_max_attempts": attempts, "mode": "standard"}))
     with aws_errors(f"creating an AWS {service} client"):
         # boto3 reads AWS_DEFAULT_REGION; other AWS SDKs and the console's docs use AWS_REGION.
         session = boto3.session.Session(region_name=region or os.environ.get("AWS_REGION") or None)
         session.events.register("before-call", _count_call)
-        return session.client(service, config=_RETRIES)
+        return session.client(service, config=config)
 
 
 def _count_call(model: Any, **_: Any) -> None:
@@ -151,10 +163,15 @@ def _count_call(model: Any, **_: Any) -> None:
         _calls[f"{model.service_model.service_name}.{model.name}"] += 1
 
 
+def call_counts() -> dict[str, int]:
+    """The AWS API calls this process has made so far, by ``service.Operation`` (costs.py prices them)."""
+    with _calls_lock:
+        return dict(_calls)
+
+
 def log_api_calls() -> None:
     """Log how many AWS API calls this process made, by operation (what remote mode costs)."""
-    with _calls_lock:
-        counts = dict(_calls)
+    counts = call_counts()
     detail = ", ".join(f"{name} {n}" for name, n in sorted(counts.items()))
     log.info("AWS API calls: %d (%s)", sum(counts.values()), detail or "none")
 

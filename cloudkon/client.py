@@ -21,6 +21,7 @@ import sys
 import time
 from typing import Any
 
+from cloudkon import protocol
 from cloudkon.connection import (
     SchedulerConnection,
     cancel_job,
@@ -29,14 +30,14 @@ from cloudkon.connection import (
     parse_address,
     run_with_callback,
 )
+from cloudkon.costs import describe, load_prices
 from cloudkon.embedded import embedded_scheduler
 from cloudkon.errors import CloudKonError, IncompleteFrame
 from cloudkon.interrupts import Interrupts
-from cloudkon.jdl import read_jdl, workload_specs
 from cloudkon.jobfiles import JobFiles
 from cloudkon.options import add_remote_arguments, require_boto3, task_timeout_argument
 from cloudkon.results import Progress, Results, write_results
-from cloudkon.tasks import decode_workload, read_workload, workload_tasks
+from cloudkon.workloads import TaskSender, Workload, submit_workload
 
 log = logging.getLogger("cloudkon.client")
 
@@ -55,9 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
                "succeeded, 1 some task failed, 2 usage/workload/connection/protocol error, 3 the job was "
                "cancelled, 130 interrupted.")
     what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("-w", "--workload", metavar="FILE",
+    what.add_argument("-w", "--workload", metavar="FILE", nargs="+", action="extend",
                       help="tasks, one per line: 'sleep N' sleeps N ms, a line starting with '{\"' is a JSON "
-                           "job description with files (docs/jobs.md), anything else runs in /bin/sh")
+                           "job description with files (docs/jobs.md), anything else runs in /bin/sh. "
+                           "Several files (-w a.txt b.txt -w c.txt) make one job, in the order given; "
+                           "'-' reads standard input, its tasks submitted as they arrive")
     what.add_argument("-j", "--jdl", metavar="FILE.jdl",
                       help="one job in the classic JDL syntax (Executable, Arguments, InputSandbox, "
                            "OutputSandbox, Prologue...; docs/jobs.md)")
@@ -142,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.remote:
             require_boto3()
+            load_prices(args.prices)  # a bad --prices file is said before anything starts
         return run(args, embedded_options(args))
     except KeyboardInterrupt:
         print("client.py: interrupted", file=sys.stderr)
@@ -159,29 +163,27 @@ def run(args: argparse.Namespace, embedded: list[str]) -> int:
         print(cancel_outcome(args.cancel, cancel_job(host, port, args.token, args.cancel)), file=sys.stderr)
         return EXIT_OK
     if args.jobs:
-        print_jobs(list_jobs(host, port, args.token))
+        answer = list_jobs(host, port, args.token)
+        print_jobs(answer["jobs"], answer.get("fleet"))
         return EXIT_OK
     if args.cursor:
         tasks, results = fetch_job(host, port, args.token, args.cursor, commands=bool(args.output))
         JobFiles({}, args.outputs).bring_back(results)
         return report(args, tasks, results, time.monotonic() - start)
-    if args.jdl:
-        lines, specs = [f"# job description {args.jdl}"], {0: read_jdl(args.jdl)}
-    else:
-        text = decode_workload(read_workload(args.workload), args.workload)  # read once: it may be a pipe
-        lines = workload_tasks(text, args.workload)
-        specs = workload_specs(args.workload, text, lines)
-    files = JobFiles(specs, args.outputs)
+    workload = Workload.job_description(args.jdl) if args.jdl else Workload(args.workload)
+    if args.listen is not None and workload.streaming:
+        workload.read_all()  # -l hangs up once the job is submitted: the whole of it
+    files = JobFiles(workload.specs, args.outputs)
     starting = 0.0  # of the wall time, what starting an embedded scheduler took
     if args.scheduler:
-        results = submit_and_collect(host, port, args.token, lines, args, files)
+        results = submit_and_collect(host, port, args.token, workload, args, files)
     else:
         starting = time.monotonic()
         with embedded_scheduler(embedded) as (host, port, token):
             starting = time.monotonic() - starting
-            results = submit_and_collect(host, port, token, lines, args, files)
+            results = submit_and_collect(host, port, token, workload, args, files)
     files.bring_back(results)
-    return report(args, lines, results, time.monotonic() - start, starting)
+    return report(args, workload.commands, results, time.monotonic() - start, starting, workload)
 
 
 # The columns of --jobs: a job's tasks by where they are, under headers that say it.  "running"
@@ -190,22 +192,30 @@ JOB_COLUMNS = {"queued": "QUEUED", "running": "IN-FLIGHT", "succeeded": "SUCCEED
                "cancelled": "CANCELLED"}
 
 
-def print_jobs(jobs: list[dict[str, Any]]) -> None:
+def print_jobs(jobs: list[dict[str, Any]], fleet: dict[str, Any] | None = None) -> None:
+    """The jobs, a line each; a remote scheduler's jobs with their estimated cost (USD, once finished)
+    and its fleet's figures under them."""
     columns = JOB_COLUMNS
     print(f"{'JOB':<16}  {'STATE':<9}  {'CREATED':<19}  {'TOTAL':>9}  "
-          + "  ".join(f"{header:>9}" for header in columns.values()))
+          + "  ".join(f"{header:>9}" for header in columns.values()) + ("  COST-USD" if fleet else ""))
     for job in jobs:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job["created_at"]))
+        cost = job.get("cost")
+        usd = cost["usd"] if protocol.is_cost(cost) and cost["usd"] is not None else None
+        column = "" if not fleet else f"  {'-' if usd is None else f'{usd:.6f}':>8}"
         print(f"{job['job']:<16}  {job['state']:<9}  {created:<19}  {job['total']:>9}  "
-              + "  ".join(f"{job[c]:>9}" for c in columns))
+              + "  ".join(f"{job[c]:>9}" for c in columns) + column)
+    if fleet:
+        instances = f"{fleet['instances']} instance(s), " if "instances" in fleet else ""
+        print(f"since the scheduler started: {instances}{describe(fleet)}")
 
 
 def report(args: argparse.Namespace, tasks: list[str], results: Results, wall: float,
-           starting: float = 0.0) -> int:
+           starting: float = 0.0, workload: Workload | None = None) -> int:
     """Write the results file and the summary (the time ``starting`` an embedded scheduler told
     apart from the rest); the exit code."""
     if args.output:
-        write_results(results, tasks, args.output)
+        write_results(results, tasks, args.output, workload and workload.sources())
     if not args.quiet:
         timing = "" if args.cursor else f", {wall:.3f} s wall"
         if starting:
@@ -216,25 +226,29 @@ def report(args: argparse.Namespace, tasks: list[str], results: Results, wall: f
         cancelled = f", {results.cancelled} cancelled" if results.cancelled else ""
         print(f"{results.total} tasks: {results.total - results.failed} succeeded, "
               f"{results.failed - results.cancelled} failed{cancelled}{timing}", file=sys.stderr)
+        if results.cost is not None:  # remote mode only
+            print(f"cost (estimate): {describe(results.cost)}", file=sys.stderr)
     if results.cancelled:
         return EXIT_CANCELLED
     return EXIT_TASKS_FAILED if results.failed else EXIT_OK
 
 
-def submit_and_collect(host: str, port: int, token: str | None, tasks: list[str],
+def submit_and_collect(host: str, port: int, token: str | None, workload: Workload,
                        args: argparse.Namespace, files: JobFiles) -> Results:
+    tasks = workload.commands
     if args.listen is not None:
         return run_with_callback(host, port, token, tasks, args.listen, args.task_timeout, files,
                                  announce=bool(args.scheduler) and not args.quiet)
     conn = SchedulerConnection(host, port, token)
+    sender: TaskSender | None = None  # a workload read from standard input: its tasks' sender
     try:
-        job = conn.submit(tasks, args.task_timeout,
-                          prepare=files.preparer(tasks, conn.welcome.get("staging")))
+        job, results, sender = submit_workload(conn, workload, args.task_timeout,
+                                               files.preparer(tasks, conn.welcome.get("staging")),
+                                               lambda job: cancel_job(host, port, token, job))
         keeps, durable = conn.welcome.get("keeps_results", True), conn.welcome.get("durable", True)
         if args.scheduler and not args.quiet:  # an embedded scheduler keeps nothing after the run
             print(f"client.py: job {job}" + (f" (its results again: --cursor {job})" if keeps else ""),
                   file=sys.stderr)
-        results = Results(len(tasks))
         progress = Progress(enabled=not args.quiet and sys.stderr.isatty())
         interrupts = Interrupts()
 
@@ -243,10 +257,14 @@ def submit_and_collect(host: str, port: int, token: str | None, tasks: list[str]
                 interrupts.raise_from_now_on()  # a second Ctrl-C, at the question or the cancel, leaves
                 progress.clear()
                 _answer_ctrl_c(host, port, token, job, args)
+                if sender is not None:  # cancelled: the job ends with the tasks sent
+                    sender.stop()
 
         try:
             with interrupts:
                 conn.collect(job, results, progress, wake=interrupts.wake, on_wake=on_wake)
+            if sender is not None:
+                sender.finish()
         except (IncompleteFrame, ConnectionError) as exc:
             if not args.scheduler:
                 raise
@@ -259,6 +277,8 @@ def submit_and_collect(host: str, port: int, token: str | None, tasks: list[str]
             progress.clear()
         return results
     finally:
+        if sender is not None:
+            sender.stop()
         conn.close()
 
 

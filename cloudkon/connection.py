@@ -60,19 +60,24 @@ class SchedulerConnection:
         ``prepare(job)``, if given, turns the tasks into what is sent once the job's id is
         known (staging the files of job descriptions).
         """
-        opening: dict[str, Any] = {"type": "job_open", "stream": stream}
-        if timeout is not None:
-            opening["timeout"] = timeout
-        if callback is not None:
-            opening["callback"] = callback
-        self.send(opening)
-        job = self.expect("job_opened")["job"]
+        job = self.open_job(timeout, stream, callback)
         if prepare is not None:
             tasks = prepare(job)
         for message in protocol.task_messages(job, tasks):
             self.send(message)
         self.send({"type": "job_close", "job": job, "count": len(tasks)})
         return job
+
+    def open_job(self, timeout: float | None = None, stream: bool = True,
+                 callback: dict[str, Any] | None = None) -> str:
+        """Open a job (its tasks are sent next, by submit or, streamed, workloads.TaskSender); its id."""
+        opening: dict[str, Any] = {"type": "job_open", "stream": stream}
+        if timeout is not None:
+            opening["timeout"] = timeout
+        if callback is not None:
+            opening["callback"] = callback
+        self.send(opening)
+        return self.expect("job_opened")["job"]
 
     def collect(self, job: str, results: Results,
                 on_progress: Callable[[Results], None] | None = None,
@@ -100,6 +105,7 @@ class SchedulerConnection:
                 if not results.complete:
                     raise MalformedMessage(f"job {job} done with {results.received} of "
                                            f"{results.total} results")
+                results.cost = message.get("cost")
                 return
             elif kind != "job_accepted":
                 protocol.raise_if_error(message, "results")
@@ -125,9 +131,10 @@ def cancel_job(host: str, port: int, token: str | None, job: str) -> dict[str, A
     return request(host, port, token, {"type": "cancel", "job": job}, "cancelled")
 
 
-def list_jobs(host: str, port: int, token: str | None) -> list[dict[str, Any]]:
-    """The jobs a scheduler holds, with their task counts by state."""
-    return request(host, port, token, {"type": "list_jobs"}, "jobs")["jobs"]
+def list_jobs(host: str, port: int, token: str | None) -> dict[str, Any]:
+    """The ``jobs`` answer: the jobs a scheduler holds, with their task counts by state (and, remote,
+    their cost), and a remote scheduler's ``fleet`` figures."""
+    return request(host, port, token, {"type": "list_jobs"}, "jobs")
 
 
 def fetch_job(host: str, port: int, token: str | None, job: str,

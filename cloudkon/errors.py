@@ -127,3 +127,8 @@ class ResourceNotFound(AWSError):
 class AlreadyExists(AWSError):
     """Raised when an AWS resource to create exists already (made meanwhile by another scheduler
     or worker, or by us before)."""
+
+
+class CapacityRefused(AWSError):
+    """Raised when EC2 refused to launch for want of capacity or of a limit, for this instance type,
+    subnet (its zone) or market: the next type or subnet may be granted (capacity.py tries them)."""

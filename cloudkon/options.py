@@ -27,10 +27,10 @@ from cloudkon.defaults import (
     DEFAULT_SCALE_INTERVAL,
     DEFAULT_STAGING_PREFIX,
     DEFAULT_VISIBILITY_TIMEOUT,
-    DEFAULT_WORKER_IDLE_TIMEOUT,
     DEFAULT_WORKER_THREADS,
 )
 from cloudkon.errors import ConfigError
+from cloudkon.fleetpolicy import ASSUMED_BOOT_SECONDS, BILLED_MINIMUM_SECONDS, USEFUL_SHARE
 from cloudkon.tasks import check_task_timeout
 
 
@@ -44,6 +44,33 @@ def task_timeout_argument(text: str) -> float:
         return check_task_timeout(seconds)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def comma_list(text: str) -> list[str]:
+    """argparse type of a repeatable option that also takes comma-separated values."""
+    items = [item.strip() for item in text.split(",")]
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"an empty item in {text!r}")
+    return items
+
+
+def share_argument(text: str) -> float:
+    """argparse type of --useful-share: a number between 0 and 1, both excluded."""
+    share = ratio_argument(text)
+    if share in (0, 1):
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, not {text}")
+    return share
+
+
+def ratio_argument(text: str) -> float:
+    """argparse type of --spot-ratio: a number from 0 to 1."""
+    try:
+        ratio = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= ratio <= 1:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be from 0 to 1, not {text}")
+    return ratio
 
 
 def require_boto3() -> None:
@@ -82,26 +109,52 @@ def add_remote_arguments(parser: argparse.ArgumentParser) -> None:
     remote.add_argument("--control-topic",
                         help="SNS topic of control messages to the workers (cancel, drain, shutdown; "
                              f"default: {DEFAULT_CONTROL_TOPIC})")
+    remote.add_argument("--prices", metavar="FILE",
+                        help="JSON price table for the cost estimates, over the defaults (us-east-1 "
+                             "on-demand, README 'What a job costs'): {\"instances\": {TYPE: USD per hour}, "
+                             "\"spot\": {TYPE: USD per hour}, \"requests\": {SERVICE[.Operation]: USD per "
+                             "million}}")
     fleet = parser.add_argument_group("provisioning of EC2 workers (remote mode)")
     fleet.add_argument("--provision", action="store_true",
                        help="launch EC2 worker instances while bundles wait; they terminate when idle")
     fleet.add_argument("--ami", help="image made with ami_setup.sh (required with --provision)")
-    fleet.add_argument("--instance-type", default=DEFAULT_INSTANCE_TYPE,
-                       help=f"(default: {DEFAULT_INSTANCE_TYPE})")
+    fleet.add_argument("--instance-type", type=comma_list, action="extend", metavar="TYPE[,TYPE...]",
+                       help="instance type; several (comma-separated or repeated) are tried in order "
+                            f"when EC2 has no capacity for one (default: {DEFAULT_INSTANCE_TYPE})")
     fleet.add_argument("--max-workers", type=int, default=DEFAULT_MAX_WORKERS, metavar="N",
                        help=f"(default: {DEFAULT_MAX_WORKERS})")
     fleet.add_argument("--key-name", help="EC2 key pair for the instances")
-    fleet.add_argument("--subnet", help="subnet to launch in")
+    fleet.add_argument("--subnet", type=comma_list, action="extend", metavar="ID[,ID...]",
+                       help="subnet to launch in; several (comma-separated or repeated): each type is "
+                            "tried in each subnet (its zone) in turn when one is refused")
+    fleet.add_argument("--spot", action="store_true",
+                       help="launch spot instances (--spot-ratio 1); a worker leaves on its two-minute "
+                            "interruption notice, handing its bundles back")
+    fleet.add_argument("--spot-ratio", type=ratio_argument, metavar="R",
+                       help="share of the instances launched that are spot, 0 to 1 (default: 0, or 1 "
+                            "with --spot)")
     fleet.add_argument("--security-group", action="append", default=[], metavar="ID",
                        help="security group id (repeatable)")
     fleet.add_argument("--instance-profile", metavar="NAME",
                        help="IAM instance profile giving the workers iam/worker-policy.json")
     fleet.add_argument("--worker-threads", type=int, default=DEFAULT_WORKER_THREADS, metavar="N",
                        help=f"bundles each worker runs at once (default: {DEFAULT_WORKER_THREADS})")
-    fleet.add_argument("--worker-idle-timeout", type=float, default=DEFAULT_WORKER_IDLE_TIMEOUT,
-                       metavar="SECONDS",
-                       help="an instance terminates itself after this long without work "
-                            f"(default: {DEFAULT_WORKER_IDLE_TIMEOUT:g})")
+    fleet.add_argument("--worker-idle-timeout", type=float, metavar="SECONDS",
+                       help="an instance terminates itself after this long without work (default: the "
+                            "cost rule: kept while keeping it costs less than booting another, judged by "
+                            "the gaps between bursts seen; never before --billed-minimum)")
+    fleet.add_argument("--billed-minimum", type=float, default=BILLED_MINIMUM_SECONDS, metavar="SECONDS",
+                       help="the least an instance is billed for (EC2 Linux: per second, at least "
+                            f"{BILLED_MINIMUM_SECONDS:g} s): the cost rule keeps it that long (default: "
+                            f"{BILLED_MINIMUM_SECONDS:g})")
+    fleet.add_argument("--boot-seconds", type=float, default=ASSUMED_BOOT_SECONDS, metavar="SECONDS",
+                       help="launch to a worker's first heartbeat, assumed until one is measured: a launch "
+                            "is made when the backlog exceeds what the workers finish in this long "
+                            f"(default: {ASSUMED_BOOT_SECONDS:g})")
+    fleet.add_argument("--useful-share", type=share_argument, default=USEFUL_SHARE, metavar="S",
+                       help="the share of a launched instance's paid time (its boot included) it should "
+                            "spend running tasks: higher launches fewer instances (cheaper, slower), lower "
+                            f"more (faster, dearer); between 0 and 1 (default: {USEFUL_SHARE:g})")
     fleet.add_argument("--fleet", default=DEFAULT_FLEET,
                        help="fleet name: a restarted scheduler adopts its fleet's instances "
                             f"(default: {DEFAULT_FLEET})")

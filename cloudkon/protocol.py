@@ -21,7 +21,7 @@ import math
 import re
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from cloudkon.errors import FrameTooLarge, IncompleteFrame, MalformedMessage, RemoteError
@@ -75,6 +75,26 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
 }
 
 
+
+
+def is_cost(value: object) -> bool:
+    """True if ``value`` is a cost report (costs.py): ``task_seconds``, ``requests`` by service,
+    ``usd`` (null: an instance type without a price), ``prices`` (their source) and, with a fleet
+    the scheduler launched, ``instance_seconds``."""
+    def number(x: object) -> bool:
+        return type(x) in (int, float)
+    return (isinstance(value, dict) and number(value.get("task_seconds"))
+            and (value.get("usd") is None or number(value["usd"])) and isinstance(value.get("prices"), str)
+            and (value.get("instance_seconds") is None or number(value["instance_seconds"]))
+            and isinstance(value.get("requests"), dict)
+            and all(type(n) is int for n in value["requests"].values()))
+
+
+# Optional fields checked when present, by message type.
+_OPTIONAL: dict[str, dict[str, Callable[[object], bool]]] = {"job_done": {"cost": is_cost},
+                                                              "jobs": {"fleet": is_cost}}
+
+
 def encode(message: dict[str, Any], max_frame: int = MAX_FRAME_BYTES) -> bytes:
     """One frame holding ``message``.  Raises FrameTooLarge rather than send an oversized frame."""
     body = encode_body(message, max_frame)
@@ -113,6 +133,9 @@ def decode(body: bytes) -> dict[str, Any]:
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise MalformedMessage(
                 f"{message['type']}: field {name!r} must be {_type_name(kind)}", body)
+    for name, check in _OPTIONAL.get(message["type"], {}).items():
+        if name in message and not check(message[name]):
+            raise MalformedMessage(f"{message['type']}: field {name!r} is not a cost report", body)
     return message
 
 

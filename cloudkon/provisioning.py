@@ -1,18 +1,20 @@
 """EC2 workers on demand: launching by backlog, the fleet registry, heartbeats, cleanup.
 
 Owns both sides of a fleet of worker instances:
-  - ``Fleet`` (the scheduler's side): launches instances while there are fewer live
-    workers than pending bundles (up to a maximum), records each one in the fleet
+  - ``Fleet`` (the scheduler's side): launches instances as the policy (fleetpolicy) says
+    for the backlog's estimated work (up to a maximum), records each one in the fleet
     registry before relying on it, adopts the registered instances of an earlier
     scheduler of the same fleet, and terminates instances whose heartbeat stopped or
     that never sent one within the boot deadline (SQS then redelivers their bundles).
-    Idle instances terminate themselves: the scheduler never pays to keep them.
+    Idle instances terminate themselves, after the keep time the policy sets in the registry.
   - ``Instance`` (the worker's side): its identity and launch settings from the
     instance metadata service (IMDSv2), its heartbeat, and its self-termination.
 
 The registry is a DynamoDB table (key: ``fleet``, ``instance``) whose items carry
-``launched_at`` and, once the worker runs, ``heartbeat_at``.  Instances are also tagged
-``cloudkon:fleet`` at launch, so one launched just before a crash is found by its tag.
+``launched_at``, once the worker runs ``heartbeat_at`` (its UpdateItem returns the item: the
+worker reads ``idle_timeout`` there, which the scheduler updates when its policy's keep time
+changes).  Instances are also tagged ``cloudkon:fleet`` at launch, so one launched just before a
+crash is found by its tag.
 """
 
 from __future__ import annotations
@@ -22,12 +24,15 @@ import logging
 import os
 import threading
 import time
+import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from cloudkon import aws
+from cloudkon.capacity import LaunchPlan
 from cloudkon.control import delete_queue, queue_name
+from cloudkon.costs import FleetUsage
 from cloudkon.defaults import (
     DEFAULT_BOOT_TIMEOUT,
     DEFAULT_CLAIM_TABLE,
@@ -42,7 +47,8 @@ from cloudkon.defaults import (
     DEFAULT_WORKER_IDLE_TIMEOUT,
     DEFAULT_WORKER_THREADS,
 )
-from cloudkon.errors import BackendError, ResourceNotFound
+from cloudkon.errors import BackendError, ConditionFailed, ResourceNotFound
+from cloudkon.fleetpolicy import FleetPolicy, IdleRule
 
 log = logging.getLogger("cloudkon.fleet")
 
@@ -67,6 +73,8 @@ class WorkerSettings:
     visibility_timeout: int = DEFAULT_VISIBILITY_TIMEOUT
     heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS
     control_topic: str = DEFAULT_CONTROL_TOPIC
+    # An idle worker stays until this long after its launch (EC2's billed minimum; 0: the fixed idle timeout).
+    billed_minimum: float = 0.0
 
     def to_user_data(self) -> str:
         return json.dumps({"cloudkon": asdict(self)})
@@ -85,11 +93,13 @@ class LaunchOptions:
     """How to launch a worker instance (the usual run_instances options)."""
 
     ami: str
-    instance_type: str = DEFAULT_INSTANCE_TYPE
+    # Tried in this order when EC2 refuses one for capacity (capacity.py); spot_ratio: the share of spot.
+    instance_types: list[str] = field(default_factory=lambda: [DEFAULT_INSTANCE_TYPE])
     key_name: str | None = None
-    subnet: str | None = None
+    subnets: list[str] = field(default_factory=list)
     security_groups: list[str] = field(default_factory=list)
     instance_profile: str | None = None
+    spot_ratio: float = 0.0
 
 
 class Fleet:
@@ -97,11 +107,16 @@ class Fleet:
 
     def __init__(self, settings: WorkerSettings, launch: LaunchOptions | None, max_workers: int,
                  heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
-                 boot_timeout: float = DEFAULT_BOOT_TIMEOUT, make_registry: bool = True) -> None:
+                 boot_timeout: float = DEFAULT_BOOT_TIMEOUT, make_registry: bool = True,
+                 policy: FleetPolicy | None = None) -> None:
         """``make_registry``: create the fleet table if it is missing (not to clean up: a fleet
         without one has nothing registered)."""
         self.settings = settings
+        self.policy = policy or FleetPolicy(max_workers, settings.threads, IdleRule(settings.idle_timeout))
+        self._booting: list[float] = []  # launch times of the live instances not heard of yet
         self.launch_options = launch
+        self.capacity = (LaunchPlan(launch.instance_types, launch.subnets, launch.spot_ratio)
+                         if launch else None)
         self.max_workers = max_workers
         self.heartbeat_timeout = heartbeat_timeout
         self.boot_timeout = boot_timeout
@@ -109,22 +124,37 @@ class Fleet:
         self.dynamodb = aws.client("dynamodb")
         if make_registry:
             aws.ensure_table(self.dynamodb, settings.fleet_table, [("fleet", "HASH"), ("instance", "RANGE")])
-        self._last_decision: tuple[int, int] | None = None
+        self._last_decision: tuple[bool, int, int] | None = None
+        self.usage = FleetUsage()  # the instances' runs, as each describe shows them (costs.py)
         adopted = self.live_instances()
         log.info("fleet %s: adopted %d running instance(s)", settings.fleet, len(adopted))
 
-    def scale(self, pending_bundles: int) -> None:
-        """One scaling step: retire dead instances, then launch while the workers' threads are
-        fewer than the pending bundles."""
+    def scale(self, backlog: float) -> None:
+        """One scaling step: retire dead instances, then launch and set the idle workers' keep time
+        by the policy (fleetpolicy) for ``backlog`` seconds of estimated work."""
         live = self.live_instances()
-        want = min(self.max_workers, -(-pending_bundles // max(self.settings.threads, 1)))
-        launch = max(0, want - len(live)) if self.launch_options else 0
+        decision = self.policy.decide(time.time(), backlog, len(live) - len(self._booting), self._booting)
+        self.settings.idle_timeout = decision.keep  # what the next launches are told in their user data
+        if self.policy.news(decision.keep):
+            self._tell_keep(live, decision.keep)
+        launch = decision.launch if self.launch_options else 0
         if launch:
             self._launch(launch)
-        if launch or self._last_decision != (pending_bundles, len(live)):
-            log.info("scaling: backlog %d bundle(s), %d live worker(s), launching %d",
-                     pending_bundles, len(live), launch)
-            self._last_decision = (pending_bundles, len(live))
+        state = (backlog > 0, len(live), len(self._booting))
+        if launch or self._last_decision != state:
+            log.info("scaling: backlog %.0f s of work, %d live worker(s) (%d booting, boot %.0f s), launching"
+                     " %d; idle ones kept %.0f s", backlog, *state[1:], decision.boot, launch, decision.keep)
+            self._last_decision = state
+
+    def _tell_keep(self, live: list[str], keep: float) -> None:
+        """The live workers' keep time, in their registry items (their heartbeats read it back)."""
+        for instance in live:
+            aws.write_if("setting an idle timeout", self.dynamodb.update_item,
+                         TableName=self.settings.fleet_table,
+                         Key={"fleet": {"S": self.settings.fleet}, "instance": {"S": instance}},
+                         UpdateExpression="SET idle_timeout = :keep",
+                         ConditionExpression="attribute_exists(launched_at)",  # not one that left
+                         ExpressionAttributeValues={":keep": {"N": f"{keep:.3f}"}})
 
     def live_instances(self) -> list[str]:
         """Instances of this fleet that are running and healthy; the dead are terminated on the way."""
@@ -132,6 +162,7 @@ class Fleet:
         items = {item["instance"]["S"]: item for item in self._registered()}
         states = self._instances()
         live, dead = [], []
+        self._booting = []
         for instance, state in states.items():
             item = items.get(instance)
             if state in _GONE_STATES:
@@ -144,12 +175,16 @@ class Fleet:
                 continue
             heartbeat = float(item.get("heartbeat_at", {}).get("N", 0))
             launched = float(item["launched_at"]["N"])
+            if heartbeat:
+                self.policy.boots.observe(instance, launched, heartbeat)
             if heartbeat and now - heartbeat > self.heartbeat_timeout:
                 dead.append((instance, f"no heartbeat for {now - heartbeat:.0f} s"))
             elif not heartbeat and now - launched > self.boot_timeout:
                 dead.append((instance, f"no heartbeat {now - launched:.0f} s after launch"))
             else:
                 live.append(instance)
+                if not heartbeat:
+                    self._booting.append(launched)
         for instance in set(items) - set(states):  # the instance no longer exists at all
             self._unregister(instance)
         for instance, reason in dead:
@@ -192,10 +227,9 @@ class Fleet:
 
     def _launch(self, count: int) -> None:
         options = self.launch_options
-        assert options is not None
+        assert options is not None and self.capacity is not None
         request: dict[str, Any] = {
-            "ImageId": options.ami, "InstanceType": options.instance_type,
-            "MinCount": count, "MaxCount": count,
+            "ImageId": options.ami,
             "UserData": self.settings.to_user_data(), "InstanceInitiatedShutdownBehavior": "terminate",
             "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled"},
             "TagSpecifications": [{"ResourceType": "instance", "Tags": [
@@ -204,18 +238,18 @@ class Fleet:
         }
         if options.key_name:
             request["KeyName"] = options.key_name
-        if options.subnet:
-            request["SubnetId"] = options.subnet
         if options.security_groups:
             request["SecurityGroupIds"] = options.security_groups
         if options.instance_profile:
             request["IamInstanceProfile"] = {"Name": options.instance_profile}
-        with aws.aws_errors("launching worker instances"):
-            instances = self.ec2.run_instances(**request)["Instances"]
+        instances = self.capacity.launch(count, request)  # type, subnet, market: fallbacks, backoff
         now = time.time()
         for instance in instances:
             self._register(instance["InstanceId"], now)
-        log.info("launched %s", ", ".join(i["InstanceId"] for i in instances))
+        if instances:  # none when every instance type and subnet was refused (capacity.py logs it)
+            log.info("launched %s", ", ".join(f"{i['InstanceId']} ({i['InstanceType']}"
+                                             f"{', spot' if i.get('InstanceLifecycle') == 'spot' else ''})"
+                                             for i in instances))
 
     def _terminate(self, instances: list[str]) -> None:
         with aws.aws_errors("terminating instances"):
@@ -233,8 +267,9 @@ class Fleet:
         with aws.aws_errors("describing instances"):
             pages = self.ec2.get_paginator("describe_instances").paginate(
                 Filters=[{"Name": f"tag:{FLEET_TAG}", "Values": [self.settings.fleet]}])
-            return {i["InstanceId"]: i["State"]["Name"]
-                    for page in pages for r in page["Reservations"] for i in r["Instances"]}
+            described = [i for page in pages for r in page["Reservations"] for i in r["Instances"]]
+        self.usage.observe(described)
+        return {i["InstanceId"]: i["State"]["Name"] for i in described}
 
     def _registered(self) -> list[dict[str, Any]]:
         try:
@@ -265,6 +300,8 @@ class Instance:
         self.id = instance_id
         self.region = region
         self.settings = settings
+        self.keep: float | None = None  # the idle timeout in the registry (set by the scheduler)
+        self.paid_until = 0.0  # wall clock: launch + billed minimum, once a heartbeat read the launch
 
     @classmethod
     def from_metadata(cls) -> Instance:
@@ -278,14 +315,27 @@ class Instance:
         return cls(instance_id, region, WorkerSettings.from_user_data(user_data))
 
     def heartbeat(self, dynamodb: Any) -> None:
-        """Mark this instance alive in the registry (only once the scheduler has registered it)."""
-        if not aws.write_if(
-                "sending a heartbeat", dynamodb.update_item, TableName=self.settings.fleet_table,
-                Key={"fleet": {"S": self.settings.fleet}, "instance": {"S": self.id}},
-                UpdateExpression="SET heartbeat_at = :now",
-                ConditionExpression="attribute_exists(launched_at)",
-                ExpressionAttributeValues={":now": {"N": f"{time.time():.3f}"}}):
+        """Mark this instance alive in the registry (only once the scheduler has registered it); the
+        same call reads back the idle timeout the scheduler set there and the launch time."""
+        try:
+            with aws.aws_errors("sending a heartbeat"):
+                item = dynamodb.update_item(
+                    TableName=self.settings.fleet_table, ReturnValues="ALL_NEW",
+                    Key={"fleet": {"S": self.settings.fleet}, "instance": {"S": self.id}},
+                    UpdateExpression="SET heartbeat_at = :now",
+                    ConditionExpression="attribute_exists(launched_at)",
+                    ExpressionAttributeValues={":now": {"N": f"{time.time():.3f}"}})["Attributes"]
+        except ConditionFailed:
             log.info("not in the fleet registry (yet): no heartbeat sent")
+            return
+        if "idle_timeout" in item:
+            self.keep = float(item["idle_timeout"]["N"])
+        self.paid_until = float(item["launched_at"]["N"]) + self.settings.billed_minimum
+
+    def idle_rule(self, keep: float) -> tuple[float, float]:
+        """(seconds an idle worker stays: the scheduler's latest word, else ``keep``; the monotonic
+        time before which it stays anyway: the end of its billed minimum)."""
+        return (keep if self.keep is None else self.keep), time.monotonic() + self.paid_until - time.time()
 
     def retire(self, dynamodb: Any) -> None:
         """Leave the registry and terminate this instance (the worker has been idle)."""
@@ -305,6 +355,16 @@ def metadata_instance_id() -> str | None:
         return _read_metadata("meta-data/instance-id", timeout=_IMDS_PROBE_SECONDS)[0]
     except OSError:
         return None
+
+
+def metadata_item(path: str) -> str | None:
+    """One item of this instance's metadata (a path under /latest/), None while it has none (404)."""
+    try:
+        return _read_metadata(path)[0]
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return None
+        raise
 
 
 def _imds_base() -> str:

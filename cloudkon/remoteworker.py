@@ -43,7 +43,8 @@ Its identity (logs, claims, control queue) is its EC2 instance id when IMDSv2 ha
 
 Threads: a receiving thread long-polls the request queue and hands each message to a
 pool of ``-t`` threads; a control thread, a lease thread and, on EC2, a heartbeat thread
-run beside them.  The main thread (``run``) only acts on stop requests, which signal
+and a thread watching a spot instance's interruption notice (spotwatch.py: it leaves as on a
+``shutdown``) run beside them.  The main thread (``run``) only acts on stop requests, which signal
 handlers (``request_stop``) and the control thread only flag: the first takes no new
 bundle, finishes and reports those held, and hands back what the poll in flight brings;
 the next (or one during a drain) kills the running tasks and exits 1 at once; a
@@ -64,12 +65,14 @@ from cloudkon.claims import Claims, ensure_claim_table, record_slots
 from cloudkon.control import ControlQueue, queue_name
 from cloudkon.defaults import DEFAULT_CONTROL_TOPIC
 from cloudkon.errors import BackendError, CloudKonError, QueueGone, TransientAWSError
+from cloudkon.fleetpolicy import retire_at
 from cloudkon.holdings import Holdings
 from cloudkon.processes import kill_running_tasks
 from cloudkon.provisioning import Instance, send_heartbeats
 from cloudkon.remotebundles import RETRY_SECONDS, BundleHandler
 from cloudkon.repeats import Outage
 from cloudkon.signing import Keyring
+from cloudkon.spotwatch import watch_interruption
 
 log = logging.getLogger("cloudkon.worker")
 
@@ -138,6 +141,9 @@ class Worker:
         threading.Thread(target=self.held.keep_leases, args=(self.exiting, self.handler.marked_cancelled),
                          name="cloudkon-leases", daemon=True).start()
         threading.Thread(target=self._follow_control, name="cloudkon-control", daemon=True).start()
+        if self.instance is not None:  # on a spot instance, leave on its interruption notice
+            threading.Thread(target=watch_interruption, args=(self._stop_now, self.exiting),
+                             name="cloudkon-spot", daemon=True).start()
         done: concurrent.futures.Future[int] = concurrent.futures.Future()
         threading.Thread(target=self._receive_then_leave, args=(done,), name="cloudkon-receive",
                          daemon=True).start()
@@ -245,7 +251,11 @@ class Worker:
         skipped or deferred are no work, or one poison message redelivered would keep a fleet up."""
         if self.idle_timeout is None or self.held.runs_any():
             return None
-        return self.held.last_work + self.idle_timeout - time.monotonic()
+        # An EC2 worker follows the fleet's policy (fleetpolicy): the keep time its scheduler set,
+        # and never before its billed minimum ends.
+        keep, paid_until = (self.idle_timeout, 0.0) if self.instance is None else \
+            self.instance.idle_rule(self.idle_timeout)
+        return retire_at(self.held.last_work, keep, paid_until) - time.monotonic()
 
     def _follow_control(self) -> None:
         """Obey the control messages of the fleet's topic (runs in a thread for the worker's life;
@@ -275,12 +285,17 @@ class Worker:
             elif message["type"] == "drain":
                 self._drain()
             elif message["type"] == "shutdown":
-                log.warning("shutdown: stopping now; the bundles held go back to the queue")
-                self.held.leave("shutdown")  # from now on no result is sent
-                self.stopping.set()
-                self._shutdown_asked.set()  # the main thread does the rest
+                self._stop_now("shutdown: stopping now; the bundles held go back to the queue")
             else:
                 log.error("ignoring a control message of type %r", message["type"])
+
+    def _stop_now(self, why: str) -> None:
+        """Leave at once (a shutdown, a spot interruption notice): no result is sent from now on; the
+        main thread hands the bundles held back, kills their tasks and retires."""
+        log.warning("%s", why)
+        self.held.leave("shutdown")
+        self.stopping.set()
+        self._shutdown_asked.set()
 
     def _reopen_control(self) -> None:
         try:
@@ -302,7 +317,9 @@ class Worker:
         """Stop at once (in the main thread): hand the bundles held back to the queue, kill their
         tasks, retire, exit."""
         try:
-            self.held.hand_back(self.held.leave("shutdown"))
+            held = self.held.leave("shutdown")
+            log.info("handing back %d message(s) held", len(held))
+            self.held.hand_back(held)
             kill_running_tasks()
             self.leave(retire=True)
         finally:

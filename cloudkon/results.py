@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Iterable
+from itertools import repeat
 from typing import Any, TextIO
 
 from cloudkon.errors import MalformedMessage
@@ -22,12 +24,16 @@ PROGRESS_EVERY_SECONDS = 0.25
 
 
 def task_record(task_id: int, command: str, exit_code: int | None, output: str, elapsed_us: int,
-                worker: str | None, error: str | None, status_key: str = "status") -> dict[str, Any]:
+                worker: str | None, error: str | None, status_key: str = "status",
+                source: str | None = None) -> dict[str, Any]:
     """One task's result as a JSON object: a line of the results file, and (``status_key``
-    "result") a task of the HTTP API's results.  Its keys' order is the output's."""
-    record: dict[str, Any] = {"id": task_id, "command": command, status_key: task_status(exit_code, error),
-                              "exit_code": exit_code, "output": output, "elapsed_ms": elapsed_us / 1000,
-                              "worker": worker}
+    "result") a task of the HTTP API's results.  Its keys' order is the output's.  ``source``:
+    the workload file and line the task came from (workloads.py), when the client knows it."""
+    record: dict[str, Any] = {"id": task_id, "command": command}
+    if source is not None:
+        record["source"] = source
+    record.update({status_key: task_status(exit_code, error), "exit_code": exit_code, "output": output,
+                   "elapsed_ms": elapsed_us / 1000, "worker": worker})
     if error is not None:
         record["error"] = error
     return record
@@ -48,6 +54,7 @@ class Results:
         self.received = 0
         self.failed = 0  # cancelled tasks included
         self.cancelled = 0
+        self.cost: dict[str, Any] | None = None  # a remote job's figures (costs.py), from its job_done
 
     def add(self, batch: ResultBatch) -> None:
         seen, total = self._seen, self.total
@@ -76,29 +83,40 @@ class Results:
         self.exit_codes[task_id], self.errors[task_id] = None, error
         self.artifacts.pop(task_id, None)
 
+    def grow(self, count: int) -> None:
+        """Room for ``count`` more tasks: a workload streamed from standard input (workloads.py)
+        grows its results as its tasks are sent, from another thread than the one adding results."""
+        for column, empty in ((self.exit_codes, None), (self.outputs, ""), (self.elapsed_us, 0),
+                              (self.errors, None), (self.workers, None)):
+            column.extend([empty] * count)  # type: ignore[list-item]
+        self._seen.extend(bytes(count))
+        self.total += count  # last: add() checks a task id against it
+
     @property
     def complete(self) -> bool:
         return self.received == self.total
 
-    def write_jsonl(self, commands: list[str], out: TextIO) -> None:
-        """One JSON object per task, in workload order."""
-        dumps = json.dumps
+    def write_jsonl(self, commands: list[str], out: TextIO, sources: Iterable[str] | None = None) -> None:
+        """One JSON object per task, in workload order (with its source, if ``sources`` says them)."""
+        dumps, each_source = json.dumps, iter(sources or repeat(None))
         for task_id, command in enumerate(commands):
             record = task_record(task_id, command, self.exit_codes[task_id], self.outputs[task_id],
-                                 self.elapsed_us[task_id], self.workers[task_id], self.errors[task_id])
+                                 self.elapsed_us[task_id], self.workers[task_id], self.errors[task_id],
+                                 source=next(each_source))
             if task_id in self.artifacts:
                 record["outputs"] = self.artifacts[task_id]
             out.write(dumps(record))
             out.write("\n")
 
 
-def write_results(results: Results, commands: list[str], path: str) -> None:
+def write_results(results: Results, commands: list[str], path: str,
+                  sources: Iterable[str] | None = None) -> None:
     """The results file at ``path`` ('-': stdout)."""
     if path == "-":
-        results.write_jsonl(commands, sys.stdout)
+        results.write_jsonl(commands, sys.stdout, sources)
         return
     with open(path, "w", encoding="utf-8") as out:
-        results.write_jsonl(commands, out)
+        results.write_jsonl(commands, out, sources)
 
 
 class Progress:

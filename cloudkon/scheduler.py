@@ -27,12 +27,20 @@ import time
 from typing import Any
 
 from cloudkon.errors import BackendError, CloudKonError, ConfigError
+from cloudkon.fleetpolicy import backlog_seconds
 from cloudkon.httpapi import HttpApi
 from cloudkon.options import add_remote_arguments, require_boto3, task_timeout_argument
 from cloudkon.server import Server, format_address
 from cloudkon.service import DEFAULT_MAX_HELD_BYTES, DEFAULT_RESULT_TTL_SECONDS, JobService
 from cloudkon.tasks import MAX_TASK_TIMEOUT_SECONDS
-from cloudkon.wiring import create_backend, create_fleet, create_keeper, run_fleet_command, store_name
+from cloudkon.wiring import (
+    create_backend,
+    create_costs,
+    create_fleet,
+    create_keeper,
+    run_fleet_command,
+    store_name,
+)
 
 log = logging.getLogger("cloudkon.scheduler")
 
@@ -135,10 +143,10 @@ async def serve(service: JobService, args: argparse.Namespace, fleet: Any = None
 
 
 def _scale_loop(service: JobService, fleet: Any, interval: float, stop: threading.Event) -> None:
-    """Provisioning: every few seconds, size the fleet to the bundles in flight."""
+    """Provisioning: every few seconds, size the fleet to the backlog's estimated work."""
     while not stop.wait(interval):
         try:
-            fleet.scale(service.dispatcher.bundles_in_flight)
+            fleet.scale(backlog_seconds(service.dispatcher))
         except BackendError as exc:
             log.error("provisioning: %s", exc)
         except Exception:  # the next round may work: this thread must not die
@@ -253,7 +261,10 @@ def main(argv: list[str] | None = None) -> int:
         _check_options(args)
         if args.drain or args.shutdown or args.cleanup:
             return run_fleet_command(args)
+        costs = create_costs(args)  # first: a bad --prices file stops the start before anything is made
         fleet = create_fleet(args)
+        if costs is not None and fleet is not None:
+            costs.fleet = fleet.usage
         name = store_name(args)
         backend = create_backend(args, name)
         keeper = create_keeper(args, name)
@@ -266,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"scheduler.py: error: {exc}", file=sys.stderr)
         return 2
     service = JobService(backend, keeper, args.result_ttl, args.task_timeout, args.max_held_bytes,
-                         first_bundle)
+                         first_bundle, costs)
     try:
         return asyncio.run(serve(service, args, fleet))
     except OSError as exc:

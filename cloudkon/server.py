@@ -262,7 +262,7 @@ class Server:
             limit = message.get("limit", DEFAULT_LISTED_JOBS)
             if type(limit) is not int or limit < 1:
                 raise BadRequest("bad_request", "limit must be a positive integer")
-            peer.send(protocol.encode({"type": "jobs", "jobs": self.service.job_list(limit)}))
+            peer.send(protocol.encode({"type": "jobs", **self.service.list_jobs(limit)}))
         else:
             raise BadRequest("bad_request", f"a client does not send {kind!r}")
 
@@ -329,7 +329,7 @@ class Server:
         for batch in results:
             await peer.room()
             peer.send(protocol.encode(protocol.results_message(batch)))
-        peer.send(protocol.encode(_done_message(job)))
+        peer.send(protocol.encode(_done_message(job, self.service.job_cost(job))))
         peer.send(lambda: self.service.delivered(job))
 
     # --- what the service tells (JobListener) -----------------------------------------
@@ -343,7 +343,7 @@ class Server:
         peer = self._subscribers.pop(job.id, None)
         if peer is not None:
             peer.streaming.discard(job.id)
-            peer.send(self._once_written(_done_message(job)))
+            peer.send(self._once_written(_done_message(job, self.service.job_cost(job))))
             peer.send(lambda: self.service.delivered(job))
         callback = self._callbacks.pop(job.id, None)
         if callback is not None:
@@ -383,10 +383,10 @@ class Server:
         await asyncio.gather(*(peer.close() for peer in list(self._peers)))
 
 
-def _done_message(job: Job) -> dict[str, Any]:
-    counts = job.counts()
+def _done_message(job: Job, cost: dict[str, Any]) -> dict[str, Any]:
+    counts = job.counts()  # ``cost``: service.job_cost's
     return {"type": "job_done", "job": job.id, "total": job.total, "succeeded": counts["succeeded"],
-            "failed": counts["failed"], "cancelled": counts["cancelled"]}
+            "failed": counts["failed"], "cancelled": counts["cancelled"], **cost}
 
 
 def _valid_callback(callback: object) -> bool:

@@ -24,6 +24,7 @@ import time
 from typing import Any, Protocol
 
 from cloudkon.backend import Backend
+from cloudkon.costs import CostBook
 from cloudkon.errors import BackendError, BadRequest
 from cloudkon.jobs import Dispatcher, Job, held_bytes
 from cloudkon.jobstore import JobFinished, JobOpened, ResultsAdded, TasksAdded
@@ -45,8 +46,9 @@ RECEIVE_POLL_SECONDS = 1.0
 # pause that doubles up to the second figure, jittered; the scheduler serves on meanwhile.
 RECEIVE_RETRY_SECONDS = (0.1, 5.0)
 
-# A job's counts ("total", "done", "failed"), tasks (None until it has finished) and results.
-JobReport = tuple[dict[str, int], list[str] | None, list[ResultBatch]]
+# A job's counts ("total", "done", "failed"; "cost" once finished, remote), tasks (None until it
+# has finished) and results.
+JobReport = tuple[dict[str, Any], list[str] | None, list[ResultBatch]]
 
 
 class JobListener(Protocol):
@@ -64,8 +66,9 @@ class JobService:
 
     def __init__(self, backend: Backend, keeper: Keeper, result_ttl: float = DEFAULT_RESULT_TTL_SECONDS,
                  task_timeout: float | None = None, max_held_bytes: int = DEFAULT_MAX_HELD_BYTES,
-                 first_bundle: int = 0) -> None:
+                 first_bundle: int = 0, costs: CostBook | None = None) -> None:
         self.backend = backend
+        self.costs = costs  # what remote jobs and the fleet cost (None: local mode, nothing counted)
         self.keeper = keeper
         self.result_ttl = result_ttl
         self.dispatcher = Dispatcher(backend, self._on_results, self._on_finished, first_bundle)
@@ -98,6 +101,8 @@ class JobService:
                 raise BadRequest("bad_request", str(exc)) from None
         job = self.dispatcher.open_job(timeout)
         self.keeper.record(JobOpened(job.id, job.created_at, job.timeout))
+        if self.costs is not None:
+            self.costs.opened(job.id, job.created_at)
         return job
 
     def add_tasks(self, job: Job, tasks: list[Any]) -> None:
@@ -144,9 +149,10 @@ class JobService:
         job = self.dispatcher.jobs.get(cursor)
         if job is None:
             return None
-        counts = {"total": job.total, "done": job.done_count, "failed": job.failed_count}
+        counts: dict[str, Any] = {"total": job.total, "done": job.done_count, "failed": job.failed_count}
         if not job.finished:
             return counts, None, []
+        counts.update(self.job_cost(job))
         tasks, results = await self.read_job(job, commands=True)
         return counts, tasks, results
 
@@ -189,11 +195,18 @@ class JobService:
         # cancelled already, while it was being told.
         return job.cancelled_count
 
-    def job_list(self, limit: int) -> list[dict[str, Any]]:
-        """The newest ``limit`` jobs this scheduler holds, oldest first, with their task counts."""
+    def list_jobs(self, limit: int) -> dict[str, Any]:
+        """{"jobs": the newest ``limit`` jobs this scheduler holds, oldest first, with their task
+        counts}, and in remote mode "fleet": the figures of everything since start (costs.py)."""
         jobs = sorted(self.dispatcher.jobs.values(), key=lambda job: job.created_at)[-limit:]
-        return [{"job": job.id, "state": job.state(), **job.counts(), "created_at": job.created_at,
-                 "finished_at": job.finished_at} for job in jobs]
+        fleet = {} if self.costs is None else {"fleet": self.costs.fleet_cost()}
+        return {"jobs": [{"job": job.id, "state": job.state(), **job.counts(), "created_at": job.created_at,
+                          "finished_at": job.finished_at, **self.job_cost(job)} for job in jobs], **fleet}
+
+    def job_cost(self, job: Job) -> dict[str, Any]:
+        """{"cost": its figures} for a finished remote job (costs.py), else {}."""
+        cost = None if self.costs is None else self.costs.job_cost(job.id)
+        return {} if cost is None else {"cost": cost}
 
     async def wait_finished(self, job: Job) -> None:
         if not job.finished:
@@ -208,18 +221,27 @@ class JobService:
     def delivered(self, job: Job) -> None:
         """A client has had every result of ``job``: without a store, nothing is left to keep it for."""
         if not self.keeper.keeps_results:
-            self.dispatcher.forget(job)
+            self._forget(job)
+
+    def _forget(self, job: Job) -> None:
+        self.dispatcher.forget(job)
+        if self.costs is not None:
+            self.costs.forget(job.id)
 
     # --- results --------------------------------------------------------------------
 
     def _on_results(self, job: Job, batch: ResultBatch) -> None:
         self.keeper.record(ResultsAdded(job.id, batch))
+        if self.costs is not None:
+            self.costs.add(job.id, batch)
         for listener in self._listeners:
             listener.job_results(job, batch)
 
     def _on_finished(self, job: Job) -> None:
         self.keeper.record(JobFinished(job.id, job.total, job.finished_at, job.succeeded_count,
                                        job.failed_count, job.cancelled_count))
+        if self.costs is not None:  # before the listeners: the server's job_done carries it
+            self.costs.finished(job.id, job.finished_at)
         if self.keeper.keeps_results:
             self.dispatcher.release(job)  # the store has it all, and fetches read it from there
         for listener in self._listeners:
@@ -283,7 +305,7 @@ class JobService:
                    if job.finished_at is not None and now - job.finished_at > self.result_ttl]
         for job in expired:
             log.info("job %s: results expired", job.id)
-            self.dispatcher.forget(job)
+            self._forget(job)
         if expired:
             self.keeper.remove([job.id for job in expired])
 

@@ -119,18 +119,47 @@ def create_fleet(args: argparse.Namespace) -> Any:
         raise ConfigError("--provision and --cleanup go with --remote")
     if args.provision and not args.ami:
         raise ConfigError("--provision needs --ami (an image made with ami_setup.sh)")
+    from cloudkon.defaults import DEFAULT_INSTANCE_TYPE
+    from cloudkon.fleetpolicy import FleetPolicy, IdleRule
     from cloudkon.provisioning import Fleet, LaunchOptions, WorkerSettings
     settings = WorkerSettings(fleet=args.fleet, fleet_table=args.fleet_table, threads=args.worker_threads,
-                              idle_timeout=args.worker_idle_timeout, heartbeat_seconds=args.heartbeat_seconds)
+                              heartbeat_seconds=args.heartbeat_seconds)
+    idle = IdleRule(args.worker_idle_timeout, args.billed_minimum)
+    if args.worker_idle_timeout is not None:  # else the cost rule (fleetpolicy) sets it, and the minimum
+        settings.idle_timeout = args.worker_idle_timeout
+    else:
+        settings.billed_minimum = args.billed_minimum
     for option, value in (("request_queue", args.request_queue), ("claim_table", args.table),
                           ("visibility_timeout", args.visibility_timeout),
                           ("control_topic", args.control_topic)):
         if value is not None:
             setattr(settings, option, value)
-    launch = LaunchOptions(args.ami, args.instance_type, args.key_name, args.subnet, args.security_group,
-                           args.instance_profile) if args.provision else None
+    launch = LaunchOptions(args.ami, args.instance_type or [DEFAULT_INSTANCE_TYPE], args.key_name,
+                           args.subnet or [], args.security_group, args.instance_profile,
+                           spot_ratio(args)) if args.provision else None
     return Fleet(settings, launch, args.max_workers, args.heartbeat_timeout, args.boot_timeout,
-                 make_registry=not args.cleanup)
+                 make_registry=not args.cleanup,
+                 policy=FleetPolicy(args.max_workers, args.worker_threads, idle, args.boot_seconds,
+                                    args.useful_share))
+
+
+def create_costs(args: argparse.Namespace) -> Any:
+    """The costs.CostBook of a remote scheduler (prices from --prices over the defaults; its ``fleet``
+    set once there is one), else None; ConfigError for a bad --prices file."""
+    if not args.remote:
+        if args.prices:
+            raise ConfigError("--prices goes with --remote (local mode counts no cost)")
+        return None
+    from cloudkon import aws  # boto3 is loaded in remote mode only
+    from cloudkon.costs import CostBook, load_prices
+    return CostBook(load_prices(args.prices), None, aws.call_counts)
+
+
+def spot_ratio(args: argparse.Namespace) -> float:
+    """The share of spot instances --spot and --spot-ratio ask for."""
+    if args.spot and args.spot_ratio is not None:
+        raise ConfigError("--spot is --spot-ratio 1: give one of them")
+    return 1.0 if args.spot else args.spot_ratio or 0.0
 
 
 def run_fleet_command(args: argparse.Namespace) -> int:

@@ -5,7 +5,8 @@ starts an instance metadata service (IMDSv2) on a loopback port that answers wit
 instance's id, region and user data, and a ``worker.py --ec2`` process pointed at it
 through AWS_EC2_METADATA_SERVICE_ENDPOINT, as boto3 would be on the instance.  When the
 emulator reports the instance terminated, the process is stopped as the machine's shutdown would
-(SIGTERM, then SIGKILL).
+(SIGTERM, then SIGKILL).  ``interrupt`` plays EC2 reclaiming a spot instance: its metadata serves
+the interruption notice, and the instance is terminated when the notice says, unless it is gone.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import signal
 import subprocess
 import sys
 import threading
+import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import boto3
@@ -71,6 +74,7 @@ class Hypervisor:
                                 aws_access_key_id="testing", aws_secret_access_key="testing")
         self.running: dict[str, tuple[subprocess.Popen, _Metadata]] = {}
         self.booted: list[str] = []
+        self.reclaimed: list[str] = []  # spot instances still running when their notice ran out
         self.peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
@@ -88,6 +92,20 @@ class Hypervisor:
     def kill(self, instance: str) -> None:
         """kill -9 the worker of ``instance``, leaving the instance itself running."""
         self.running[instance][0].send_signal(signal.SIGKILL)
+
+    def interrupt(self, instance: str, seconds: float) -> None:
+        """Serve ``instance``'s spot interruption notice, and terminate it ``seconds`` from now (EC2's
+        two minutes, scaled down) if it is still running then."""
+        at = datetime.now(timezone.utc) + timedelta(seconds=seconds)
+        self.running[instance][1].values["/latest/meta-data/spot/instance-action"] = (
+            f'{{"action": "terminate", "time": "{at:%Y-%m-%dT%H:%M:%SZ}"}}')
+        threading.Thread(target=self._reclaim, args=(instance, seconds), daemon=True).start()
+
+    def _reclaim(self, instance: str, seconds: float) -> None:
+        time.sleep(seconds)
+        if self.states().get(instance) in ("pending", "running"):
+            self.reclaimed.append(instance)
+            self.ec2.terminate_instances(InstanceIds=[instance])
 
     def log(self, instance: str) -> str:
         return (self.log_dir / f"{instance}.log").read_text()
@@ -109,8 +127,10 @@ class Hypervisor:
 
     def _boot(self, instance: str) -> None:
         user_data = self.ec2.describe_instance_attribute(InstanceId=instance, Attribute="userData")
+        described = self.ec2.describe_instances(InstanceIds=[instance])["Reservations"][0]["Instances"][0]
         metadata = _Metadata({
             "/latest/meta-data/instance-id": instance,
+            "/latest/meta-data/instance-life-cycle": described.get("InstanceLifecycle", "on-demand"),
             "/latest/meta-data/placement/region": "us-east-1",
             "/latest/user-data": base64.b64decode(user_data["UserData"]["Value"]).decode(),
         })

@@ -17,7 +17,8 @@ MIXED = ["sleep 0", "sleep 20", "echo hello", "exit 4", "printf 'a\\nb'", "echo 
 def test_every_task_one_result_in_workload_order(start_scheduler, workload, tmp_path):
     sched = start_scheduler("--local", "2")
     out = tmp_path / "results.jsonl"
-    done = run_client("-s", sched.address, "-w", workload(MIXED), "-o", str(out))
+    tasks = workload(MIXED)
+    done = run_client("-s", sched.address, "-w", tasks, "-o", str(out))
     assert done.returncode == 1, done.stderr  # 'exit 4' failed
     assert "6 tasks: 5 succeeded, 1 failed" in done.stderr
     rows = read_results(out)
@@ -27,8 +28,10 @@ def test_every_task_one_result_in_workload_order(start_scheduler, workload, tmp_
     assert [r["exit_code"] for r in rows] == [0, 0, 0, 4, 0, 0]
     assert [r["output"] for r in rows] == ["", "", "hello\n", "", "a\nb", "err\n"]
     assert rows[1]["elapsed_ms"] >= 20
-    assert set(rows[0]) == {"id", "command", "status", "exit_code", "output", "elapsed_ms", "worker"}
-    assert list(rows[0])[5:7] == ["elapsed_ms", "worker"]
+    assert set(rows[0]) == {"id", "command", "source", "status", "exit_code", "output", "elapsed_ms",
+                            "worker"}
+    assert list(rows[0])[6:8] == ["elapsed_ms", "worker"]
+    assert [r["source"] for r in rows] == [f"{tasks}:{line}" for line in range(1, 7)]
     assert all(re.fullmatch(r".+:\d+", r["worker"]) for r in rows)
 
 

@@ -371,11 +371,12 @@ def test_an_answer_is_the_expected_message_or_a_protocol_error(body):
 def bundle_messages(draw: st.DrawFn) -> dict[str, Any]:
     """A bundle message, valid but for a few fields of any JSON value."""
     message = protocol.bundle_message(draw(bundles()))
+    count = len(message["ids"])  # the columns' length, before any field is spoilt
     names = ["ids", "commands", "timeout", "budget", "bundle", "job"]
     for name in draw(st.lists(st.sampled_from(names), unique=True, max_size=2)):
         message[name] = draw(JSON_VALUES)
     for name in draw(st.lists(st.sampled_from(["ids", "commands"]), unique=True, max_size=2)):
-        message[name] = [draw(JSON_SCALARS) for _ in message["ids"]]  # right length, wrong items
+        message[name] = [draw(JSON_SCALARS) for _ in range(count)]  # right length, wrong items
     return message
 
 
@@ -397,11 +398,12 @@ def test_a_bundle_message_gives_a_well_typed_bundle_or_malformed_message(body):
 def results_messages(draw: st.DrawFn) -> dict[str, Any]:
     """A results message, valid but for a few fields (or a column's items) of any JSON value."""
     message = protocol.results_message(draw(result_batches()))
+    count = len(message["ids"])  # the columns' length, before any field is spoilt
     names = [*protocol._RESULT_COLUMNS, "bundle", "artifacts", "worker", "returned"]
     for name in draw(st.lists(st.sampled_from(names), unique=True, max_size=2)):
         message[name] = draw(JSON_VALUES)
     for name in draw(st.lists(st.sampled_from(names[:5]), unique=True, max_size=2)):
-        message[name] = [draw(JSON_SCALARS) for _ in message["ids"]]  # right length, wrong items
+        message[name] = [draw(JSON_SCALARS) for _ in range(count)]  # right length, wrong items
     return message
 
 

@@ -25,8 +25,10 @@ def fleet(remote, tmp_path):
     class Fleet:
         env = remote.env
         hyper = hypervisor
+        # Time scaled down: a boot here takes a second, and so does the billed minimum.
         options = ["--fleet", name, "--fleet-table", f"{name}-registry", "--visibility-timeout", "3",
-                   "--heartbeat-seconds", "0.5", "--heartbeat-timeout", "4", "--scale-interval", "0.5"]
+                   "--heartbeat-seconds", "0.5", "--heartbeat-timeout", "4", "--scale-interval", "0.5",
+                   "--boot-seconds", "1", "--billed-minimum", "1"]
 
         @staticmethod
         def scheduler(*args: str):
@@ -98,7 +100,8 @@ def test_restarted_scheduler_adopts_its_instances_and_leaks_none(fleet, workload
 
 def test_cleanup_terminates_the_fleet_and_removes_its_resources(fleet, remote, workload):
     sched = fleet.scheduler("--max-workers", "2", "--worker-threads", "1", "--worker-idle-timeout", "600")
-    assert run_client("-s", sched.address, "-w", workload(["sleep 500"] * 8)).returncode == 0
+    # 16 s of work: enough for the policy to launch both (sleep N: N ms).
+    assert run_client("-s", sched.address, "-w", workload(["sleep 2000"] * 8)).returncode == 0
     sched.stop()
     assert len(fleet.hyper.alive()) == 2  # idle for ten minutes: still up
     fleet.hyper.kill(fleet.hyper.alive()[0])  # leaves its control queue and subscription behind
