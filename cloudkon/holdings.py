@@ -70,12 +70,29 @@ class Holdings:
         with self._lock:
             return bool(self._running)
 
-    def hold(self, message: dict[str, Any]) -> None:
-        """Hold ``message``, received; or, its bundle done, stop keeping its lease (no renewal may
-        race its delete: a warning about a receipt gone)."""
+    def receive(self, message: dict[str, Any]) -> bool:
+        """Hold ``message``, just received; False if this worker holds it already: SQS delivered it
+        again while its bundle ran here (its visibility ran out while AWS was away or the worker was
+        paused), and the lease that lapsed with it is this worker's to renew.  Then only its newest
+        receipt is kept (SQS deletes a message received again by that receipt only); its bundle must
+        not run a second time here."""
         with self._lock:
-            self._held[message["MessageId"]] = (message["ReceiptHandle"], "")
+            _, key = self._held.get(message["MessageId"], (None, None))
+            self._held[message["MessageId"]] = (message["ReceiptHandle"], key or "")
             self.busy.set()
+        return key is None
+
+    def receipt(self, message: dict[str, Any]) -> str:
+        """The newest receipt of a message held (a redelivery replaced the first)."""
+        with self._lock:
+            return self._held.get(message["MessageId"], (message["ReceiptHandle"], ""))[0]
+
+    def done_with(self, message: dict[str, Any]) -> None:
+        """Its bundle done, stop keeping its lease (no renewal may race its delete: a warning about
+        a receipt gone)."""
+        with self._lock:
+            self._held[message["MessageId"]] = (self._held.get(message["MessageId"],
+                                                               (message["ReceiptHandle"], ""))[0], "")
 
     def drop(self, message: dict[str, Any]) -> None:
         """``message`` is dealt with (deleted, deferred or left for redelivery)."""
@@ -87,7 +104,8 @@ class Holdings:
     def start(self, message: dict[str, Any], bundle: object, running: Running) -> None:
         """``bundle`` of ``message`` runs now, its claim won: its lease is kept from now on."""
         with self._lock:
-            self._held[message["MessageId"]] = (message["ReceiptHandle"], running.key)
+            receipt = self._held.get(message["MessageId"], (message["ReceiptHandle"], ""))[0]
+            self._held[message["MessageId"]] = (receipt, running.key)
             self._running[id(bundle)] = running
         if self.cancellations.is_cancelled(running.job):  # heard since it was checked, before it was listed
             running.stop.cancel(running.job)

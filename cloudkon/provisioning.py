@@ -138,12 +138,12 @@ class Fleet:
         if self.policy.news(decision.keep):
             self._tell_keep(live, decision.keep)
         launch = decision.launch if self.launch_options else 0
-        if launch:
-            self._launch(launch)
+        launched = self._launch(launch) if launch else 0  # fewer when capacity was refused
         state = (backlog > 0, len(live), len(self._booting))
-        if launch or self._last_decision != state:
-            log.info("scaling: backlog %.0f s of work, %d live worker(s) (%d booting, boot %.0f s), launching"
-                     " %d; idle ones kept %.0f s", backlog, *state[1:], decision.boot, launch, decision.keep)
+        if launched or self._last_decision != state:
+            log.info("scaling: backlog %.0f s of work, %d live worker(s) (%d booting, boot %.0f s), "
+                     "launched %d; idle ones kept %.0f s", backlog, *state[1:], decision.boot, launched,
+                     decision.keep)
             self._last_decision = state
 
     def _tell_keep(self, live: list[str], keep: float) -> None:
@@ -225,7 +225,8 @@ class Fleet:
 
     # --- EC2 and the registry ----------------------------------------------------
 
-    def _launch(self, count: int) -> None:
+    def _launch(self, count: int) -> int:
+        """Launch up to ``count`` instances; how many EC2 granted."""
         options = self.launch_options
         assert options is not None and self.capacity is not None
         request: dict[str, Any] = {
@@ -250,6 +251,7 @@ class Fleet:
             log.info("launched %s", ", ".join(f"{i['InstanceId']} ({i['InstanceType']}"
                                              f"{', spot' if i.get('InstanceLifecycle') == 'spot' else ''})"
                                              for i in instances))
+        return len(instances)
 
     def _terminate(self, instances: list[str]) -> None:
         with aws.aws_errors("terminating instances"):

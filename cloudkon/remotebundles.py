@@ -178,9 +178,9 @@ class BundleHandler:
         if not self._through_outages("marking a bundle done", self.claims.finish, key):
             self.held.lose(running)
             return
-        self.held.hold(message)  # done with: its lease is no longer kept
+        self.held.done_with(message)  # its lease is no longer kept
         self._through_outages("deleting a bundle's message", aws.delete_messages, self.sqs, self.request_url,
-                              [message["ReceiptHandle"]])
+                              [self.held.receipt(message)])
 
     def _through_outages(self, what: str, step: Callable[..., Any], *args: Any) -> Any:
         """``step(*args)``, tried again while it fails for a reason that passes (AWS unreachable,

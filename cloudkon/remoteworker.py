@@ -231,8 +231,8 @@ class Worker:
                 if not messages and self._economizing() and wait:  # long idle: the control queue's turn
                     self._poll_control(wait)
                 for message in messages:
-                    self.held.hold(message)
-                    pool.submit(self.handler.handle, message)
+                    if self.held.receive(message):  # not one whose bundle runs here already
+                        pool.submit(self.handler.handle, message)
         return False
 
     def _economizing(self) -> bool:

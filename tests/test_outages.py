@@ -122,11 +122,14 @@ def test_a_worker_starts_no_task_on_a_lease_it_could_not_renew(proxied, proxy, w
     """AWS away for longer than a lease while one worker runs a bundle: once the lease it wrote last
     has under a third left, it starts none of the bundle's tasks (another worker could hold the bundle
     by then), waits for AWS, renews (nobody took the bundle) and goes on.  No task starts while its
-    lease is unaccounted for; every task runs once and has one result."""
+    lease is unaccounted for; every task runs once and has one result, though SQS delivers the bundle's
+    message again meanwhile (to the same worker: it knows the message and keeps its bundle running once)."""
     lease = 3
     # One slot: a bundle is not cut to spread the job over more.
     sched = proxied.scheduler("--visibility-timeout", str(lease), "--in-flight", "1")
-    worker = proxied.worker("-t", "1", "--visibility-timeout", str(lease))
+    # Two threads: the second is free to take the message when SQS delivers it again (its visibility
+    # ran out with the lease); it must not run the bundle the first still holds.
+    worker = proxied.worker("-t", "2", "--visibility-timeout", str(lease))
     ran = tmp_path / "ran"
     # 0.1 s each: bundles of about 5 s by the estimates (the first goes out alone), so the outage
     # starts early in the second, which runs well past the lease.
