@@ -127,6 +127,9 @@ _ERROR_TYPES: dict[str, type[AWSError]] = {
     "NoSuchLifecycleConfiguration": ResourceNotFound,
     "ResourceInUseException": AlreadyExists,  # DynamoDB: the table exists (or is being made)
     "BucketAlreadyOwnedByYou": AlreadyExists,
+    # SQS: made meanwhile by another process (a worker, another scheduler) with other attributes.
+    "QueueAlreadyExists": AlreadyExists,
+    "QueueNameExists": AlreadyExists,
 }
 
 
@@ -190,12 +193,20 @@ def ensure_queue(sqs: Any, name: str, visibility_timeout: int = DEFAULT_VISIBILI
     url = queue_url(sqs, name)
     if url is not None:
         return url
-    with aws_errors(f"creating queue {name}"):
-        log.info("creating queue %s", name)
-        return sqs.create_queue(QueueName=name, Attributes={
-            "VisibilityTimeout": str(visibility_timeout),
-            "MessageRetentionPeriod": str(RETENTION_SECONDS),
-        })["QueueUrl"]
+    return _create_queue(sqs, name, {"VisibilityTimeout": str(visibility_timeout),
+                                     "MessageRetentionPeriod": str(RETENTION_SECONDS)})
+
+
+def _create_queue(sqs: Any, name: str, attributes: dict[str, str]) -> str:
+    """Create queue ``name``; if another process made it meanwhile (with attributes of its own:
+    SQS then refuses ours), the URL of theirs: the first one made keeps its settings."""
+    log.info("creating queue %s", name)
+    try:
+        with aws_errors(f"creating queue {name}"):
+            return sqs.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
+    except AlreadyExists:
+        with aws_errors(f"finding queue {name}"):
+            return sqs.get_queue_url(QueueName=name)["QueueUrl"]
 
 
 def ensure_request_queue(sqs: Any, name: str, visibility_timeout: int = DEFAULT_VISIBILITY_TIMEOUT) -> str:
@@ -214,12 +225,9 @@ def ensure_request_queue(sqs: Any, name: str, visibility_timeout: int = DEFAULT_
             sqs.set_queue_attributes(QueueUrl=url, Attributes={"RedrivePolicy": redrive})
             log.info("queue %s: messages received %d times go to %s", name, MAX_RECEIVES, dead)
             return url
-        log.info("creating queue %s", name)
-        return sqs.create_queue(QueueName=name, Attributes={
-            "VisibilityTimeout": str(visibility_timeout),
-            "MessageRetentionPeriod": str(RETENTION_SECONDS),
-            "RedrivePolicy": redrive,
-        })["QueueUrl"]
+    return _create_queue(sqs, name, {"VisibilityTimeout": str(visibility_timeout),
+                                     "MessageRetentionPeriod": str(RETENTION_SECONDS),
+                                     "RedrivePolicy": redrive})
 
 
 def dead_letter_queue(request_queue: str) -> str:

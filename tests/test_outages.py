@@ -20,6 +20,7 @@ from conftest import ROOT, line_count, read_results, run_client, start_client, w
 from faultproxy import FaultProxy
 
 import cloudkon.journal
+from cloudkon import aws
 from cloudkon.errors import BackendError
 from cloudkon.jobstore import JobOpened, SQLiteJobStore, TasksAdded
 from cloudkon.journal import Journal
@@ -244,3 +245,16 @@ def test_a_journal_gives_up_past_its_limit_of_unwritten_records(monkeypatch):
     with pytest.raises(BackendError, match="job store failed"):
         journal.written().result(timeout=10)
     journal.close()
+
+
+def test_a_queue_made_meanwhile_by_another_process_is_used_not_refused(aws_env, monkeypatch):
+    """A worker and a scheduler (or two clients' embedded schedulers) starting at once both find no
+    request queue and both create it, with attributes of their own: SQS refuses the second
+    (QueueAlreadyExists). That one uses the queue made first."""
+    for name, value in aws_env.items():
+        monkeypatch.setenv(name, value)
+    sqs = aws.client("sqs")
+    theirs = sqs.create_queue(QueueName="made-meanwhile", Attributes={"VisibilityTimeout": "5"})["QueueUrl"]
+    assert aws._create_queue(sqs, "made-meanwhile", {"VisibilityTimeout": "30"}) == theirs
+    attributes = sqs.get_queue_attributes(QueueUrl=theirs, AttributeNames=["VisibilityTimeout"])["Attributes"]
+    assert attributes["VisibilityTimeout"] == "5"  # the first one made keeps its settings
