@@ -55,11 +55,12 @@ _UTF16_MARKS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 
 @dataclass
 class _Source:
-    """One input's part of the job: its name, its first task's id, each task's line (0: the whole file)."""
+    """One input's part of the job: its name, its first task's id, each task's line (0: the whole file;
+    a range for a file whose every line is a task, known without a pass over its lines)."""
 
     name: str
     first: int
-    lines: array = field(default_factory=lambda: array("I"))
+    lines: array | range = field(default_factory=lambda: array("I"))
 
 
 class StdinTasks:
@@ -261,25 +262,31 @@ class Workload:
             (f"{source.name}:{line}" if line else source.name for line in source.lines)
             for source in self._sources)
 
-    def _add_file(self, path: str, tasks: list[str], numbers: list[int],
+    def _add_file(self, path: str, tasks: list[str], numbers: list[int] | range,
                   specs: dict[int, JobSpec]) -> list[str]:
         first = len(self.commands)
         self.specs.update((first + position, spec) for position, spec in specs.items())
         return self._extend(path, tasks, numbers)
 
-    def _extend(self, name: str, tasks: list[str], numbers: list[int]) -> list[str]:
+    def _extend(self, name: str, tasks: list[str], numbers: list[int] | range) -> list[str]:
         if name != STDIN or not self._sources or self._sources[-1].name != STDIN:  # stdin: one, growing
             self._sources.append(_Source(name, len(self.commands)))
-        self._sources[-1].lines.extend(numbers)
+        if isinstance(numbers, range):  # a file's, whole
+            self._sources[-1].lines = numbers
+        else:
+            self._sources[-1].lines.extend(numbers)  # type: ignore[union-attr]  (stdin's array)
         self.commands.extend(tasks)
         return tasks
 
 
-def _read_file(path: str) -> tuple[str, list[str], list[int], dict[int, JobSpec]]:
+def _read_file(path: str) -> tuple[str, list[str], list[int] | range, dict[int, JobSpec]]:
     """A workload file's tasks, their line numbers and job descriptions (by position in the file)."""
     text = decode_workload(read_workload(path), path)
     tasks = workload_tasks(text, path)
-    return path, tasks, task_line_numbers(text), workload_specs(path, text, tasks)
+    # Most files are a task a line: their numbers are 1..n, with no pass over a million lines.
+    lines = text.count("\n") + (not text.endswith("\n"))
+    numbers = range(1, len(tasks) + 1) if len(tasks) == lines else task_line_numbers(text)
+    return path, tasks, numbers, workload_specs(path, text, tasks)
 
 
 class TaskSender:
