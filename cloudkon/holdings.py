@@ -66,6 +66,12 @@ class Holdings:
         with self._lock:
             return len(self._held)
 
+    def runs_claim(self, key: str) -> bool:
+        """True if a bundle of claim ``key`` runs here now: another message of it (a re-send by the
+        scheduler, or its first message delivered again) is not run a second time here."""
+        with self._lock:
+            return any(running.key == key for running in self._running.values())
+
     def runs_any(self) -> bool:
         with self._lock:
             return bool(self._running)

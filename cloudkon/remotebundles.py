@@ -130,7 +130,9 @@ class BundleHandler:
                 aws.delete_messages(self.sqs, self.request_url, [receipt])
                 return
             key = claim_key(bundle)
-            claim = self.claims.claim(key)
+            # Its bundle runs here already (the claim is this worker's): looked at again later.
+            running_here = self.held.runs_claim(key)
+            claim = f"held:{DUPLICATE_RECHECK_SECONDS}" if running_here else self.claims.claim(key)
             if claim == "done":
                 aws.delete_messages(self.sqs, self.request_url, [receipt])
             elif claim.startswith("held:"):  # look again once it is done or its lease is over

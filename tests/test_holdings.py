@@ -24,3 +24,14 @@ def test_a_message_delivered_again_while_its_bundle_runs_here_is_not_handled_aga
     assert held.leave("drain") == [("receipt-2", "")]
     held.drop(first)
     assert held.count() == 0 and held.receive(_message("receipt-3"))  # gone from here: handled anew
+
+
+def test_a_second_message_of_a_bundle_running_here_is_known_by_its_claim():
+    held = Holdings(sqs=None, request_url="", claims=None, visibility_timeout=3)
+    first, resent = _message("receipt-1"), {"MessageId": "m-2", "ReceiptHandle": "receipt-9", "Body": "{}"}
+    bundle = object()
+    assert held.receive(first) and held.receive(resent)  # another message: handled, and then...
+    held.start(first, bundle, Running("job", "job:1:0", "reply"))
+    assert held.runs_claim("job:1:0") and not held.runs_claim("job:2:0")  # ...not run a second time here
+    held.end(bundle)
+    assert not held.runs_claim("job:1:0")
