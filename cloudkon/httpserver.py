@@ -247,10 +247,13 @@ class JsonHandler(BaseHTTPRequestHandler):
         self.send_json(status, {"status": "failed", "error": message or status.phrase}, {})
 
     def send_json(self, status: HTTPStatus, payload: dict[str, Any], headers: dict[str, str]) -> None:
-        data = json.dumps(payload).encode()
+        self.send_body(status, "application/json", json.dumps(payload).encode(), headers)
+
+    def send_body(self, status: HTTPStatus, content_type: str, data: bytes, headers: dict[str, str]) -> None:
+        """An answer of any type (the dashboard's files, the metrics' text) in the same single write."""
         self.connection.settimeout(SEND_TIMEOUT_SECONDS)
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         for name, value in headers.items():
             self.send_header(name, value)
