@@ -3,9 +3,10 @@
 Owns the price table (instance types in USD per hour, AWS requests in USD per million, with
 defaults and a user's ``--prices FILE`` over them), the billing rule of one instance run, and
 the figures the scheduler keeps per fleet and per job: instance-seconds paid, task-seconds
-(the sum of the results' elapsed times), the scheduler's AWS requests by service, and an
-estimated cost in USD.  Imports no boto3: the fleet (provisioning.py) hands it what EC2
-describes, and the scheduler (wiring.py) a function counting its AWS calls.
+(the sum of the results' elapsed times), the scheduler's and the fleet's workers' AWS requests
+by service, and an estimated cost in USD.  Imports no boto3: the fleet (provisioning.py) hands
+it what EC2 describes and what its workers' heartbeats say of their requests, and the scheduler
+(wiring.py) a function counting its own AWS calls.
 
 AWS behaviour relied on:
   - EC2 bills a Linux instance per second from launch to termination, with a minimum of
@@ -18,16 +19,23 @@ AWS behaviour relied on:
   - SQS and SNS bill every API request; DynamoDB on-demand bills a write or read request
     unit per request of an item up to 1 KB (write) or 4 KB (read); EC2's API is free.
 
-The rule per job (figures fixed when the job finishes, not kept in the job store):
+The rule per job (figures fixed when the job finishes; the job store keeps them with the job,
+so a restarted scheduler still gives them: service.job_cost):
   - instance-seconds: each instance's first 60 s (its minimum) go to the jobs running when
     it was launched, the seconds past them to the jobs running while it ran; jobs running at
     once split them pro rata of the task-seconds each had over its lifetime (a job's share is
     its task-seconds over every job's task-seconds between its start and its end).  Idle time
     after the last job (the instances' idle timeout) is the fleet's, in no job's figure.
-  - requests: the scheduler's requests during the job's lifetime, with the same share.  The
-    workers' own requests (their polls, claims, heartbeats) are in neither figure.
+  - requests: the scheduler's requests during the job's lifetime, with the same share; and,
+    apart (``worker_requests``), the fleet's workers' requests seen during it, with the same
+    share.  A worker of a fleet (``worker.py --ec2``) sends its request counts so far with each
+    heartbeat (workerinstance.py), read on the scheduler's next registry scan: its requests
+    count when that scan sees them, and those after the last scan that saw its registry item
+    (it leaves the registry as it retires) are not counted.  A worker started by hand, not in
+    a fleet, sends no heartbeat: its requests are in no figure.
 The fleet's figures are everything since the scheduler started: every instance it launched or
-adopted, from its launch to its termination (or now).
+adopted, from its launch to its termination (or now), and its workers' requests (an adopted
+worker's from its start).
 """
 
 from __future__ import annotations
@@ -152,12 +160,39 @@ class _Run:
         return minimum + max(0.0, stop - max(start, past_minimum))
 
 
+class WorkerRequests:
+    """The AWS requests of a fleet's workers, as their heartbeats report them (fed by the registry
+    scans of provisioning.Fleet): the sum of each worker's latest counts."""
+
+    def __init__(self) -> None:
+        self._latest: dict[str, dict[str, int]] = {}  # instance -> its counts last seen (kept once gone)
+        self._total: dict[str, int] = {}
+        self._lock = threading.Lock()  # fed by the scaling thread, read on the event loop
+
+    def seen(self, instance_id: str, counts: dict[str, int]) -> None:
+        """A worker's request counts so far, by ``service.Operation``.  A count lower than the one
+        seen before is a new worker process on the instance: counted from 0."""
+        with self._lock:
+            before = self._latest.get(instance_id, {})
+            for operation, n in counts.items():
+                increase = n - before.get(operation, 0) if n >= before.get(operation, 0) else n
+                self._total[operation] = self._total.get(operation, 0) + increase
+            self._latest[instance_id] = {**before, **counts}
+
+    def totals(self) -> dict[str, int]:
+        """Every worker's requests seen so far, by ``service.Operation``."""
+        with self._lock:
+            return dict(self._total)
+
+
 class FleetUsage:
-    """The instance runs of a fleet, as DescribeInstances shows them (fed by provisioning.Fleet)."""
+    """The instance runs of a fleet, as DescribeInstances shows them (fed by provisioning.Fleet),
+    and its workers' requests (``requests``)."""
 
     def __init__(self) -> None:
         self._runs: dict[str, _Run] = {}
         self._lock = threading.Lock()  # fed by the scaling thread, read on the event loop
+        self.requests = WorkerRequests()
 
     def observe(self, instances: Iterable[dict[str, Any]], now: float | None = None) -> None:
         """Record what DescribeInstances says of the fleet's instances (all of them): new runs, and
@@ -219,6 +254,7 @@ class _JobUsage:
     started: float
     total_before: float  # every job's task-seconds when it started
     calls_before: dict[str, int]
+    worker_calls_before: dict[str, int]
     task_seconds: float = 0.0
     cost: dict[str, Any] | None = None  # fixed once it finishes
 
@@ -236,7 +272,7 @@ class CostBook:
         self._task_seconds = 0.0  # every job's, since start
 
     def opened(self, job_id: str, at: float) -> None:
-        self._jobs[job_id] = _JobUsage(at, self._task_seconds, self._calls())
+        self._jobs[job_id] = _JobUsage(at, self._task_seconds, self._calls(), self._worker_calls())
 
     def add(self, job_id: str, batch: ResultBatch) -> None:
         """New results of a job (each task's once): their elapsed times are task-seconds."""
@@ -244,7 +280,8 @@ class CostBook:
         self._task_seconds += seconds
         usage = self._jobs.get(job_id)
         if usage is None:  # a job restored from the store: counted from its first results
-            usage = self._jobs[job_id] = _JobUsage(self._clock(), self._task_seconds - seconds, self._calls())
+            usage = self._jobs[job_id] = _JobUsage(self._clock(), self._task_seconds - seconds, self._calls(),
+                                                   self._worker_calls())
         usage.task_seconds += seconds
 
     def finished(self, job_id: str, at: float | None) -> None:
@@ -257,10 +294,12 @@ class CostBook:
         share = usage.task_seconds / window if window > 0 else 1.0
         instances = {} if self.fleet is None else self.fleet.during(usage.started, end)
         calls = _delta(self._calls(), usage.calls_before)
-        usage.cost = self._report(usage.task_seconds, instances, calls, share)
+        worker_calls = _delta(self._worker_calls(), usage.worker_calls_before)
+        usage.cost = self._report(usage.task_seconds, instances, calls, worker_calls, share)
 
     def job_cost(self, job_id: str) -> dict[str, Any] | None:
-        """A finished job's figures (None for one unfinished, or finished before a restart)."""
+        """A finished job's figures (None for one unfinished, or finished before a restart: the job
+        store has those)."""
         usage = self._jobs.get(job_id)
         return None if usage is None else usage.cost
 
@@ -270,15 +309,19 @@ class CostBook:
     def fleet_cost(self) -> dict[str, Any]:
         """The figures of everything since the scheduler started."""
         instances = {} if self.fleet is None else self.fleet.paid(self._clock())
-        report = self._report(self._task_seconds, instances, self._calls(), 1.0)
+        report = self._report(self._task_seconds, instances, self._calls(), self._worker_calls(), 1.0)
         if self.fleet is not None:
             report["instances"] = self.fleet.count()
         return report
 
+    def _worker_calls(self) -> dict[str, int]:
+        return {} if self.fleet is None else self.fleet.requests.totals()
+
     def _report(self, task_seconds: float, instances: dict[tuple[str, bool], float], calls: dict[str, int],
-                share: float) -> dict[str, Any]:
+                worker_calls: dict[str, int], share: float) -> dict[str, Any]:
         """The cost object of protocol.py: a share of these instance-seconds and calls."""
-        usd = sum(n * share * self.prices.per_request(op) for op, n in calls.items())
+        every_call = [*calls.items(), *worker_calls.items()]
+        usd = sum(n * share * self.prices.per_request(op) for op, n in every_call)
         unpriced = sorted({kind for (kind, _), seconds in instances.items()
                            if seconds and self.prices.hourly(kind, False) is None})
         for (kind, spot), seconds in instances.items():
@@ -290,6 +333,7 @@ class CostBook:
             "usd": None if unpriced else round(usd, 6), "prices": self.prices.source}
         if self.fleet is not None:
             report["instance_seconds"] = round(sum(instances.values()) * share, 3)
+            report["worker_requests"] = _by_service(worker_calls, share)
         if unpriced:
             report["unpriced"] = unpriced
         return report
@@ -313,10 +357,15 @@ def describe(cost: dict[str, Any]) -> str:
     if cost.get("instance_seconds") is not None:
         parts.append(f"{cost['instance_seconds']:,.0f} instance-s paid")
     parts.append(f"{cost['task_seconds']:,.1f} task-s")
-    requests = ", ".join(f"{service} {n:,}" for service, n in cost["requests"].items())
-    parts.append(f"AWS requests of the scheduler: {requests or 'none'}")
+    parts.append(f"AWS requests of the scheduler: {_listed(cost['requests'])}")
+    if cost.get("worker_requests") is not None:
+        parts.append(f"of its workers: {_listed(cost['worker_requests'])}")
     if cost.get("usd") is None:
         money = f"no price for {', '.join(cost.get('unpriced', [])) or 'its instances'} (--prices)"
     else:
         money = f"about ${cost['usd']:,.6f} at the {cost['prices']}"
     return f"{'; '.join(parts)}; {money}"
+
+
+def _listed(requests: dict[str, int]) -> str:
+    return ", ".join(f"{service} {n:,}" for service, n in requests.items()) or "none"

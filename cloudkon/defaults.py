@@ -1,7 +1,7 @@
 """Defaults of remote mode, each with why it is what it is.
 
 Owns the values that a command line shows in its --help and that the modules on boto3
-(aws, claims, control, provisioning, s3staging, signing, remoteworker, sqsbackend) use:
+(aws, claims, control, provisioning, workerinstance, s3staging, signing, remoteworker, sqsbackend) use:
 the names of a fleet's AWS resources, its timings and how long what it leaves in AWS is
 kept.  It imports nothing, so that every program's --help, and a missing boto3, say
 what they should without loading boto3.  The limits of the AWS services themselves

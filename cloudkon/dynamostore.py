@@ -4,7 +4,8 @@ Owns the table's layout.  Every item of a job shares its partition key ``job``; 
 sort key ``part`` tells them apart:
 
     job=<id>  part=job            owner (the scheduler's --state name), created_at, timeout,
-                                  and once finished: total, finished_at, succeeded, failed, cancelled
+                                  and once finished: total, finished_at, succeeded, failed, cancelled,
+                                  cost (its figures, JSON; remote mode: costs.py)
     job=<id>  part=t#<first id>   tasks, a JSON list, split so that an item stays small
     job=<id>  part=r#<n>          a results message (the protocol's JSON, cut by sqsmessages.response_bodies),
                                   the n-th of the job
@@ -39,6 +40,7 @@ from cloudkon.jobstore import (
     TasksAdded,
     checked_job,
     decode_results,
+    encode_cost,
     finished_job,
     restore_job,
 )
@@ -108,7 +110,7 @@ class DynamoJobStore(JobStore):
         if finished_at is not None:
             return finished_job(job_id, created_at, int(meta["total"]["N"]), finished_at,
                                 int(meta["succeeded"]["N"]), int(meta["failed"]["N"]),
-                                int(_number(meta, "cancelled") or 0))
+                                int(_number(meta, "cancelled") or 0), meta.get("cost", {}).get("S"))
         return restore_job(job_id, created_at, _number(meta, "timeout"), self.read_commands(job_id),
                            self.read_results(job_id))
 
@@ -151,6 +153,9 @@ class DynamoJobStore(JobStore):
                     "finished_at": {"N": repr(record.finished_at)},
                     "succeeded": {"N": str(record.succeeded)}, "failed": {"N": str(record.failed)},
                     "cancelled": {"N": str(record.cancelled)}}
+            cost = encode_cost(record.cost)
+            if cost is not None:
+                meta["cost"] = {"S": cost}
             self._results_written.pop(record.job, None)
             yield meta
 

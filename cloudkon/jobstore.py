@@ -26,7 +26,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from cloudkon import protocol
 from cloudkon.errors import ConfigError, ProtocolError
@@ -59,6 +59,7 @@ class JobFinished(NamedTuple):
     succeeded: int
     failed: int  # cancelled tasks included
     cancelled: int = 0
+    cost: dict[str, Any] | None = None  # its figures (costs.py), remote mode
 
 
 Record = JobOpened | TasksAdded | ResultsAdded | JobFinished
@@ -139,9 +140,19 @@ def restore_job(job_id: str, created_at: float, timeout: float | None, commands:
     return job
 
 
+class FinishedJob(Job):
+    """A finished job read back from a store: its counts, and its cost figures (costs.py; None if
+    it ran in local mode, or was stored before they were kept)."""
+
+    def __init__(self, job_id: str, created_at: float, cost: dict[str, Any] | None) -> None:
+        super().__init__(job_id, None, created_at)
+        self.cost = cost
+
+
 def finished_job(job_id: str, created_at: float, total: int, finished_at: float,
-                 succeeded: int, failed: int, cancelled: int) -> Job:
-    """A finished job as the scheduler keeps it until its results expire: counts only.
+                 succeeded: int, failed: int, cancelled: int, cost: str | None = None) -> FinishedJob:
+    """A finished job as the scheduler keeps it until its results expire: counts and cost only
+    (``cost``: its figures, the JSON of a cost report).
 
     ValueError if a field is not of its type."""
     _check_seconds("created_at", created_at)
@@ -150,12 +161,20 @@ def finished_job(job_id: str, created_at: float, total: int, finished_at: float,
                         ("cancelled", cancelled)):
         if not isinstance(count, int) or isinstance(count, bool) or count < 0:
             raise ValueError(f"{name} is {count!r}, not a count")
-    job = Job(job_id, None, created_at)
+    figures = None if cost is None else json.loads(cost)
+    if figures is not None and not protocol.is_cost(figures):
+        raise ValueError(f"cost is {cost!r}, not a cost report")
+    job = FinishedJob(job_id, created_at, figures)
     job.release()
     job.total, job.closed, job.finished_at = total, True, finished_at
     job.done_count, job.failed_count = succeeded + failed, failed
     job.cancelled_count, job.cancelled = cancelled, cancelled > 0
     return job
+
+
+def encode_cost(cost: dict[str, Any] | None) -> str | None:
+    """A job's cost figures as a store keeps them (finished_job reads them back)."""
+    return None if cost is None else json.dumps(cost)
 
 
 def _check_seconds(name: str, value: object) -> None:
@@ -178,12 +197,15 @@ class SQLiteJobStore(JobStore):
     _SCHEMA = """
         CREATE TABLE IF NOT EXISTS starts (n INTEGER PRIMARY KEY AUTOINCREMENT, at REAL);
         CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, created_at REAL, timeout REAL,
-            total INTEGER, finished_at REAL, succeeded INTEGER, failed INTEGER, cancelled INTEGER);
+            total INTEGER, finished_at REAL, succeeded INTEGER, failed INTEGER, cancelled INTEGER, cost TEXT);
         CREATE TABLE IF NOT EXISTS tasks (job TEXT, start INTEGER, commands TEXT,
             PRIMARY KEY (job, start));
         CREATE TABLE IF NOT EXISTS results (n INTEGER PRIMARY KEY AUTOINCREMENT, job TEXT, batch BLOB);
         CREATE INDEX IF NOT EXISTS results_by_job ON results (job);
     """
+
+    # Columns added to the jobs table since its first version: a store made before gets them.
+    _ADDED_COLUMNS = {"cancelled": "INTEGER", "cost": "TEXT"}
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -197,8 +219,10 @@ class SQLiteJobStore(JobStore):
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(self._SCHEMA)
-            if "cancelled" not in {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}:
-                self._db.execute("ALTER TABLE jobs ADD COLUMN cancelled INTEGER")  # made before cancel
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+            for column, kind in self._ADDED_COLUMNS.items():
+                if column not in columns:
+                    self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
         except sqlite3.Error as exc:
             if self._lock is not None:
                 os.close(self._lock)  # free for a retry in this process
@@ -213,16 +237,17 @@ class SQLiteJobStore(JobStore):
         expired = [row[0] for row in db.execute(
             "SELECT id FROM jobs WHERE finished_at < ?", (finished_since,))]
         self.remove(expired)
-        rows = db.execute("SELECT id, created_at, timeout, total, finished_at, succeeded, failed, cancelled "
-                          "FROM jobs ORDER BY created_at").fetchall()
+        rows = db.execute("SELECT id, created_at, timeout, total, finished_at, succeeded, failed, cancelled, "
+                          "cost FROM jobs ORDER BY created_at").fetchall()
         jobs = [checked_job(row[0], lambda row=row: self._job(*row)) for row in rows]
         return [job for job in jobs if job is not None]
 
     def _job(self, job_id: str, created_at: float, timeout: float | None, total: int | None,
              finished_at: float | None, succeeded: int | None, failed: int | None,
-             cancelled: int | None) -> Job:
+             cancelled: int | None, cost: str | None) -> Job:
         if finished_at is not None:
-            return finished_job(job_id, created_at, total, finished_at, succeeded, failed, cancelled or 0)
+            return finished_job(job_id, created_at, total, finished_at, succeeded, failed, cancelled or 0,
+                                cost)
         return restore_job(job_id, created_at, timeout, self.read_commands(job_id), self.read_results(job_id))
 
     def write(self, records: list[Record]) -> None:
@@ -241,9 +266,9 @@ class SQLiteJobStore(JobStore):
                                (record.job, record.created_at, record.timeout))
                 else:
                     db.execute("UPDATE jobs SET total = ?, finished_at = ?, succeeded = ?, failed = ?, "
-                               "cancelled = ? WHERE id = ?", (record.total, record.finished_at,
-                                                              record.succeeded, record.failed,
-                                                              record.cancelled, record.job))
+                               "cancelled = ?, cost = ? WHERE id = ?",
+                               (record.total, record.finished_at, record.succeeded, record.failed,
+                                record.cancelled, encode_cost(record.cost), record.job))
 
     def read_commands(self, job_id: str) -> list[str]:
         commands: list[str] = []

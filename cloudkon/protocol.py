@@ -80,14 +80,17 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
 def is_cost(value: object) -> bool:
     """True if ``value`` is a cost report (costs.py): ``task_seconds``, ``requests`` by service,
     ``usd`` (null: an instance type without a price), ``prices`` (their source) and, with a fleet
-    the scheduler launched, ``instance_seconds``."""
+    the scheduler launched, ``instance_seconds`` and ``worker_requests`` by service."""
     def number(x: object) -> bool:
         return type(x) in (int, float)
+
+    def by_service(x: object) -> bool:
+        return isinstance(x, dict) and all(type(n) is int for n in x.values())
     return (isinstance(value, dict) and number(value.get("task_seconds"))
             and (value.get("usd") is None or number(value["usd"])) and isinstance(value.get("prices"), str)
             and (value.get("instance_seconds") is None or number(value["instance_seconds"]))
-            and isinstance(value.get("requests"), dict)
-            and all(type(n) is int for n in value["requests"].values()))
+            and by_service(value.get("requests"))
+            and (value.get("worker_requests") is None or by_service(value["worker_requests"])))
 
 
 # Optional fields checked when present, by message type.

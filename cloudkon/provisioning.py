@@ -1,91 +1,40 @@
-"""EC2 workers on demand: launching by backlog, the fleet registry, heartbeats, cleanup.
+"""EC2 workers on demand, the scheduler's side: launching by backlog, the fleet registry, cleanup.
 
-Owns both sides of a fleet of worker instances:
-  - ``Fleet`` (the scheduler's side): launches instances as the policy (fleetpolicy) says
-    for the backlog's estimated work (up to a maximum), records each one in the fleet
-    registry before relying on it, adopts the registered instances of an earlier
-    scheduler of the same fleet, and terminates instances whose heartbeat stopped or
-    that never sent one within the boot deadline (SQS then redelivers their bundles).
-    Idle instances terminate themselves, after the keep time the policy sets in the registry.
-  - ``Instance`` (the worker's side): its identity and launch settings from the
-    instance metadata service (IMDSv2), its heartbeat, and its self-termination.
+Owns ``Fleet``: it launches instances as the policy (fleetpolicy) says for the backlog's
+estimated work (up to a maximum), records each one in the fleet registry before relying on it,
+adopts the registered instances of an earlier scheduler of the same fleet, and terminates
+instances whose heartbeat stopped or that never sent one within the boot deadline (SQS then
+redelivers their bundles).  Idle instances terminate themselves, after the keep time the policy
+sets in the registry.  The worker's side (settings, heartbeat, retirement) is workerinstance.py's.
 
 The registry is a DynamoDB table (key: ``fleet``, ``instance``) whose items carry
-``launched_at``, once the worker runs ``heartbeat_at`` (its UpdateItem returns the item: the
-worker reads ``idle_timeout`` there, which the scheduler updates when its policy's keep time
-changes).  Instances are also tagged ``cloudkon:fleet`` at launch, so one launched just before a
-crash is found by its tag.
+``launched_at``, once the worker runs ``heartbeat_at`` and ``aws_calls`` (its AWS requests so
+far; its UpdateItem returns the item: the worker reads ``idle_timeout`` there, which the
+scheduler updates when its policy's keep time changes).  Each scan of the registry hands the
+workers' request counts to the cost accounting (costs.FleetUsage.requests).  Instances are also
+tagged ``cloudkon:fleet`` at launch, so one launched just before a crash is found by its tag.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import threading
 import time
-import urllib.error
-import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from cloudkon import aws
 from cloudkon.capacity import LaunchPlan
 from cloudkon.control import delete_queue, queue_name
 from cloudkon.costs import FleetUsage
-from cloudkon.defaults import (
-    DEFAULT_BOOT_TIMEOUT,
-    DEFAULT_CLAIM_TABLE,
-    DEFAULT_CONTROL_TOPIC,
-    DEFAULT_FLEET,
-    DEFAULT_FLEET_TABLE,
-    DEFAULT_HEARTBEAT_SECONDS,
-    DEFAULT_HEARTBEAT_TIMEOUT,
-    DEFAULT_INSTANCE_TYPE,
-    DEFAULT_REQUEST_QUEUE,
-    DEFAULT_VISIBILITY_TIMEOUT,
-    DEFAULT_WORKER_IDLE_TIMEOUT,
-    DEFAULT_WORKER_THREADS,
-)
-from cloudkon.errors import BackendError, ConditionFailed, ResourceNotFound
+from cloudkon.defaults import DEFAULT_BOOT_TIMEOUT, DEFAULT_HEARTBEAT_TIMEOUT, DEFAULT_INSTANCE_TYPE
+from cloudkon.errors import BackendError, ResourceNotFound
 from cloudkon.fleetpolicy import FleetPolicy, IdleRule
+from cloudkon.workerinstance import WorkerSettings
 
 log = logging.getLogger("cloudkon.fleet")
 
 FLEET_TAG = "cloudkon:fleet"
 _GONE_STATES = ("shutting-down", "terminated", "stopping", "stopped")
-_IMDS_DEFAULT_ENDPOINT = "http://169.254.169.254/"
-_IMDS_TIMEOUT_SECONDS = 2.0
-# Off EC2 the metadata address may not answer at all: a worker asks only this long.
-_IMDS_PROBE_SECONDS = 0.5
-
-
-@dataclass
-class WorkerSettings:
-    """What a worker instance needs at boot, passed as its user data (one image serves every fleet)."""
-
-    fleet: str = DEFAULT_FLEET
-    fleet_table: str = DEFAULT_FLEET_TABLE
-    request_queue: str = DEFAULT_REQUEST_QUEUE
-    claim_table: str = DEFAULT_CLAIM_TABLE
-    threads: int = DEFAULT_WORKER_THREADS
-    idle_timeout: float = DEFAULT_WORKER_IDLE_TIMEOUT
-    visibility_timeout: int = DEFAULT_VISIBILITY_TIMEOUT
-    heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS
-    control_topic: str = DEFAULT_CONTROL_TOPIC
-    # An idle worker stays until this long after its launch (EC2's billed minimum; 0: the fixed idle timeout).
-    billed_minimum: float = 0.0
-
-    def to_user_data(self) -> str:
-        return json.dumps({"cloudkon": asdict(self)})
-
-    @classmethod
-    def from_user_data(cls, text: str) -> WorkerSettings:
-        try:
-            values = json.loads(text)["cloudkon"]
-            return cls(**{k: v for k, v in values.items() if k in cls.__dataclass_fields__})
-        except (ValueError, KeyError, TypeError) as exc:
-            raise BackendError(f"instance user data is not CloudKon worker settings: {exc}") from None
 
 
 @dataclass
@@ -125,7 +74,11 @@ class Fleet:
         if make_registry:
             aws.ensure_table(self.dynamodb, settings.fleet_table, [("fleet", "HASH"), ("instance", "RANGE")])
         self._last_decision: tuple[bool, int, int] | None = None
-        self.usage = FleetUsage()  # the instances' runs, as each describe shows them (costs.py)
+        # The instances' runs, as each describe shows them, and their workers' AWS requests, as each
+        # registry scan shows them (costs.py).
+        self.usage = FleetUsage()
+        # Each instance's EC2 state and registry item at the last scan (read by the dashboard's thread).
+        self._seen: tuple[dict[str, str], dict[str, dict[str, Any]]] = ({}, {})
         adopted = self.live_instances()
         log.info("fleet %s: adopted %d running instance(s)", settings.fleet, len(adopted))
 
@@ -161,6 +114,7 @@ class Fleet:
         now = time.time()
         items = {item["instance"]["S"]: item for item in self._registered()}
         states = self._instances()
+        self._seen = (states, items)
         live, dead = [], []
         self._booting = []
         for instance, state in states.items():
@@ -191,6 +145,14 @@ class Fleet:
             log.warning("terminating %s: %s (its bundles will be redelivered)", instance, reason)
             self._terminate([instance])
         return live
+
+    def instances_seen(self) -> list[dict[str, Any]]:
+        """Each instance the last scan saw: ``id``, its EC2 ``state``, ``last_heartbeat`` (epoch
+        seconds; None before its first), for the dashboard and the metrics (no AWS call)."""
+        states, items = self._seen
+        return [{"id": instance, "state": state,
+                 "last_heartbeat": float(items.get(instance, {}).get("heartbeat_at", {}).get("N", 0)) or None}
+                for instance, state in states.items()]
 
     def cleanup(self) -> int:
         """Terminate every instance of this fleet; how many there were."""
@@ -279,9 +241,14 @@ class Fleet:
                 pages = self.dynamodb.get_paginator("query").paginate(
                     TableName=self.settings.fleet_table, KeyConditionExpression="fleet = :fleet",
                     ExpressionAttributeValues={":fleet": {"S": self.settings.fleet}}, ConsistentRead=True)
-                return [item for page in pages for item in page["Items"]]
+                items = [item for page in pages for item in page["Items"]]
         except ResourceNotFound:
             return []  # no registry table: nothing was ever registered
+        for item in items:
+            calls = _worker_calls(item)
+            if calls is not None:
+                self.usage.requests.seen(item["instance"]["S"], calls)
+        return items
 
     def _register(self, instance: str, launched_at: float) -> None:
         with aws.aws_errors("registering an instance"):
@@ -295,103 +262,10 @@ class Fleet:
                 "fleet": {"S": self.settings.fleet}, "instance": {"S": instance}})
 
 
-class Instance:
-    """This EC2 instance, as its worker sees it: identity, settings, heartbeat, retirement."""
-
-    def __init__(self, instance_id: str, region: str, settings: WorkerSettings) -> None:
-        self.id = instance_id
-        self.region = region
-        self.settings = settings
-        self.keep: float | None = None  # the idle timeout in the registry (set by the scheduler)
-        self.paid_until = 0.0  # wall clock: launch + billed minimum, once a heartbeat read the launch
-
-    @classmethod
-    def from_metadata(cls) -> Instance:
-        """Read identity, region and user data from IMDSv2 (AWS_EC2_METADATA_SERVICE_ENDPOINT, if set)."""
-        try:
-            instance_id, region, user_data = _read_metadata(
-                "meta-data/instance-id", "meta-data/placement/region", "user-data")
-        except OSError as exc:
-            raise BackendError(f"no EC2 instance metadata at {_imds_base()} ({exc}): "
-                               "is this an EC2 instance?") from None
-        return cls(instance_id, region, WorkerSettings.from_user_data(user_data))
-
-    def heartbeat(self, dynamodb: Any) -> None:
-        """Mark this instance alive in the registry (only once the scheduler has registered it); the
-        same call reads back the idle timeout the scheduler set there and the launch time."""
-        try:
-            with aws.aws_errors("sending a heartbeat"):
-                item = dynamodb.update_item(
-                    TableName=self.settings.fleet_table, ReturnValues="ALL_NEW",
-                    Key={"fleet": {"S": self.settings.fleet}, "instance": {"S": self.id}},
-                    UpdateExpression="SET heartbeat_at = :now",
-                    ConditionExpression="attribute_exists(launched_at)",
-                    ExpressionAttributeValues={":now": {"N": f"{time.time():.3f}"}})["Attributes"]
-        except ConditionFailed:
-            log.info("not in the fleet registry (yet): no heartbeat sent")
-            return
-        if "idle_timeout" in item:
-            self.keep = float(item["idle_timeout"]["N"])
-        self.paid_until = float(item["launched_at"]["N"]) + self.settings.billed_minimum
-
-    def idle_rule(self, keep: float) -> tuple[float, float]:
-        """(seconds an idle worker stays: the scheduler's latest word, else ``keep``; the monotonic
-        time before which it stays anyway: the end of its billed minimum)."""
-        return (keep if self.keep is None else self.keep), time.monotonic() + self.paid_until - time.time()
-
-    def retire(self, dynamodb: Any) -> None:
-        """Leave the registry and terminate this instance (the worker has been idle)."""
-        log.info("terminating this instance (%s)", self.id)
-        with aws.aws_errors("terminating this instance"):
-            dynamodb.delete_item(TableName=self.settings.fleet_table, Key={
-                "fleet": {"S": self.settings.fleet}, "instance": {"S": self.id}})
-            aws.client("ec2", self.region).terminate_instances(InstanceIds=[self.id])
-
-
-def metadata_instance_id() -> str | None:
-    """This machine's EC2 instance id from IMDSv2; None off EC2, or with AWS_EC2_METADATA_DISABLED=true
-    (boto's own switch, honoured here too)."""
-    if os.environ.get("AWS_EC2_METADATA_DISABLED", "").lower() == "true":
-        return None
+def _worker_calls(item: dict[str, Any]) -> dict[str, int] | None:
+    """The AWS request counts a worker's heartbeat set in its registry item (workerinstance.py);
+    None before its first heartbeat, or if they are not counts."""
     try:
-        return _read_metadata("meta-data/instance-id", timeout=_IMDS_PROBE_SECONDS)[0]
-    except OSError:
+        return {operation: int(count["N"]) for operation, count in item["aws_calls"]["M"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError):
         return None
-
-
-def metadata_item(path: str) -> str | None:
-    """One item of this instance's metadata (a path under /latest/), None while it has none (404)."""
-    try:
-        return _read_metadata(path)[0]
-    except urllib.error.HTTPError as exc:
-        if exc.code == 404:
-            return None
-        raise
-
-
-def _imds_base() -> str:
-    return os.environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT", _IMDS_DEFAULT_ENDPOINT).rstrip("/")
-
-
-def _read_metadata(*paths: str, timeout: float = _IMDS_TIMEOUT_SECONDS) -> list[str]:
-    """Items of the instance metadata (paths under /latest/), read with an IMDSv2 session token."""
-    token = _imds("/latest/api/token", timeout, method="PUT",
-                  headers={"X-aws-ec2-metadata-token-ttl-seconds": "21600"})
-    return [_imds(f"/latest/{path}", timeout, headers={"X-aws-ec2-metadata-token": token}) for path in paths]
-
-
-def _imds(path: str, timeout: float, method: str = "GET", headers: dict[str, str] | None = None) -> str:
-    request = urllib.request.Request(_imds_base() + path, method=method, headers=headers or {})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return response.read().decode()
-
-
-def send_heartbeats(instance: Instance, dynamodb: Any, stop: threading.Event) -> None:
-    """Heartbeat every few seconds until ``stop`` is set (run in a thread)."""
-    while True:
-        try:
-            instance.heartbeat(dynamodb)
-        except BackendError as exc:
-            log.warning("%s", exc)
-        if stop.wait(instance.settings.heartbeat_seconds):
-            return

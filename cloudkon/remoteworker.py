@@ -68,11 +68,11 @@ from cloudkon.errors import BackendError, CloudKonError, QueueGone, TransientAWS
 from cloudkon.fleetpolicy import retire_at
 from cloudkon.holdings import Holdings
 from cloudkon.processes import kill_running_tasks
-from cloudkon.provisioning import Instance, send_heartbeats
 from cloudkon.remotebundles import RETRY_SECONDS, BundleHandler
 from cloudkon.repeats import Outage
 from cloudkon.signing import Keyring
 from cloudkon.spotwatch import watch_interruption
+from cloudkon.workerinstance import Instance, send_heartbeats
 
 log = logging.getLogger("cloudkon.worker")
 

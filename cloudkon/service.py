@@ -8,7 +8,7 @@ thread that brings result batches from the backend to the event loop.  It knows 
 sockets: the TCP server hears of results and finished jobs through ``JobListener``.
 
 What is kept beyond memory is its ``Keeper``'s business (keeper.py): a job store, so
-that jobs survive a restart and results stay until they expire, or nothing
+that jobs survive a restart and results (and a finished job's cost figures) stay until they expire, or nothing
 (``--no-state``), and a job is forgotten once its results have reached a client.
 
 Runs on the scheduler's event loop, but for ``receive_results`` (a thread of its own).
@@ -27,7 +27,7 @@ from cloudkon.backend import Backend
 from cloudkon.costs import CostBook
 from cloudkon.errors import BackendError, BadRequest
 from cloudkon.jobs import Dispatcher, Job, held_bytes
-from cloudkon.jobstore import JobFinished, JobOpened, ResultsAdded, TasksAdded
+from cloudkon.jobstore import FinishedJob, JobFinished, JobOpened, ResultsAdded, TasksAdded
 from cloudkon.keeper import Keeper
 from cloudkon.repeats import Outage
 from cloudkon.tasks import MAX_COMMAND_BYTES, ResultBatch, check_task_timeout, first_too_long
@@ -204,8 +204,11 @@ class JobService:
                           "finished_at": job.finished_at, **self.job_cost(job)} for job in jobs], **fleet}
 
     def job_cost(self, job: Job) -> dict[str, Any]:
-        """{"cost": its figures} for a finished remote job (costs.py), else {}."""
+        """{"cost": its figures} for a finished remote job (costs.py; for one finished before a restart,
+        those its job store kept), else {}."""
         cost = None if self.costs is None else self.costs.job_cost(job.id)
+        if cost is None and isinstance(job, FinishedJob):
+            cost = job.cost
         return {} if cost is None else {"cost": cost}
 
     async def wait_finished(self, job: Job) -> None:
@@ -238,10 +241,10 @@ class JobService:
             listener.job_results(job, batch)
 
     def _on_finished(self, job: Job) -> None:
-        self.keeper.record(JobFinished(job.id, job.total, job.finished_at, job.succeeded_count,
-                                       job.failed_count, job.cancelled_count))
-        if self.costs is not None:  # before the listeners: the server's job_done carries it
+        if self.costs is not None:  # before the record (it keeps them) and the listeners (job_done)
             self.costs.finished(job.id, job.finished_at)
+        self.keeper.record(JobFinished(job.id, job.total, job.finished_at, job.succeeded_count,
+                                       job.failed_count, job.cancelled_count, self.job_cost(job).get("cost")))
         if self.keeper.keeps_results:
             self.dispatcher.release(job)  # the store has it all, and fetches read it from there
         for listener in self._listeners:

@@ -6,7 +6,7 @@ which then leaves as on a ``shutdown`` control message (remoteworker.py): it tak
 bundle, hands the bundles it holds back to the request queue (another worker runs them), kills
 their tasks and retires, well within the notice's two minutes, so no task runs past the instance.
 
-AWS behaviour relied on (IMDSv2, provisioning.metadata_item):
+AWS behaviour relied on (IMDSv2, workerinstance.metadata_item):
   - ``meta-data/instance-life-cycle`` is ``spot`` on a spot instance (``on-demand`` otherwise);
   - ``meta-data/spot/instance-action`` answers 404 until EC2 decides to reclaim the instance, then
     ``{"action": "terminate"|"stop"|"hibernate", "time": "...Z"}``, two minutes before it acts;
@@ -19,8 +19,8 @@ import logging
 import threading
 from collections.abc import Callable
 
-from cloudkon.provisioning import metadata_item
 from cloudkon.repeats import Outage
+from cloudkon.workerinstance import metadata_item
 
 log = logging.getLogger("cloudkon.worker")
 

@@ -99,8 +99,8 @@ def start_worker(args: argparse.Namespace) -> Worker:
     boto3 is loaded from here on."""
     require_boto3()
     from cloudkon.processes import reduce_timer_slack
-    from cloudkon.provisioning import Instance, metadata_instance_id
     from cloudkon.remoteworker import Worker
+    from cloudkon.workerinstance import Instance, metadata_instance_id
     reduce_timer_slack()
     instance = None
     if args.ec2:

@@ -3,6 +3,7 @@ what the emulator recorded of its instances, the results and the scheduler's log
 
 import json
 import re
+import sqlite3
 import subprocess
 import sys
 import time
@@ -19,11 +20,13 @@ from cloudkon.costs import (
     CostBook,
     FleetUsage,
     PriceTable,
+    WorkerRequests,
     billed_seconds,
     describe,
     load_prices,
 )
 from cloudkon.errors import ConfigError
+from cloudkon.jobstore import FinishedJob, JobFinished, JobOpened, SQLiteJobStore
 from cloudkon.protocol import is_cost
 from cloudkon.tasks import ResultBatch
 
@@ -127,6 +130,68 @@ def test_an_instance_type_without_a_price_gives_no_total():
     assert "no price for x9.huge (--prices)" in describe(report)
 
 
+def test_workers_requests_count_as_their_heartbeats_report_them():
+    requests = WorkerRequests()
+    requests.seen("i-1", {"sqs.ReceiveMessage": 10, "dynamodb.UpdateItem": 2})
+    requests.seen("i-2", {"sqs.ReceiveMessage": 5})
+    requests.seen("i-1", {"sqs.ReceiveMessage": 14, "dynamodb.UpdateItem": 3})  # +4, +1
+    assert requests.totals() == {"sqs.ReceiveMessage": 19, "dynamodb.UpdateItem": 3}
+    requests.seen("i-2", {"sqs.ReceiveMessage": 2})  # lower: a new worker process, counted from 0
+    assert requests.totals() == {"sqs.ReceiveMessage": 21, "dynamodb.UpdateItem": 3}
+    requests.seen("i-1", {"sqs.ReceiveMessage": 14, "dynamodb.UpdateItem": 3})  # nothing new
+    assert requests.totals()["sqs.ReceiveMessage"] == 21
+
+
+def test_a_job_has_its_share_of_the_workers_requests_seen_while_it_ran():
+    clock = [T0]
+    usage = FleetUsage()
+    prices = PriceTable(instances={}, requests={"sqs": 1000.0, "dynamodb": 0.0})  # $0.001 an SQS call
+    book = CostBook(prices, usage, dict, clock=lambda: clock[0])
+    usage.requests.seen("i-1", {"sqs.ReceiveMessage": 100})  # before the jobs: the fleet's only
+    book.opened("a", T0)
+    book.opened("b", T0)
+    usage.requests.seen("i-1", {"sqs.ReceiveMessage": 140, "dynamodb.UpdateItem": 8})
+    usage.requests.seen("i-2", {"sqs.ReceiveMessage": 20})  # then it leaves the registry: kept
+    book.add("a", ResultBatch("a", ids=[0, 1, 2], elapsed_us=[10_000_000] * 3))
+    book.add("b", ResultBatch("b", ids=[0], elapsed_us=[10_000_000]))
+    book.finished("a", T0 + 50)
+    book.finished("b", T0 + 50)
+    usage.requests.seen("i-1", {"sqs.ReceiveMessage": 200})  # after the jobs: the fleet's only
+    a, b = book.job_cost("a"), book.job_cost("b")
+    assert is_cost(a) and is_cost(b)
+    assert a["worker_requests"] == {"dynamodb": 6, "sqs": 45}  # 3:1 of what was seen while they ran
+    assert b["worker_requests"] == {"dynamodb": 2, "sqs": 15}
+    assert a["requests"] == {} and a["usd"] == pytest.approx(0.045)
+    fleet_figures = book.fleet_cost()
+    assert fleet_figures["worker_requests"] == {"dynamodb": 8, "sqs": 220}
+    assert fleet_figures["usd"] == pytest.approx(0.220)
+    assert "AWS requests of the scheduler: none; of its workers: dynamodb 8, sqs 220; about $" \
+        in describe(fleet_figures)
+    no_fleet = CostBook(prices, None, dict).fleet_cost()
+    assert "worker_requests" not in no_fleet and "workers" not in describe(no_fleet)  # none counted
+
+
+def test_the_job_store_keeps_a_finished_jobs_cost(tmp_path):
+    cost = {"task_seconds": 1.5, "requests": {"sqs": 3}, "worker_requests": {"sqs": 40}, "usd": 0.043,
+            "prices": "default prices", "instance_seconds": 60.0}
+    path = tmp_path / "jobs.sqlite"
+    old = sqlite3.connect(path)  # a store made before costs were kept: no cost column
+    old.execute("CREATE TABLE jobs (id TEXT PRIMARY KEY, created_at REAL, timeout REAL, total INTEGER, "
+                "finished_at REAL, succeeded INTEGER, failed INTEGER, cancelled INTEGER)")
+    old.execute("INSERT INTO jobs VALUES ('old', 1.0, NULL, 1, 2.0, 1, 0, 0)")
+    old.commit()
+    old.close()
+    store = SQLiteJobStore(str(path))
+    store.write([JobOpened("j", 3.0, None), JobFinished("j", 0, 4.0, 0, 0, 0, cost),
+                 JobOpened("local", 5.0, None), JobFinished("local", 0, 6.0, 0, 0)])
+    store.close()
+    store = SQLiteJobStore(str(path))
+    jobs = {job.id: job for job in store.load(0.0)}
+    store.close()
+    assert all(isinstance(job, FinishedJob) for job in jobs.values())
+    assert jobs["j"].cost == cost and jobs["old"].cost is None and jobs["local"].cost is None
+
+
 def _emulated_runs(fleet) -> list[tuple[float, float]]:
     """Each instance's (launch, termination) as the emulator recorded them."""
     runs = []
@@ -140,7 +205,7 @@ def _emulated_runs(fleet) -> list[tuple[float, float]]:
 
 
 def _logged_calls(log: str) -> dict[str, int]:
-    """The scheduler's logged AWS calls, by service."""
+    """The AWS calls a scheduler or worker logged (as it exits), by service."""
     calls: dict[str, int] = {}
     for item in re.search(r"AWS API calls: \d+ \((.*)\)", log)[1].split(", "):
         operation, count = item.split()
@@ -148,19 +213,22 @@ def _logged_calls(log: str) -> dict[str, int]:
     return calls
 
 
-def test_a_provisioned_job_reports_what_its_instances_cost(fleet, workload, tmp_path):
+def test_a_provisioned_job_reports_what_its_instances_cost(fleet, remote, workload, tmp_path):
     prices = tmp_path / "prices.json"  # $0.001 an instance-second and an SQS request; the rest free
     prices.write_text(json.dumps({"instances": {"t3.micro": 3.6}, "requests": {
         "sqs": 1000, "dynamodb": 0, "sns": 0, "s3": 0, "ec2": 0}}))
+    state = f"costs-{fleet.hyper.fleet}"  # its job store: the restarted scheduler's too
     sched = fleet.scheduler("--max-workers", "2", "--worker-threads", "1", "--worker-idle-timeout", "2",
-                            "--instance-type", "t3.micro", "--prices", str(prices), "--http-port", "0")
+                            "--instance-type", "t3.micro", "--prices", str(prices), "--http-port", "0",
+                            "--state", state)
     http_api = sched.proc.stdout.readline().strip().removeprefix("HTTP API on ")
     out = tmp_path / "r.jsonl"
     done = run_client("-s", sched.address, "-w", workload([f"sleep 0.2; echo {i}" for i in range(16)]),
                       "-o", str(out))
     assert done.returncode == 0, done.stderr
     summary = re.search(r"cost \(estimate\): ([\d,]+) instance-s paid; ([\d.]+) task-s; AWS requests of "
-                        r"the scheduler: (.*); about \$([\d.]+) at the prices of ", done.stderr)
+                        r"the scheduler: (.*); of its workers: (.*); about \$([\d.]+) at the prices of ",
+                        done.stderr)
     assert summary, done.stderr
     elapsed = sum(r["elapsed_ms"] for r in read_results(out)) / 1000
     assert float(summary[2]) == pytest.approx(elapsed, abs=0.05)
@@ -178,9 +246,10 @@ def test_a_provisioned_job_reports_what_its_instances_cost(fleet, workload, tmp_
     assert answer["fleet"]["instance_seconds"] == sum(billed_seconds(*run) for run in runs)
     assert answer["fleet"]["instances"] == len(runs)
     cost = job["cost"]
-    assert cost["usd"] == pytest.approx(cost["instance_seconds"] * 0.001 + cost["requests"]["sqs"] * 0.001,
-                                        abs=2e-6)
-    assert float(summary[4]) == pytest.approx(cost["usd"], abs=2e-6)
+    sqs_requests = cost["requests"]["sqs"] + cost["worker_requests"]["sqs"]  # one job: all of them
+    assert cost["usd"] == pytest.approx(cost["instance_seconds"] * 0.001 + sqs_requests * 0.001, abs=2e-6)
+    assert float(summary[5]) == pytest.approx(cost["usd"], abs=2e-6)
+    assert summary[4] == ", ".join(f"{service} {n:,}" for service, n in cost["worker_requests"].items())
     status, report = call("GET", f"{http_api}/tasks/result/{job['job']}",
                           operation=("/tasks/result/{cursor}", "get"))  # checked against docs/openapi.json
     assert status == 200 and report["cost"] == cost  # the HTTP API's results carry it too
@@ -191,6 +260,26 @@ def test_a_provisioned_job_reports_what_its_instances_cost(fleet, workload, tmp_
     assert cost["requests"]["sqs"] > 0
     for service, count in answer["fleet"]["requests"].items():
         assert cost["requests"].get(service, 0) <= count <= logged[service], service
+    # The workers' requests, as their heartbeats reported them: at most what each logged as it
+    # exited (its last calls, after its last heartbeat read, are not counted), and not none.
+    workers_logged: dict[str, int] = {}
+    for instance in fleet.hyper.booted:
+        for service, count in _logged_calls(fleet.hyper.log(instance)).items():
+            workers_logged[service] = workers_logged.get(service, 0) + count
+    assert cost["worker_requests"]["sqs"] > 0 and cost["worker_requests"]["dynamodb"] > 0
+    for service, count in answer["fleet"]["worker_requests"].items():
+        assert cost["worker_requests"].get(service, 0) <= count <= workers_logged[service], service
+
+    # Restarted on the same job store, the scheduler still gives the finished job's figures.
+    again = remote.scheduler("--state", state, "--http-port", "0", "--prices", str(prices))
+    http_api = again.proc.stdout.readline().strip().removeprefix("HTTP API on ")
+    (kept,) = list_jobs(*parse_address(again.address), None)["jobs"]
+    assert kept["job"] == job["job"] and kept["cost"] == cost
+    status, report = call("GET", f"{http_api}/tasks/result/{job['job']}",
+                          operation=("/tasks/result/{cursor}", "get"))
+    assert status == 200 and report["cost"] == cost
+    jobs_listed = run_client("-s", again.address, "--jobs")
+    assert f"{cost['usd']:.6f}" in jobs_listed.stdout, jobs_listed.stdout
 
 
 def test_a_bad_price_file_is_a_clear_error(tmp_path, workload):
