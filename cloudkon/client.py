@@ -3,12 +3,13 @@
 Owns the user's side of a run: the options, reading the workload, the messages on
 stderr, the summary and the exit code: 0 every task succeeded, 1 some task failed, 2
 usage, workload, connection or protocol error, 3 the job was cancelled, 130
-interrupted.  Also the job commands ``--cancel JOB`` and ``--jobs``, and Ctrl-C during
-a run (cancel, or leave the job running on its scheduler).  ``--remote`` embeds a
-remote-mode scheduler instead of a local one: the client alone then drives SQS (and,
-with ``--provision``, EC2).  The connection to a scheduler is connection.py's, the
-results results.py's, job description files jobfiles.py's, the scheduler started when
-no ``-s`` is given embedded.py's.
+interrupted.  Also the job commands ``--cancel JOB`` and ``--jobs``, ``--report FILE`` (a
+results file's report, no scheduler needed), and Ctrl-C during a run (cancel, or leave the
+job running on its scheduler).  ``--remote`` embeds a remote-mode scheduler instead of a
+local one: the client alone then drives SQS (and, with ``--provision``, EC2).  The
+connection to a scheduler is connection.py's, the results and their file formats
+results.py's, the report of ``--summary`` and ``--report`` report.py's, job description
+files jobfiles.py's, the scheduler started when no ``-s`` is given embedded.py's.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ from cloudkon.embedded import embedded_scheduler
 from cloudkon.errors import CloudKonError, IncompleteFrame
 from cloudkon.interrupts import Interrupts
 from cloudkon.jobfiles import JobFiles
-from cloudkon.options import add_remote_arguments, require_boto3, task_timeout_argument
-from cloudkon.results import Progress, Results, write_results
+from cloudkon.options import add_remote_arguments, positive_int, require_boto3, task_timeout_argument
+from cloudkon.report import TOP, JobReport, read_records
+from cloudkon.results import RESULT_FORMATS, Progress, Results, write_results
 from cloudkon.workloads import TaskSender, Workload, submit_workload
 
 log = logging.getLogger("cloudkon.client")
@@ -54,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                "SQS and remote workers). Ctrl-C during a run on a scheduler (-s) asks whether to cancel the "
                "job or leave it running there (-y: cancel without asking). Exit codes: 0 every task "
                "succeeded, 1 some task failed, 2 usage/workload/connection/protocol error, 3 the job was "
-               "cancelled, 130 interrupted.")
+               "cancelled, 130 interrupted; --report: 0 the report was printed, 2 the file is not "
+               "results.")
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("-w", "--workload", metavar="FILE", nargs="+", action="extend",
                       help="tasks, one per line: 'sleep N' sleeps N ms, a line starting with '{\"' is a JSON "
@@ -73,10 +76,24 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--jobs", action="store_true",
                       help="list the scheduler's jobs with their tasks queued, running, succeeded, failed "
                            "and cancelled; needs -s")
+    what.add_argument("--report", metavar="RESULTS",
+                      help="print the report of --summary for a results file written earlier (JSONL or "
+                           "--format csv; '-' for standard input); needs no scheduler")
     parser.add_argument("-s", "--scheduler", metavar="HOST:PORT",
                         help="scheduler to submit to (default: start an embedded local one)")
-    parser.add_argument("-o", "--output", metavar="RESULTS.jsonl",
-                        help="write one JSON object per task, in workload order ('-' for stdout)")
+    parser.add_argument("-o", "--output", metavar="RESULTS",
+                        help="write one result per task, in workload order ('-' for stdout), as --format "
+                             "says")
+    parser.add_argument("--format", choices=RESULT_FORMATS, default="jsonl",
+                        help="of -o: jsonl, a JSON object per line (default), or csv, a header then a row "
+                             "per task (id, command, source, status, exit_code, elapsed_ms, worker, error, "
+                             "output; RFC 4180 quoting, an empty cell for null)")
+    parser.add_argument("--summary", action="store_true",
+                        help="after the run's summary line, print a report on stderr: totals, the slowest "
+                             "tasks, the failures grouped by exit code (or error) and first output line, "
+                             "the time per worker (also with --cursor, and with -q)")
+    parser.add_argument("--top", type=positive_int, default=TOP, metavar="N",
+                        help=f"rows of each table of --summary and --report (default: {TOP})")
     parser.add_argument("--outputs", metavar="DIR",
                         help="where the output sandbox of each job description goes: DIR/<task id>/")
     parser.add_argument("-l", "--listen", type=int, metavar="PORT",
@@ -138,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     for option, given in (("--cursor", args.cursor), ("--cancel", args.cancel), ("--jobs", args.jobs)):
         if given and not args.scheduler:
             parser.error(f"{option} needs -s HOST:PORT (the scheduler that holds the job)")
+    if args.report and (args.scheduler or args.output or args.remote or args.listen is not None):
+        parser.error("--report reads a results file: it goes with no -s, -o, -l or --remote")
+    if args.format != "jsonl" and not args.output:
+        parser.error("--format says how -o writes the results: give -o FILE")
     if args.cursor and args.listen is not None:
         parser.error("--cursor and -l do not go together")
     if args.local is not None and args.local < 1:
@@ -157,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, embedded: list[str]) -> int:
     start = time.monotonic()
+    if args.report:
+        print(JobReport.of(read_records(args.report), args.top).render())
+        return EXIT_OK
     if args.scheduler:
         host, port = parse_address(args.scheduler)
     if args.cancel:
@@ -167,7 +191,8 @@ def run(args: argparse.Namespace, embedded: list[str]) -> int:
         print_jobs(answer["jobs"], answer.get("fleet"))
         return EXIT_OK
     if args.cursor:
-        tasks, results = fetch_job(host, port, args.token, args.cursor, commands=bool(args.output))
+        tasks, results = fetch_job(host, port, args.token, args.cursor,
+                                   commands=bool(args.output or args.summary))
         JobFiles({}, args.outputs).bring_back(results)
         return report(args, tasks, results, time.monotonic() - start)
     workload = Workload.job_description(args.jdl) if args.jdl else Workload(args.workload)
@@ -212,10 +237,10 @@ def print_jobs(jobs: list[dict[str, Any]], fleet: dict[str, Any] | None = None) 
 
 def report(args: argparse.Namespace, tasks: list[str], results: Results, wall: float,
            starting: float = 0.0, workload: Workload | None = None) -> int:
-    """Write the results file and the summary (the time ``starting`` an embedded scheduler told
-    apart from the rest); the exit code."""
+    """Write the results file, the summary (the time ``starting`` an embedded scheduler told
+    apart from the rest) and the report if asked for; the exit code."""
     if args.output:
-        write_results(results, tasks, args.output, workload and workload.sources())
+        write_results(results, tasks, args.output, workload and workload.sources(), args.format)
     if not args.quiet:
         timing = "" if args.cursor else f", {wall:.3f} s wall"
         if starting:
@@ -228,6 +253,9 @@ def report(args: argparse.Namespace, tasks: list[str], results: Results, wall: f
               f"{results.failed - results.cancelled} failed{cancelled}{timing}", file=sys.stderr)
         if results.cost is not None:  # remote mode only
             print(f"cost (estimate): {describe(results.cost)}", file=sys.stderr)
+    if args.summary:  # on stderr, as the summary: stdout may be the results file (-o -)
+        text = JobReport.of(results.records(tasks), args.top).render(None if args.cursor else wall)
+        print(text if args.quiet else "\n" + text, file=sys.stderr)
     if results.cancelled:
         return EXIT_CANCELLED
     return EXIT_TASKS_FAILED if results.failed else EXIT_OK

@@ -30,6 +30,11 @@ class WorkloadError(ConfigError):
         self.line = line
 
 
+class ResultsFileError(ConfigError):
+    """Raised when a results file given to report on (client.py --report) is not one: its message
+    names the file and, when one line is at fault, the line."""
+
+
 class ProtocolError(CloudKonError):
     """Raised when bytes from a peer do not form a valid message."""
 

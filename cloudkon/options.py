@@ -46,6 +46,17 @@ def task_timeout_argument(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def positive_int(text: str) -> int:
+    """argparse type of a count that must be at least 1 (client.py --top)."""
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {count}")
+    return count
+
+
 def comma_list(text: str) -> list[str]:
     """argparse type of a repeatable option that also takes comma-separated values."""
     items = [item.strip() for item in text.split(",")]

@@ -2,17 +2,20 @@
 
 Owns ``Results`` (every task's result, indexed by task id, filled as batches arrive),
 ``Progress`` (the done/total line on a terminal), the per-task result record (one
-function: the lines of the client's JSONL file and the tasks of the HTTP API's results
-are both made by ``task_record``) and writing the JSONL file.  Not the wire format
-(protocol.py turns messages into ``ResultBatch``) nor a task's status rule (tasks.py).
+function: the lines of the client's results file and the tasks of the HTTP API's results
+are both made by ``task_record``) and the results file's formats: JSONL (a record a line)
+and CSV (``--format csv``: the same fields as columns, and ``record_from_csv`` reading a
+row back).  Not the wire format (protocol.py turns messages into ``ResultBatch``), a
+task's status rule (tasks.py) nor the report made of the records (report.py).
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from itertools import repeat
 from typing import Any, TextIO
 
@@ -96,27 +99,84 @@ class Results:
     def complete(self) -> bool:
         return self.received == self.total
 
-    def write_jsonl(self, commands: list[str], out: TextIO, sources: Iterable[str] | None = None) -> None:
-        """One JSON object per task, in workload order (with its source, if ``sources`` says them)."""
-        dumps, each_source = json.dumps, iter(sources or repeat(None))
+    def records(self, commands: list[str], sources: Iterable[str] | None = None) -> Iterator[dict[str, Any]]:
+        """Each task's record (``task_record``, with the ``outputs`` of a job description that
+        left some), in workload order; with its source, if ``sources`` says them."""
+        each_source = iter(sources or repeat(None))
         for task_id, command in enumerate(commands):
             record = task_record(task_id, command, self.exit_codes[task_id], self.outputs[task_id],
                                  self.elapsed_us[task_id], self.workers[task_id], self.errors[task_id],
                                  source=next(each_source))
             if task_id in self.artifacts:
                 record["outputs"] = self.artifacts[task_id]
-            out.write(dumps(record))
-            out.write("\n")
+            yield record
 
 
-def write_results(results: Results, commands: list[str], path: str,
-                  sources: Iterable[str] | None = None) -> None:
-    """The results file at ``path`` ('-': stdout)."""
+# The columns of --format csv, in order: the output last, being the longest.  ``source`` is left
+# out when the client does not know it (--cursor), ``outputs`` (a JSON object) when no job
+# description left any.  An empty cell is a null: no exit code, no worker, no error.
+CSV_COLUMNS = ("id", "command", "source", "status", "exit_code", "elapsed_ms", "worker", "error", "output",
+               "outputs")
+
+
+def write_jsonl(records: Iterable[dict[str, Any]], out: TextIO) -> None:
+    """One JSON object a line."""
+    dumps = json.dumps
+    for record in records:
+        out.write(dumps(record))
+        out.write("\n")
+
+
+def write_csv(records: Iterable[dict[str, Any]], out: TextIO, columns: tuple[str, ...]) -> None:
+    """A header, then a row a record; quoted as RFC 4180 says (the csv module's default dialect,
+    CRLF row ends), so that any output (newlines, commas, quotes) reads back whole."""
+    writer = csv.writer(out)
+    writer.writerow(columns)
+    for record in records:
+        writer.writerow(_csv_cell(record.get(column)) for column in columns)
+
+
+def _csv_cell(value: Any) -> str:
+    if value is None:
+        return ""
+    return json.dumps(value) if isinstance(value, dict) else str(value)  # str(float) is JSON's repr too
+
+
+def record_from_csv(row: dict[str, str]) -> dict[str, Any]:
+    """A row of --format csv (by column) as the record it was written from; ValueError if a
+    number is not one."""
+    record: dict[str, Any] = {column: row[column] for column in CSV_COLUMNS if row.get(column)}
+    record["id"] = int(row["id"])
+    record["exit_code"] = int(row["exit_code"]) if row.get("exit_code") else None
+    record["elapsed_ms"] = float(row["elapsed_ms"])
+    record["worker"] = row.get("worker") or None
+    record.setdefault("command", "")
+    record.setdefault("output", "")
+    if "outputs" in record:
+        record["outputs"] = json.loads(record["outputs"])
+    return record
+
+
+RESULT_FORMATS = ("jsonl", "csv")
+
+
+def write_results(results: Results, commands: list[str], path: str, sources: Iterable[str] | None = None,
+                  file_format: str = "jsonl") -> None:
+    """The results file at ``path`` ('-': stdout), in one of RESULT_FORMATS."""
+    def write(out: TextIO) -> None:
+        records = results.records(commands, sources)
+        if file_format == "csv":
+            write_csv(records, out, tuple(c for c in CSV_COLUMNS if (c != "source" or sources is not None)
+                                          and (c != "outputs" or results.artifacts)))
+        else:
+            write_jsonl(records, out)
+
     if path == "-":
-        results.write_jsonl(commands, sys.stdout, sources)
+        write(sys.stdout)
         return
-    with open(path, "w", encoding="utf-8") as out:
-        results.write_jsonl(commands, out, sources)
+    # newline="": the csv module writes its own row ends, and a CR inside an output stays one.
+    with open(path, "w", encoding="utf-8", newline="") as out:
+        write(out)
 
 
 class Progress:
