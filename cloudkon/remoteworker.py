@@ -240,22 +240,31 @@ class Worker:
         return not self.held.busy.is_set() and time.monotonic() - self.held.last_work >= self.economize_after
 
     def _poll_seconds(self) -> int:
-        """How long the next long poll may wait: SQS's longest, cut short by an idle exit due sooner."""
-        idle_left = self._idle_left()
-        if idle_left is None:
+        """How long the next long poll may wait: SQS's longest, cut short by an idle exit due sooner.
+        While a bundle runs, by the exit that would be due were it to end now: a poll cannot be cut
+        short, so a worker whose last bundle ends mid-poll would otherwise stay up to a whole long
+        poll (20 s paid) past its keep time; at least a second then, not a loop of empty polls."""
+        if self.idle_timeout is None:
             return aws.SQS_MAX_WAIT_SECONDS
-        return max(0, min(aws.SQS_MAX_WAIT_SECONDS, math.ceil(idle_left)))
+        now = time.monotonic()
+        running = self.held.runs_any()
+        left = self._idle_exit(now if running else self.held.last_work, self.idle_timeout) - now
+        return max(1 if running else 0, min(aws.SQS_MAX_WAIT_SECONDS, math.ceil(left)))
 
     def _idle_left(self) -> float | None:
         """Seconds left before an idle exit, counted from the last bundle run: messages refused,
         skipped or deferred are no work, or one poison message redelivered would keep a fleet up."""
         if self.idle_timeout is None or self.held.runs_any():
             return None
+        return self._idle_exit(self.held.last_work, self.idle_timeout) - time.monotonic()
+
+    def _idle_exit(self, last_work: float, idle_timeout: float) -> float:
+        """When an idle worker whose last work ended at ``last_work`` (monotonic) leaves."""
         # An EC2 worker follows the fleet's policy (fleetpolicy): the keep time its scheduler set,
         # and never before its billed minimum ends.
-        keep, paid_until = (self.idle_timeout, 0.0) if self.instance is None else \
-            self.instance.idle_rule(self.idle_timeout)
-        return retire_at(self.held.last_work, keep, paid_until) - time.monotonic()
+        keep, paid_until = (idle_timeout, 0.0) if self.instance is None else \
+            self.instance.idle_rule(idle_timeout)
+        return retire_at(last_work, keep, paid_until)
 
     def _follow_control(self) -> None:
         """Obey the control messages of the fleet's topic (runs in a thread for the worker's life;

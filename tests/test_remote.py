@@ -126,6 +126,19 @@ def test_idle_worker_exits_on_its_own(remote):
     assert 2 <= time.monotonic() - start < 30
 
 
+def test_a_worker_whose_last_bundle_ends_mid_poll_leaves_on_time(remote, workload, tmp_path):
+    """While a bundle runs, a free thread's long poll is no longer than the idle exit that would be
+    due were the bundle to end now: the worker leaves about its idle timeout after the bundle, not
+    after a whole 20 s long poll begun while the bundle ran."""
+    sched = remote.scheduler()
+    worker = remote.worker("-t", "2", "--idle-timeout", "2")
+    out = tmp_path / "r.jsonl"
+    assert run_client("-s", sched.address, "-w", workload(["/bin/sleep 4"]), "-o", str(out)).returncode == 0
+    finished = time.monotonic()
+    assert worker.wait(60) == 0
+    assert time.monotonic() - finished < 10  # idle 2 s, polls of 2 s; a 20 s poll is what this guards
+
+
 def test_worker_sigterm_finishes_held_bundle(remote, workload, tmp_path):
     sched = remote.scheduler()
     worker = remote.worker("-t", "1")
