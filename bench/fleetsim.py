@@ -58,8 +58,9 @@ from controlplane import control_table  # noqa: E402
 from local import machine  # noqa: E402
 
 from cloudkon.backend import plan_bundle  # noqa: E402
+from cloudkon.costs import MINIMUM_BILLED_SECONDS  # noqa: E402
 from cloudkon.defaults import DEFAULT_SCALE_INTERVAL  # noqa: E402
-from cloudkon.fleetpolicy import BILLED_MINIMUM_SECONDS, FleetPolicy, IdleRule, retire_at  # noqa: E402
+from cloudkon.fleetpolicy import FleetPolicy, IdleRule, retire_at  # noqa: E402
 from cloudkon.sqsbackend import SQSBackend  # noqa: E402
 
 BASELINES = ("backlog-60s", "fixed")
@@ -318,7 +319,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--boot", type=float, nargs=2, default=[30.0, 60.0], metavar=("LOW", "HIGH"),
                         help="seconds from launch to a running worker, uniform")
     parser.add_argument("--bundle-overhead", type=float, default=0.09, help="seconds per bundle")
-    parser.add_argument("--billed-minimum", type=float, default=BILLED_MINIMUM_SECONDS)
+    parser.add_argument("--billed-minimum", type=float, default=MINIMUM_BILLED_SECONDS)
     parser.add_argument("--shares", type=float, nargs="+", default=[0.85, 0.5, 0.2],
                         help="the policy's useful share (fleetpolicy.USEFUL_SHARE is 0.85), one run each")
     parser.add_argument("--task-scale", type=int, default=1,

@@ -138,9 +138,9 @@ def _price(value: object) -> bool:
     return type(value) in (int, float) and math.isfinite(value) and value >= 0  # type: ignore[arg-type]
 
 
-def billed_seconds(launched: float, ended: float) -> float:
-    """What EC2 bills for one instance run: per second, at least MINIMUM_BILLED_SECONDS."""
-    return max(MINIMUM_BILLED_SECONDS, ended - launched)
+def billed_seconds(launched: float, ended: float, minimum: float = MINIMUM_BILLED_SECONDS) -> float:
+    """What EC2 bills for one instance run: per second, at least ``minimum`` (--billed-minimum)."""
+    return max(minimum, ended - launched)
 
 
 @dataclass
@@ -149,13 +149,14 @@ class _Run:
 
     kind: tuple[str, bool]
     launched: float
+    minimum: float  # the billed minimum of a run
     ended: float | None = None
 
     def job_seconds(self, start: float, end: float) -> float:
         """This run's seconds that go to a job running from ``start`` to ``end`` (the module's rule)."""
         # LaunchTime is in whole seconds: a launch in the second a job started is the job's.
-        minimum = MINIMUM_BILLED_SECONDS if math.floor(start) <= self.launched <= end else 0.0
-        past_minimum = self.launched + MINIMUM_BILLED_SECONDS
+        minimum = self.minimum if math.floor(start) <= self.launched <= end else 0.0
+        past_minimum = self.launched + self.minimum
         stop = end if self.ended is None else min(end, self.ended)
         return minimum + max(0.0, stop - max(start, past_minimum))
 
@@ -189,7 +190,9 @@ class FleetUsage:
     """The instance runs of a fleet, as DescribeInstances shows them (fed by provisioning.Fleet),
     and its workers' requests (``requests``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, billed_minimum: float = MINIMUM_BILLED_SECONDS) -> None:
+        """``billed_minimum``: what EC2 bills a run at least (--billed-minimum)."""
+        self.billed_minimum = billed_minimum
         self._runs: dict[str, _Run] = {}
         self._lock = threading.Lock()  # fed by the scaling thread, read on the event loop
         self.requests = WorkerRequests()
@@ -206,7 +209,8 @@ class FleetUsage:
                 gone = instance["State"]["Name"] in _GONE_STATES
                 if run is None and not gone:
                     kind = (instance.get("InstanceType", ""), instance.get("InstanceLifecycle") == "spot")
-                    run = self._runs[instance["InstanceId"]] = _Run(kind, _timestamp(instance["LaunchTime"]))
+                    run = self._runs[instance["InstanceId"]] = _Run(kind, _timestamp(instance["LaunchTime"]),
+                                                                self.billed_minimum)
                 if run is not None and gone and run.ended is None:
                     run.ended = _terminated_at(instance.get("StateTransitionReason", ""), now)
             for instance_id, run in self._runs.items():
@@ -216,7 +220,7 @@ class FleetUsage:
     def paid(self, now: float) -> dict[tuple[str, bool], float]:
         """Instance-seconds billed so far, by (instance type, spot)."""
         with self._lock:
-            return _by_kind((run.kind, billed_seconds(run.launched, run.ended or now))
+            return _by_kind((run.kind, billed_seconds(run.launched, run.ended or now, run.minimum))
                             for run in self._runs.values())
 
     def during(self, start: float, end: float) -> dict[tuple[str, bool], float]:

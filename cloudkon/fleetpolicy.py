@@ -15,7 +15,7 @@ applies them to EC2, ``remoteworker`` to its own idle exit, bench/fleetsim.py to
   - what the inputs are measured from: the backlog's estimated work (``backlog_seconds``, from the
     dispatcher's jobs and their estimates), the boot time (``BootTimes``, launch to first heartbeat).
 
-Relies on EC2's billing of Linux instances: per second, with a minimum of BILLED_MINIMUM_SECONDS from
+Relies on EC2's billing of Linux instances: per second, with a minimum of MINIMUM_BILLED_SECONDS from
 launch, whatever the instance did.
 """
 
@@ -26,10 +26,9 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from cloudkon.costs import MINIMUM_BILLED_SECONDS
 from cloudkon.jobs import Dispatcher
 
-# EC2 bills a Linux instance per second, with a minimum of one minute.
-BILLED_MINIMUM_SECONDS = 60.0
 # Launch to a worker's first heartbeat, assumed until one is measured: EC2 Linux instances typically
 # run their user data 20-40 s after RunInstances; the worker's own start adds a few seconds.
 ASSUMED_BOOT_SECONDS = 45.0
@@ -48,7 +47,7 @@ BACKLOG_SAMPLE = 256
 
 
 def launch_count(backlog: float, live_threads: int, booting: int, threads: int, boot: float,
-                 room: int, billed_minimum: float = BILLED_MINIMUM_SECONDS,
+                 room: int, billed_minimum: float = MINIMUM_BILLED_SECONDS,
                  share: float = USEFUL_SHARE) -> int:
     """Instances to launch now: none while the live threads finish the ``backlog`` (seconds of
     estimated work) within a boot time ``boot``; else as many as leave every thread, live, booting
@@ -63,7 +62,7 @@ def launch_count(backlog: float, live_threads: int, booting: int, threads: int, 
     return min(room, max(wanted, 1 if not (live_threads or booting) else 0))
 
 
-def work_per_launch(threads: int, boot: float, billed_minimum: float = BILLED_MINIMUM_SECONDS,
+def work_per_launch(threads: int, boot: float, billed_minimum: float = MINIMUM_BILLED_SECONDS,
                     share: float = USEFUL_SHARE) -> float:
     """Seconds of task work that make one more instance worth its paid boot: ``share`` of its paid
     time (boot included) running tasks, and at least the billed minimum's worth."""
@@ -146,7 +145,7 @@ class IdleRule:
     when it is None, the cost rule (``keep_seconds``, the billed minimum kept)."""
 
     fixed: float | None = None
-    billed_minimum: float = BILLED_MINIMUM_SECONDS
+    billed_minimum: float = MINIMUM_BILLED_SECONDS
 
     def keep(self, gaps: BurstGaps, boot: float) -> float:
         return self.fixed if self.fixed is not None else keep_seconds(gaps.gaps, boot)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 
+from cloudkon.costs import MINIMUM_BILLED_SECONDS
 from cloudkon.defaults import (
     DEFAULT_BOOT_TIMEOUT,
     DEFAULT_CLAIM_TABLE,
@@ -30,7 +31,7 @@ from cloudkon.defaults import (
     DEFAULT_WORKER_THREADS,
 )
 from cloudkon.errors import ConfigError
-from cloudkon.fleetpolicy import ASSUMED_BOOT_SECONDS, BILLED_MINIMUM_SECONDS, USEFUL_SHARE
+from cloudkon.fleetpolicy import ASSUMED_BOOT_SECONDS, USEFUL_SHARE
 from cloudkon.tasks import check_task_timeout
 
 
@@ -154,10 +155,11 @@ def add_remote_arguments(parser: argparse.ArgumentParser) -> None:
                        help="an instance terminates itself after this long without work (default: the "
                             "cost rule: kept while keeping it costs less than booting another, judged by "
                             "the gaps between bursts seen; never before --billed-minimum)")
-    fleet.add_argument("--billed-minimum", type=float, default=BILLED_MINIMUM_SECONDS, metavar="SECONDS",
+    fleet.add_argument("--billed-minimum", type=float, default=MINIMUM_BILLED_SECONDS, metavar="SECONDS",
                        help="the least an instance is billed for (EC2 Linux: per second, at least "
-                            f"{BILLED_MINIMUM_SECONDS:g} s): the cost rule keeps it that long (default: "
-                            f"{BILLED_MINIMUM_SECONDS:g})")
+                            f"{MINIMUM_BILLED_SECONDS:g} s): the cost rule keeps it that long, the cost "
+                            "report bills it (default: "
+                            f"{MINIMUM_BILLED_SECONDS:g})")
     fleet.add_argument("--boot-seconds", type=float, default=ASSUMED_BOOT_SECONDS, metavar="SECONDS",
                        help="launch to a worker's first heartbeat, assumed until one is measured: a launch "
                             "is made when the backlog exceeds what the workers finish in this long "

@@ -76,7 +76,7 @@ class Fleet:
         self._last_decision: tuple[bool, int, int] | None = None
         # The instances' runs, as each describe shows them, and their workers' AWS requests, as each
         # registry scan shows them (costs.py).
-        self.usage = FleetUsage()
+        self.usage = FleetUsage(self.policy.idle.billed_minimum)
         # Each instance's EC2 state and registry item at the last scan (read by the dashboard's thread).
         self._seen: tuple[dict[str, str], dict[str, dict[str, Any]]] = ({}, {})
         adopted = self.live_instances()
