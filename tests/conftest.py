@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -218,6 +220,14 @@ def wait_until(condition, timeout: float = 30, interval: float = 0.05):
 @pytest.fixture(scope="session")
 def aws_env():
     """Environment pointing boto3 at an AWS emulator (moto_server) on a free loopback port."""
+    with aws_emulator() as env:
+        yield env
+
+
+@contextlib.contextmanager
+def aws_emulator() -> Iterator[dict[str, str]]:
+    """An AWS emulator (moto_server) on a free loopback port, stopped on leaving; the environment
+    pointing boto3 at it (the ``aws_env`` fixture, and bench/harness_fleet.py outside pytest)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -236,10 +246,12 @@ def aws_env():
         except OSError:
             return False
 
-    wait_until(up, timeout=30)
-    yield env
-    server.terminate()
-    server.wait()
+    try:
+        wait_until(up, timeout=30)
+        yield env
+    finally:
+        server.terminate()
+        server.wait()
 
 
 @pytest.fixture
