@@ -76,8 +76,9 @@ from local import machine  # noqa: E402
 from test_capacity import RefusingEC2, _ProxyHandler  # noqa: E402
 
 from cloudkon.connection import list_jobs  # noqa: E402
+from cloudkon.costs import MINIMUM_BILLED_SECONDS  # noqa: E402
 from cloudkon.defaults import DEFAULT_HEARTBEAT_SECONDS, DEFAULT_SCALE_INTERVAL  # noqa: E402
-from cloudkon.fleetpolicy import ASSUMED_BOOT_SECONDS, BILLED_MINIMUM_SECONDS  # noqa: E402
+from cloudkon.fleetpolicy import ASSUMED_BOOT_SECONDS  # noqa: E402
 
 ARMS = ("policy", "backlog", "fixed")
 BASELINE_IDLE_TIMEOUT = 60.0  # fleetsim's FIXED_IDLE_TIMEOUT, before scaling
@@ -214,7 +215,7 @@ def arm_options(name: str, args: argparse.Namespace, suffix: str) -> list[str]:
                "--boot-seconds", f"{ASSUMED_BOOT_SECONDS * scale:g}",
                # Leases: a bundle (up to 5 s, unscaled) is renewed while it runs; 3 s as the tests use.
                "--visibility-timeout", "3"]
-    minimum = f"{BILLED_MINIMUM_SECONDS * scale:g}"
+    minimum = f"{MINIMUM_BILLED_SECONDS * scale:g}"
     if name == "policy":
         return [*options, "--billed-minimum", minimum]
     # Launch on any backlog: a few tenths of a second of work pay for a launch (fleetpolicy's
@@ -298,7 +299,7 @@ def run_arm(name: str, env: dict[str, str], ec2_url: str, args: argparse.Namespa
             print(f"  {name}: stage {index + 1} ({len(durations)} tasks) in {wall:.1f} s, "
                   f"{len(hyper.running)} instance(s) up", flush=True)
         end = time.time()
-        minimum = BILLED_MINIMUM_SECONDS * args.time_scale
+        minimum = MINIMUM_BILLED_SECONDS * args.time_scale
         if name == "fixed":
             arm.paid = args.max_workers * max(minimum, end - start)
         else:
@@ -343,7 +344,7 @@ def report(arms: dict[str, Arm], stages: list[tuple[float, list[int]]], args: ar
     reference = arms["fixed"].makespans if "fixed" in arms else None
     lines = [f"# Provisioning on the hypervisor harness (bench/harness_fleet.py, seed {args.seed})", "",
              f"Machine: {machine()}. Run: {runtime:.0f} s. Time scaled by {args.time_scale:g}: billed "
-             f"minimum {BILLED_MINIMUM_SECONDS * args.time_scale:g} s, scaling every "
+             f"minimum {MINIMUM_BILLED_SECONDS * args.time_scale:g} s, scaling every "
              f"{DEFAULT_SCALE_INTERVAL * args.time_scale:g} s; {args.threads} threads an instance, at most "
              f"{args.max_workers} instances.", "",
              "Workload (bench/fleetsim.py's, scaled): " + "; ".join(
