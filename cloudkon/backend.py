@@ -19,6 +19,8 @@ Contract, as the contract tests check it for every backend:
     block briefly (a remote backend records the cancel durably before it returns) and
     may be called from any thread.
   - ``close(wait=True)`` lets workers finish what they hold; ``wait=False`` stops them now.
+  - ``worker_states()`` lists the workers (local: each process; remote: the fleet's instances,
+    none without a fleet), from any thread.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import math
 from abc import ABC, abstractmethod
 from bisect import bisect_right
 from itertools import accumulate
+from typing import Any
 
 from cloudkon.tasks import Bundle, ResultBatch
 
@@ -122,6 +125,14 @@ class Backend(ABC):
         """Make a ``receive`` in progress return soon (any thread; the scheduler is stopping).
         By default nothing: it returns within its timeout."""
         return None
+
+    def worker_states(self) -> list[dict[str, Any]]:
+        """What each worker is and does, for the dashboard (any thread): ``id``, ``kind`` ("process"
+        or "instance"), ``state``, ``running`` (the bundles it holds, in words) and ``last_heartbeat``
+        (epoch seconds of its last sign of life; None before the first).  A worker taking tasks is
+        "busy" or "idle" (local), or "running" (an instance that has sent a heartbeat).  By default
+        none is known."""
+        return []
 
     @abstractmethod
     def cancel(self, job: str) -> None:

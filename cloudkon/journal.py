@@ -74,8 +74,10 @@ class Journal:
     answer again.
     """
 
-    def __init__(self, store: JobStore) -> None:
+    def __init__(self, store: JobStore, timed: Callable[[float], None] | None = None) -> None:
+        """``timed`` hears how long each write took that succeeded (the metrics: telemetry.py)."""
         self.store = store
+        self._timed = timed
         self._queue: queue.SimpleQueue[Record | _Call | None] = queue.SimpleQueue()
         self._failure: BaseException | None = None  # given up: nothing more is written
         self._outage = Outage("job store", STORE_RETRY_SECONDS, log, _PASSING_FAILURES)
@@ -131,6 +133,7 @@ class Journal:
 
     def _write(self, records: list[Record]) -> None:
         while self._failure is None:
+            started = time.perf_counter()
             try:
                 self.store.write(records)  # a store takes the same records again after a failure
             except _PASSING_FAILURES as exc:
@@ -139,6 +142,8 @@ class Journal:
             except Exception as exc:  # any: the thread must live on to answer every waiter
                 self._give_up(exc, "an error that retrying does not mend")
                 return
+            if self._timed is not None:
+                self._timed(time.perf_counter() - started)
             self._outage.ended()
             return
 

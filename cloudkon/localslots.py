@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import multiprocessing
 import multiprocessing.connection
+import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from cloudkon.tasks import Bundle
 
@@ -54,6 +56,16 @@ class WorkerSlot:
     idle_since: float = 0.0  # when it last ran out of bundles (the longest idle is served first)
     took_work: bool = False
     dead: bool = False
+    last_heard: float = field(default_factory=time.time)  # epoch seconds of its start or last results
+
+    def state(self, host: str) -> dict[str, Any]:
+        """What it is and does, as Backend.worker_states says (read from any thread: a snapshot)."""
+        held = list(self.held.values())
+        return {"id": f"{host}:{self.process.pid}", "kind": "process",
+                "state": "dead" if self.dead else "busy" if held else "idle",
+                "running": [f"job {h.bundle.job} bundle {h.bundle.bundle} ({h.unreported} "
+                            f"task{'' if h.unreported == 1 else 's'})" for h in held],
+                "last_heartbeat": self.last_heard}
 
     def unstarted(self) -> int:
         """Tasks it holds that it has not started (its first bundle's next task is running)."""

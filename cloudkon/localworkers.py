@@ -47,6 +47,7 @@ import threading
 import time
 from collections import deque
 from multiprocessing.context import BaseContext
+from typing import Any
 
 from cloudkon import protocol
 from cloudkon.backend import Backend
@@ -124,6 +125,10 @@ class LocalBackend(Backend):
 
     def describe(self) -> str:
         return f"local backend: {self.workers()} worker processes"
+
+    def worker_states(self) -> list[dict[str, Any]]:
+        host = socket.gethostname()
+        return [slot.state(host) for slot in list(self._slots)]
 
     def submit(self, bundle: Bundle) -> None:
         with self._queue_lock:
@@ -316,6 +321,7 @@ class LocalBackend(Backend):
                 batch = protocol.results_from_message(protocol.decode(slot.conn.recv_bytes()))
                 self._record(slot, batch)
                 results.append(batch)
+            slot.last_heard = time.time()
         except (EOFError, OSError):
             self._bury(slot, results)
 

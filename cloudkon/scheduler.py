@@ -3,8 +3,8 @@
 Owns the process a user starts (``python scheduler.py``): parses the options, builds
 the backend, the job store and the fleet (wiring.py), and runs the job service
 (service.py) behind the TCP server (server.py) and, with ``--http-port``, the HTTP
-API (httpapi.py), until a signal: the first stops intake and lets the tasks in flight
-finish (``--grace``), a second stops at once.
+API (httpapi.py; with ``--metrics-port``, a metrics server too), until a signal: the first
+stops intake and lets the tasks in flight finish (``--grace``), a second stops at once.
 
 Threads: the asyncio event loop runs connections, the job service and its Dispatcher;
 one more thread sits in ``backend.receive`` and hands result batches to the loop
@@ -33,11 +33,13 @@ from cloudkon.options import add_remote_arguments, require_boto3, task_timeout_a
 from cloudkon.server import Server, format_address
 from cloudkon.service import DEFAULT_MAX_HELD_BYTES, DEFAULT_RESULT_TTL_SECONDS, JobService
 from cloudkon.tasks import MAX_TASK_TIMEOUT_SECONDS
+from cloudkon.telemetry import Telemetry, store_write_seconds
 from cloudkon.wiring import (
     create_backend,
     create_costs,
     create_fleet,
     create_keeper,
+    create_telemetry,
     run_fleet_command,
     store_name,
 )
@@ -96,7 +98,8 @@ class _LoopErrors:
                   exc_info=exc if first else None)
 
 
-async def serve(service: JobService, args: argparse.Namespace, fleet: Any = None) -> int:
+async def serve(service: JobService, args: argparse.Namespace, telemetry: Telemetry,
+                fleet: Any = None) -> int:
     """Serve until a signal (or the parent's exit) ends it; the exit code."""
     loop = asyncio.get_running_loop()
     stop = _Stop()
@@ -106,29 +109,26 @@ async def serve(service: JobService, args: argparse.Namespace, fleet: Any = None
     await service.restore_jobs()
     server = Server(service, args.token or None)
     listening = await server.listen(args.host, args.port)
-    http = None
-    if args.http_port is not None:
-        try:
-            http = HttpApi(args.host, args.http_port, args.token or None, service, loop)
-        except OSError as exc:
-            listening.close()
-            raise OSError(exc.errno, f"HTTP API on port {args.http_port}: {exc.strerror}") from exc
-        http.start()
+    try:
+        http_servers = _start_http(service, args, loop, telemetry)
+    except OSError:
+        listening.close()
+        raise
     print(f"listening on {format_address(*listening.sockets[0].getsockname()[:2])}", flush=True)
-    if http is not None:
-        print(f"HTTP API on http://{format_address(*http.address)}", flush=True)
+    for http in http_servers:
+        print(f"{http.title} on http://{format_address(*http.address)}", flush=True)
     log.info("%s", service.backend.describe())
     stop_receiving = threading.Event()
     receiver = threading.Thread(target=service.receive_results, args=(loop, stop_receiving),
                                 name="cloudkon-receive", daemon=True)
     receiver.start()
     if fleet is not None:
-        threading.Thread(target=_scale_loop, args=(service, fleet, args.scale_interval, stop_receiving),
-                         name="cloudkon-scale", daemon=True).start()
+        threading.Thread(target=_scale_loop, name="cloudkon-scale", daemon=True,
+                         args=(service, fleet, args.scale_interval, stop_receiving, telemetry)).start()
     housekeeping = asyncio.create_task(_housekeeping(service, stop, args.exit_with_parent))
     await stop.requested.wait()
     listening.close()
-    if http is not None:
+    for http in http_servers:
         await loop.run_in_executor(None, http.close)
     housekeeping.cancel()
     server.refuse_open_jobs()
@@ -142,11 +142,33 @@ async def serve(service: JobService, args: argparse.Namespace, fleet: Any = None
     return 0
 
 
-def _scale_loop(service: JobService, fleet: Any, interval: float, stop: threading.Event) -> None:
+def _start_http(service: JobService, args: argparse.Namespace, loop: asyncio.AbstractEventLoop,
+                telemetry: Telemetry) -> list[HttpApi]:
+    """The HTTP API (--http-port) and the metrics' server of its own (--metrics-port), started;
+    OSError naming the port that could not be served (none is left open then)."""
+    started: list[HttpApi] = []
+    for title, port, metrics_only in (("HTTP API", args.http_port, False),
+                                      ("metrics", args.metrics_port, True)):
+        if port is None:
+            continue
+        try:
+            http = HttpApi(args.host, port, args.token or None, service, loop, telemetry, metrics_only)
+        except OSError as exc:
+            for running in started:
+                running.close()
+            raise OSError(exc.errno, f"{title} on port {port}: {exc.strerror}") from exc
+        http.start()
+        started.append(http)
+    return started
+
+
+def _scale_loop(service: JobService, fleet: Any, interval: float, stop: threading.Event,
+                telemetry: Telemetry) -> None:
     """Provisioning: every few seconds, size the fleet to the backlog's estimated work."""
     while not stop.wait(interval):
         try:
             fleet.scale(backlog_seconds(service.dispatcher))
+            telemetry.fleet_scanned()
         except BackendError as exc:
             log.error("provisioning: %s", exc)
         except Exception:  # the next round may work: this thread must not die
@@ -206,7 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"TCP port (default: {DEFAULT_PORT}; 0 picks a free one)")
     parser.add_argument("--http-port", type=int, metavar="PORT",
                         help="also serve the HTTP API (POST /tasks/submit, GET /tasks/result/CURSOR; "
-                             "docs/openapi.json) on this port of --host (0 picks a free one)")
+                             "docs/openapi.json), the dashboard (http://HOST:PORT/) and GET /metrics on "
+                             "this port of --host (0 picks a free one)")
+    parser.add_argument("--metrics-port", type=int, metavar="PORT",
+                        help="also serve the Prometheus metrics (GET /metrics, without --token: for a "
+                             "scraper) on this port of --host; the HTTP API serves them too, with the token")
     parser.add_argument("--token", default=os.environ.get("CLOUDKON_TOKEN"),
                         help="secret every client must present (default: $CLOUDKON_TOKEN); "
                              "required to listen on a non-loopback address")
@@ -240,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_options(args: argparse.Namespace) -> None:
     """ConfigError for options that cannot serve."""
-    for flag, port in (("--port", args.port), ("--http-port", args.http_port)):
+    for flag, port in (("--port", args.port), ("--http-port", args.http_port),
+                       ("--metrics-port", args.metrics_port)):
         if port is not None and not 0 <= port < 65536:
             raise ConfigError(f"{flag} {port} is not a TCP port")
     if not args.token and not is_loopback(args.host):
@@ -266,8 +293,9 @@ def main(argv: list[str] | None = None) -> int:
         if costs is not None and fleet is not None:
             costs.fleet = fleet.usage
         name = store_name(args)
-        backend = create_backend(args, name)
-        keeper = create_keeper(args, name)
+        backend = create_backend(args, name, fleet)
+        store_writes = store_write_seconds()
+        keeper = create_keeper(args, name, store_writes)
         # Bundle numbers of each start are apart, so a restart never reuses one (remote
         # claims are per job and bundle number).
         first_bundle = keeper.start() << 32
@@ -278,8 +306,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     service = JobService(backend, keeper, args.result_ttl, args.task_timeout, args.max_held_bytes,
                          first_bundle, costs)
+    telemetry = create_telemetry(args, service, store_writes, fleet)
     try:
-        return asyncio.run(serve(service, args, fleet))
+        return asyncio.run(serve(service, args, telemetry, fleet))
     except OSError as exc:
         backend.close(wait=False)
         print(f"scheduler.py: error: cannot listen on {args.host}: {exc.strerror or exc}", file=sys.stderr)

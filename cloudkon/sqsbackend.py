@@ -57,6 +57,7 @@ from cloudkon.defaults import (
 )
 from cloudkon.errors import BackendError, QueueGone, ResourceNotFound, TransientAWSError
 from cloudkon.outstanding import Outstanding
+from cloudkon.provisioning import Fleet
 from cloudkon.repeats import Outage, ThrottledLog
 from cloudkon.signing import Keyring, Signer
 from cloudkon.sqsmessages import Refused, parse_response, request_bodies, take_sealed
@@ -120,10 +121,12 @@ class SQSBackend(Backend):
                  claim_table: str = DEFAULT_CLAIM_TABLE, in_flight: int | None = None,
                  visibility_timeout: int = DEFAULT_VISIBILITY_TIMEOUT,
                  control_topic: str = DEFAULT_CONTROL_TOPIC, staging: str | None = None,
-                 delete_response_queue: bool | None = None) -> None:
+                 delete_response_queue: bool | None = None, fleet: Fleet | None = None) -> None:
         """``staging``: where clients stage job files (Backend.staging).  The response queue is
-        deleted at close if ``delete_response_queue`` (by default, if its name is made up here)."""
+        deleted at close if ``delete_response_queue`` (by default, if its name is made up here).
+        ``fleet``: the provisioned fleet whose instances are the workers listed (worker_states)."""
         self.staging = staging
+        self._fleet = fleet
         self._sqs, self._dynamodb = aws.clients()
         self._claim_table = claim_table
         self._in_flight = in_flight
@@ -169,6 +172,16 @@ class SQSBackend(Backend):
             return f"sqs backend: {self._in_flight} bundles kept in flight (--in-flight)"
         return ("sqs backend: bundles kept in flight follow the thread counts of the workers subscribed "
                 f"to the control topic ({self._slots or 'none yet'})")
+
+    def worker_states(self) -> list[dict[str, Any]]:
+        """The fleet's instances up at its last scaling pass (none without a fleet: a worker started by
+        hand registers nowhere); which bundles each holds is not known here."""
+        if self._fleet is None:
+            return []
+        return [{"id": seen["id"], "kind": "instance",
+                 "state": "running" if seen["last_heartbeat"] else "booting",
+                 "running": [], "last_heartbeat": seen["last_heartbeat"]}
+                for seen in self._fleet.instances_seen() if seen["state"] in ("pending", "running")]
 
     def _count_slots(self) -> None:
         """Count the workers' slots again if it is time (from the receiving thread)."""

@@ -126,10 +126,15 @@ class ResultBatch:
 
     def failed_count(self) -> int:
         """Tasks that did not succeed, cancelled ones included."""
+        if self.errors.count(None) == len(self.errors):  # the usual batch: counted at C speed
+            return len(self.ids) - self.exit_codes.count(0)
         pairs = zip(self.exit_codes, self.errors, strict=True)
         return len(self.ids) - sum(1 for code, error in pairs if is_success(code, error))
 
     def cancelled_count(self) -> int:
+        # The usual batch has no error at all: told at C speed (comparing None with a string is slow).
+        if self.errors.count(None) == len(self.errors):
+            return 0
         return self.errors.count(CANCELLED)
 
     def __len__(self) -> int:

@@ -1,12 +1,13 @@
-"""Building a scheduler's pieces from its parsed options: backend, job store, staging, fleet.
+"""Building a scheduler's pieces from its parsed options: backend, job store, staging, fleet, figures.
 
 Owns the choices the command line's options make: local worker processes or SQS
 (``--local``/``--remote``), the job store and its name (``--state``, ``--no-state``,
-``--jobs-table``), the staging bucket (``--bucket``, ``--staging-prefix``,
-``--retention-days``), the fleet (``--provision``) and the fleet commands that do their
-work and exit (``--drain``, ``--shutdown``, ``--cleanup``).  A ConfigError says which
-options do not go together.  boto3 and the modules on it are imported here only in
-remote mode, so that local mode never loads them.
+``--jobs-table``), the figures of the metrics and dashboard (with AWS calls in remote mode),
+the staging bucket (``--bucket``, ``--staging-prefix``, ``--retention-days``), the fleet
+(``--provision``) and the fleet commands that do their work and exit (``--drain``,
+``--shutdown``, ``--cleanup``).  A ConfigError says which options do not go together.
+boto3 and the modules on it are imported here only in remote mode, so that local mode never
+loads them.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from cloudkon.errors import ConfigError
 from cloudkon.jobstore import JobStore, SQLiteJobStore
 from cloudkon.journal import Journal
 from cloudkon.keeper import Keeper, MemoryKeeper, StoreKeeper
+from cloudkon.metrics import Histogram
+from cloudkon.service import JobService
+from cloudkon.telemetry import Telemetry
 
 log = logging.getLogger("cloudkon.scheduler")
 
@@ -40,9 +44,9 @@ def store_name(args: argparse.Namespace) -> str | None:
     return secrets.token_hex(6)
 
 
-def create_backend(args: argparse.Namespace, name: str | None) -> Backend:
+def create_backend(args: argparse.Namespace, name: str | None, fleet: Any = None) -> Backend:
     """The backend the options choose; in remote mode, its response queue named by ``name``
-    (store_name) unless --response-queue names one."""
+    (store_name) unless --response-queue names one, and its workers ``fleet``'s instances."""
     if args.remote:
         if args.in_flight is not None and args.in_flight < 1:
             raise ConfigError("--in-flight needs at least 1")
@@ -61,7 +65,7 @@ def create_backend(args: argparse.Namespace, name: str | None) -> Backend:
                    "visibility_timeout": args.visibility_timeout, "control_topic": args.control_topic,
                    "delete_response_queue": delete}
         return SQSBackend(**{key: value for key, value in options.items() if value is not None},
-                          staging=staging_area(args))
+                          staging=staging_area(args), fleet=fleet)
     from cloudkon.localworkers import LocalBackend
     workers = args.local if args.local is not None else (os.cpu_count() or 1)
     if workers < 1:
@@ -96,9 +100,10 @@ def default_state_path() -> Path:
     return Path(data_home) / "cloudkon" / "jobs.sqlite"
 
 
-def create_keeper(args: argparse.Namespace, name: str | None) -> Keeper:
+def create_keeper(args: argparse.Namespace, name: str | None, timed: Histogram | None = None) -> Keeper:
     """What keeps the jobs: the job store chosen by --state / --jobs-table (in remote mode, under
-    ``name``: store_name), behind its journal; nothing with --no-state."""
+    ``name``: store_name), behind its journal (its writes' times observed in ``timed``); nothing
+    with --no-state."""
     if args.no_state:
         return MemoryKeeper()
     if args.remote:
@@ -108,7 +113,7 @@ def create_keeper(args: argparse.Namespace, name: str | None) -> Keeper:
     else:
         store = SQLiteJobStore(args.state or str(default_state_path()))
     log.info("job store: %s", store.describe())
-    return StoreKeeper(Journal(store))
+    return StoreKeeper(Journal(store, None if timed is None else timed.observe))
 
 
 def create_fleet(args: argparse.Namespace) -> Any:
@@ -153,6 +158,19 @@ def create_costs(args: argparse.Namespace) -> Any:
     from cloudkon import aws  # boto3 is loaded in remote mode only
     from cloudkon.costs import CostBook, load_prices
     return CostBook(load_prices(args.prices), None, aws.call_counts)
+
+
+def create_telemetry(args: argparse.Namespace, service: JobService, store_writes: Histogram,
+                     fleet: Any = None) -> Telemetry:
+    """The figures of the metrics and the dashboard, listening to ``service``; remote, with this
+    process's AWS calls and the fleet's instances."""
+    aws_calls = None
+    if args.remote:
+        from cloudkon import aws  # boto3 is loaded in remote mode only
+        aws_calls = aws.call_counts
+    telemetry = Telemetry(service, store_writes, aws_calls, fleet)
+    service.add_listener(telemetry)
+    return telemetry
 
 
 def spot_ratio(args: argparse.Namespace) -> float:

@@ -5,7 +5,9 @@ processes, and SQSBackend on the AWS emulator with real ``worker.py`` processes.
 is run once per backend (the ``subject`` fixture); where the two differ by design, the test
 says so through what the subject declares of itself, never by a hidden branch: whether wake()
 cuts a receive short (SQSBackend keeps Backend's default, its long poll runs its course) and
-whether close stops the workers (remote workers belong to the fleet, not to one scheduler).
+whether close stops the workers (remote workers belong to the fleet, not to one scheduler), and
+whether it lists its workers (a remote backend lists a fleet's instances: workers started by hand, as
+here, register nowhere; tests/test_metrics.py checks a fleet's).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class Subject:
     released: Callable[[], bool]  # whether close gave back what the backend held
     wake_interrupts: bool  # wake() cuts a receive short (by default it returns within its timeout)
     close_stops_workers: bool  # close stops the workers (remote ones belong to the fleet, not to it)
+    lists_workers: bool  # worker_states lists these workers (remote: only a fleet's instances)
 
 
 def _local_subject() -> Subject:
@@ -56,7 +59,7 @@ def _local_subject() -> Subject:
         return None
 
     return Subject(backend, replaces_its_dead_workers, released, wake_interrupts=True,
-                   close_stops_workers=True)
+                   close_stops_workers=True, lists_workers=True)
 
 
 def _sqs_subject(remote, monkeypatch) -> Subject:
@@ -80,7 +83,8 @@ def _sqs_subject(remote, monkeypatch) -> Subject:
             return True
         return False
 
-    return Subject(backend, add_worker, released, wake_interrupts=False, close_stops_workers=False)
+    return Subject(backend, add_worker, released, wake_interrupts=False, close_stops_workers=False,
+                   lists_workers=False)
 
 
 @pytest.fixture(params=["local", "sqs"])
@@ -191,6 +195,32 @@ def test_every_task_of_every_bundle_gets_a_result_carrying_its_bundle_number(sub
     assert backend.capacity() >= backend.workers()
     assert backend.describe().startswith(f"{backend.name} backend") and "\n" not in backend.describe()
     assert backend.target_bundle_seconds > 0 and backend.time_box_margin >= 0
+
+
+@pytest.mark.timeout(60)
+def test_worker_states_say_what_each_worker_holds_and_when_it_was_last_heard_of(subject):
+    backend = subject.backend
+    bundle = Bundle("listed", 0, [0], ["sleep 1.5"])
+    backend.submit(bundle)
+    received: list[ResultBatch] = []
+
+    def holding() -> bool:
+        received.extend(backend.receive(0.2))
+        return any(worker["state"] == "busy" and worker["running"] == ["job listed bundle 0 (1 task)"]
+                   for worker in backend.worker_states())
+    if subject.lists_workers:
+        wait_until(holding, timeout=10)
+    batches = received + _collect(backend, [bundle])
+    states = backend.worker_states()
+    assert all(set(worker) == {"id", "kind", "state", "running", "last_heartbeat"} for worker in states)
+    if not subject.lists_workers:
+        assert states == []
+        return
+    assert len(states) == SLOTS
+    assert {batch.worker for batch in batches if batch.ids} <= {worker["id"] for worker in states}
+    assert all(w["kind"] == "process" and w["state"] == "idle" and w["running"] == [] for w in states)
+    # A sign of life of this test's (the idle one's: its start), not an old one.
+    assert all(time.time() - 10 * SLACK_SECONDS < w["last_heartbeat"] <= time.time() for w in states)
 
 
 @pytest.mark.timeout(60)

@@ -249,7 +249,7 @@ ADVERSARIAL_REQUESTS = [  # (request, status, headers expected in the answer)
     (b"POST /tasks/submit HTTP/1.1\r\nContent-Length: 10\r\n\r\n{}", 400, {}),  # then the client stops
     ("GET /tasks/result/é☃%00 HTTP/1.1\r\n\r\n".encode(), 404, {}),
     (b"GET /tasks/result/abc?offset=1&offset=2 HTTP/1.1\r\n\r\n", 400, {}),
-    (b"GET /\r\n", 404, {}),  # HTTP/0.9
+    (b"GET /nothing\r\n", 404, {}),  # HTTP/0.9
 ]
 
 
