@@ -62,10 +62,11 @@ _PAGES = {"/": ("index.html", "text/html; charset=utf-8"),
           "/dashboard.css": ("dashboard.css", "text/css; charset=utf-8"),
           "/dashboard.js": ("dashboard.js", "text/javascript; charset=utf-8")}
 # Fetched again at each load (a scheduler's upgrade shows at once), and what the page may load:
-# its own files only, no inline script or style (an injected one does not run).
-_PAGE_HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff",
+# its own files only, no inline script or style (an injected one does not run); and no other site
+# may frame it (a click on Cancel through a page laid over it).
+_PAGE_HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",
                  "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; "
-                                            "script-src 'self'"}
+                                            "script-src 'self'; frame-ancestors 'none'"}
 
 
 class Document(NamedTuple):

@@ -55,7 +55,8 @@ _REQUIRED_FIELDS = ("id", "command", "status", "exit_code", "output", "elapsed_m
 _CSV_REQUIRED = set(CSV_COLUMNS) - {"source", "outputs"}  # the columns --format csv always writes
 
 # Characters that would move the cursor or recolour the terminal, shown as \xNN instead.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Lone surrogates too (JSON may escape them; no terminal can print them).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 @dataclass(slots=True)
@@ -259,16 +260,20 @@ def _csv_records(stream: IO[bytes], path: str, number: int, first: bytes) -> Ite
     if not _CSV_REQUIRED <= set(header) <= set(CSV_COLUMNS):
         raise _bad(path, number, "not a results file: neither a JSON object (a line of JSONL results) "
                                  "nor the header of --format csv")
-    text = io.TextIOWrapper(stream, encoding="utf-8", newline="")
+    lines = _RecordLines(io.TextIOWrapper(stream, encoding="utf-8", newline=""))
     previous_limit = csv.field_size_limit(MAX_LINE_BYTES)  # its default, 128 KiB, is a command's size
-    reader = csv.reader(text, strict=True)  # strict: a quote left open at the end is an error
+    reader = csv.reader(lines, strict=True)  # strict: a quote left open at the end is an error
     try:
         while True:
             start = number + reader.line_num + 1  # a record may span lines: where it starts
+            lines.taken = 0
             try:
                 row = next(reader)
             except StopIteration:
                 return
+            except _RecordTooLong:
+                raise _bad(path, start, f"a record longer than {MAX_LINE_BYTES // (1024 * 1024)} MiB: "
+                                        "not a results record") from None
             except UnicodeDecodeError:
                 raise _bad(path, start, "not UTF-8") from None
             except csv.Error as exc:
@@ -284,7 +289,33 @@ def _csv_records(stream: IO[bytes], path: str, number: int, first: bytes) -> Ite
             yield _checked(record, path, start)
     finally:
         csv.field_size_limit(previous_limit)
-        text.detach()  # closing the wrapper would close the stream: standard input, say
+        lines.text.detach()  # closing the wrapper would close the stream: standard input, say
+
+
+class _RecordTooLong(Exception):
+    pass
+
+
+class _RecordLines:
+    """The lines of a CSV file for csv.reader, no record's longer than MAX_LINE_BYTES characters in
+    all: csv.reader builds a whole row before its cells can be counted (a line of 600 MB of commas
+    would be a list of 600 million cells), and its field size limit bounds each cell only."""
+
+    def __init__(self, text: io.TextIOWrapper) -> None:
+        self.text = text
+        self.taken = 0  # characters of the record being read (the reader's caller resets it)
+
+    def __iter__(self) -> _RecordLines:
+        return self
+
+    def __next__(self) -> str:
+        line = self.text.readline(MAX_LINE_BYTES - self.taken + 1)
+        if not line:
+            raise StopIteration
+        self.taken += len(line)
+        if self.taken > MAX_LINE_BYTES:
+            raise _RecordTooLong
+        return line
 
 
 def _read_line(stream: IO[bytes], path: str, number: int) -> bytes:

@@ -160,8 +160,8 @@ class JobService:
         """The job ``job_id`` names; BadRequest if none is held."""
         job = self.dispatcher.jobs.get(job_id)
         if job is None:
-            raise BadRequest("unknown_job", f"no job {job_id!r} (never submitted, or its results expired"
-                             f"{'' if self.keeper.keeps_results else ' or were delivered'})")
+            raise BadRequest("unknown_job", f"no job {job_id[:100]!r} (never submitted, or its results "
+                             f"expired{'' if self.keeper.keeps_results else ' or were delivered'})")
         return job
 
     async def cancel_job(self, job: Job) -> int | None:
@@ -173,8 +173,8 @@ class JobService:
         """
         if job.finished and not job.cancelled:
             return None
-        if job.cancelled:
-            return 0  # by an earlier cancel: nothing more to stop
+        if job.cancelled or job.cancelling:
+            return 0  # by an earlier cancel (maybe still telling the backend): it counts the tasks
         job.cancelling = True  # no more of its bundles while the backend is told
         try:
             await asyncio.get_running_loop().run_in_executor(None, self.backend.cancel, job.id)

@@ -242,7 +242,9 @@ def _failures(job: Job, batch: ResultBatch, limit: int) -> list[dict[str, Any]]:
         if error == CANCELLED or (code == 0 and error is None):
             continue
         command = job.commands[task_id] if task_id < len(job.commands) else None
-        found.append({"id": task_id, "command": command, "exit_code": code, "error": error,
+        # Cut as the first line is: a command may be 128 KiB, and the state is fetched every 2 s.
+        found.append({"id": task_id, "command": None if command is None else command[:FIRST_LINE_CHARS],
+                      "exit_code": code, "error": None if error is None else error[:FIRST_LINE_CHARS],
                       "first_line": output.split("\n", 1)[0][:FIRST_LINE_CHARS]})
         if len(found) == limit:
             break

@@ -4,6 +4,7 @@ prometheus_client's parser, the figures checked against the jobs just run."""
 from __future__ import annotations
 
 import math
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -89,7 +90,9 @@ def test_a_histogram_counts_batches_as_it_counts_values_one_by_one():
 def test_metrics_and_dashboard_state_say_what_a_job_did(start_scheduler):
     sched, url = start_http(start_scheduler, "--token", TOKEN, "--metrics-port", "0")
     metrics_url = sched.proc.stdout.readline().strip().removeprefix("metrics on ")
+    # The last failure's command is long: the dashboard shows its first 200 characters.
     tasks = [f"echo ok {i}" for i in range(7)] + [f"echo 'bad {i}'; echo more; exit 3" for i in range(3)]
+    tasks[-1] += " # " + "x" * 5000
     status, accepted = submit(url, tasks, headers=AUTH)
     assert status == 200
     report = poll(url, accepted["cursor"], headers=AUTH)
@@ -125,7 +128,7 @@ def test_metrics_and_dashboard_state_say_what_a_job_did(start_scheduler):
         (10, 10, 3, 0, 0, 0)
     assert job["finished_at"] >= job["created_at"] and job["eta_seconds"] is None and job["rate"] > 0
     assert sorted((f["id"], f["command"], f["exit_code"], f["first_line"]) for f in job["failures"]) == \
-        [(7 + i, tasks[7 + i], 3, f"bad {i}") for i in range(3)]
+        [(7 + i, tasks[7 + i][:200], 3, f"bad {i}") for i in range(3)]
     assert {task["worker"] for task in report["tasks"]} <= {worker["id"] for worker in state["workers"]}
     assert all((w["kind"], w["state"], w["running"]) == ("process", "idle", []) for w in state["workers"])
     assert {int(w["id"].rpartition(":")[2]) for w in state["workers"]} == set(sched.worker_pids())
@@ -141,7 +144,9 @@ def test_the_dashboards_files_need_no_token_and_allow_only_their_own_scripts(sta
         assert status == 200 and headers["Content-Type"].startswith(content_type) and body, path
         assert headers["Cache-Control"] == "no-cache"
         assert headers["Content-Security-Policy"] == ("default-src 'self'; img-src 'self' data:; "
-                                                      "style-src 'self'; script-src 'self'")
+                                                      "style-src 'self'; script-src 'self'; "
+                                                      "frame-ancestors 'none'")
+        assert headers["X-Frame-Options"] == "DENY"  # and for browsers without CSP's frame-ancestors
     assert fetch(f"{url}/index.html")[0] == 401  # only the three routes: the rest asks for the token
     assert fetch(f"{url}/index.html", AUTH)[0] == 404
 
@@ -187,6 +192,27 @@ def test_a_running_job_is_cancelled_over_http(start_scheduler):
 
 
 @pytest.mark.timeout(120)
+def test_cancels_at_once_cancel_once(start_scheduler):
+    """Six cancels of one job at the same moment: one answers for its tasks, the others 0 (an earlier
+    cancel, still telling the backend, counts them)."""
+    _, url = start_http(start_scheduler, "--token", TOKEN)
+    _, accepted = submit(url, ["sleep 30000"] * 1000, headers=AUTH)
+    cancel_url = f"{url}/jobs/{accepted['cursor']}/cancel"
+    wait_until(lambda: dashboard_state(url)["jobs"][0]["running"] > 0, timeout=20)
+    go, answers = threading.Event(), []
+
+    def cancel() -> None:
+        go.wait()
+        answers.append(call("POST", cancel_url, {}, headers=AUTH)[1]["cancelled"])
+    cancels = [threading.Thread(target=cancel) for _ in range(6)]
+    for thread in cancels:
+        thread.start()
+    go.set()
+    for thread in cancels:
+        thread.join()
+    assert sorted(answers) == [0, 0, 0, 0, 0, 1000], answers
+
+
 def test_a_remote_scheduler_counts_its_aws_requests(remote, workload):
     remote.worker("-t", "2")
     sched = remote.scheduler("--http-port", "0", "--metrics-port", "0")
