@@ -1,6 +1,7 @@
 """The dashboard (GET / on the HTTP port) in a real headless Chromium driven by Selenium, against a
 real scheduler: signing in, a job seen from start to finish, a cancel from the page, a phone's width,
-the scheduler gone; and a remote scheduler's fleet and cost, from a canned state.  Debian's
+the scheduler gone; and a remote scheduler's fleet and cost, from a canned state and from a real one
+provisioning instances on the hypervisor harness (tests/hypervisor.py).  Debian's
 ``chromium`` and ``chromium-driver`` (.ci/install-browser) and no download: Selenium Manager is never
 asked, the driver's path is given.  Where they are missing the tests skip, saying why (and fail under
 CI=true, where .ci/install-browser installs them).
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import math
 import os
 import re
 import shutil
@@ -22,14 +24,18 @@ import time
 from pathlib import Path
 
 import pytest
+import test_provisioning
 from conftest import ROOT, run_client, start_client, wait_until
+from test_http import call
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 PAGE = ROOT / "cloudkon" / "dashboard"
-CSP = "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'"  # the contract's
+CSP = "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; frame-ancestors 'none'"
 TOKEN = "dashboard-secret"
 WAIT_SECONDS = 20  # the page polls every 2 s; a step seen in a few polls
+
+fleet = test_provisioning.fleet  # the provisioning tests' fleet on the hypervisor harness
 
 
 def _missing() -> str | None:
@@ -101,12 +107,17 @@ def browser(tmp_path, monkeypatch):
         driver.quit()
 
 
+def page_url(sched) -> str:
+    """The page's URL, from the line a scheduler started with --http-port prints after its address."""
+    line = sched.proc.stdout.readline().strip()
+    assert line.startswith("HTTP API on http://"), line
+    return line.removeprefix("HTTP API on ").rstrip("/") + "/"
+
+
 def start_dashboard(start_scheduler, *args: str):
     """A scheduler with the HTTP API (so the dashboard) and a token; it and the page's URL."""
     sched = start_scheduler("--local", "2", "--http-port", "0", "--token", TOKEN, *args)
-    line = sched.proc.stdout.readline().strip()
-    assert line.startswith("HTTP API on http://"), line
-    return sched, line.removeprefix("HTTP API on ").rstrip("/") + "/"
+    return sched, page_url(sched)
 
 
 def wait(driver, seconds: float = WAIT_SECONDS) -> WebDriverWait:
@@ -335,6 +346,96 @@ def test_remote_mode_shows_the_fleet_over_time_and_its_cost(canned_scheduler, br
     assert browser.find_element(By.CSS_SELECTOR, "li.job .value-cost").text == "$0.0123"
     heartbeats = browser.find_elements(By.CSS_SELECTOR, "#workers-body td[data-label='Last heartbeat']")
     assert [re.fullmatch(r"\d+ s ago", cell.text) is not None for cell in heartbeats] == [True] * 3
+    assert page_errors(browser) == []
+
+
+# The workers' table, a row a worker: its id and its cells by their label.
+WORKERS_SCRIPT = """
+return Array.from(document.querySelectorAll('#workers-body tr')).map(tr => Object.assign(
+  {id: tr.dataset.worker},
+  Object.fromEntries(Array.from(tr.cells).map(td => [td.dataset.label, td.textContent]))));
+"""
+
+
+def dollars(text: str) -> float:
+    """A figure of the page's money(): $ and 4 decimals under a dollar."""
+    assert re.fullmatch(r"\$0\.\d{4}", text), text
+    return float(text[1:])
+
+
+def shows(text: str, usd: float) -> bool:
+    """The page's ``text`` is ``usd`` to its 4 decimals (however a half is rounded)."""
+    return abs(dollars(text) - usd) <= 0.00005 + 1e-9
+
+
+def test_a_real_remote_scheduler_shows_its_fleet_its_instances_and_a_job_s_cost(fleet, browser, workload,
+                                                                                 tmp_path):
+    prices = tmp_path / "prices.json"  # $0.001 an instance-second and requests free: once its instances
+    prices.write_text(json.dumps({"instances": {"t3.micro": 3.6}, "requests": {  # are gone, the fleet's
+        service: 0 for service in ("sqs", "dynamodb", "sns", "s3", "ec2")}}))  # figure stays put
+    # Idle instances stay up 4 s after the job: a few of the page's polls see them.
+    sched = fleet.scheduler("--max-workers", "2", "--worker-threads", "1", "--worker-idle-timeout", "4",
+                            "--instance-type", "t3.micro", "--prices", str(prices), "--http-port", "0",
+                            "--token", TOKEN)
+    url = page_url(sched)
+    sign_in(browser, url)
+    assert browser.find_element(By.ID, "mode").text == "Remote"
+    assert browser.find_element(By.ID, "fleet").is_displayed()
+    assert browser.find_element(By.ID, "sum-cost-card").is_displayed()
+    client = start_client("-s", sched.address, "--token", TOKEN, "-w",
+                          workload([f"sleep 0.2; echo {i}" for i in range(16)]))
+
+    def text(element_id: str) -> str:
+        return browser.find_element(By.ID, element_id).text
+
+    def chart_label() -> str:
+        return browser.find_element(By.CSS_SELECTOR, "#fleet-chart svg").get_attribute("aria-label")
+
+    wait(browser).until(lambda d: re.search(r"\b[1-9]\d* running", text("fleet-states")))
+    wait(browser).until(lambda d: re.fullmatch(r"Fleet size: [1-9]\d* instances? now", chart_label()))
+    assert re.fullmatch(r"[1-9]\d* instances?", text("sum-fleet"))
+    instance = wait(browser).until(lambda d: next(
+        (w for w in d.execute_script(WORKERS_SCRIPT) if w["State"] == "running"
+         and re.fullmatch(r"\d+ s ago", w["Last heartbeat"])), None))
+    assert instance["Worker"] == f"{instance['id']} (instance)" and instance["id"] in fleet.hyper.booted
+
+    finished = the_job(browser, lambda job: job["state"] == "finished")
+    assert finished["done"] == "16 / 16" and finished["failed"] == "0" and not finished["cancellable"]
+    _, err = client.communicate(timeout=60)
+    assert client.returncode == 0 and "16 tasks: 16 succeeded" in err, err
+    job_cost = browser.find_element(By.CSS_SELECTOR, f'li.job[data-job="{finished["id"]}"] .value-cost')
+    assert job_cost.is_displayed()
+
+    wait_until(lambda: fleet.hyper.booted and not fleet.hyper.alive(), timeout=60)  # idle: gone
+    assert set(fleet.hyper.states().values()) == {"terminated"}
+    wait(browser).until(lambda d: text("sum-fleet") == "0 instances" and "terminated" in text("fleet-states")
+                        and not re.search(r"running|pending", text("fleet-states")))
+    assert chart_label() == "Fleet size: 0 instances now"
+    assert browser.find_element(By.ID, "no-workers").is_displayed()
+    steps = browser.find_element(By.CSS_SELECTOR, "#fleet-chart svg path.line").get_attribute("d")
+    assert steps.count("V") >= 2, steps  # up to the fleet, and down to none
+
+    listed = jobs_listing(sched.address)
+    row = next(line.split() for line in listed.splitlines() if line.startswith(finished["id"]))
+    assert row[1] == "finished" and row[4:-1] == ["16", "0", "0", "16", "0", "0"], listed
+    assert float(row[-1]) > 0 and shows(job_cost.text, float(row[-1])), (job_cost.text, listed)
+    fleet_usd = float(re.search(r"^since the scheduler started: .*; about \$([\d.]+) at the ", listed,
+                                re.MULTILINE)[1])
+
+    def state() -> dict:
+        status, answer = call("GET", f"{url}dashboard/state", headers={"Authorization": f"Bearer {TOKEN}"},
+                              operation=("/dashboard/state", "get"))  # checked against docs/openapi.json
+        assert status == 200, answer
+        return answer["fleet"]["cost"]
+
+    def page_has(cost: dict) -> dict | None:
+        return cost if shows(text("sum-cost"), cost["usd"]) else None
+
+    cost = wait(browser).until(lambda d: page_has(state()))  # the page's figure, polled anew: the same
+    assert cost["usd"] == pytest.approx(fleet_usd, abs=1e-6) and cost["usd"] >= float(row[-1])
+    rounded = {key: f"{math.floor(cost[key] + 0.5):,}" for key in ("instance_seconds", "task_seconds")}
+    assert text("fleet-cost") == (f"Cost so far: {text('sum-cost')} ({rounded['instance_seconds']} "  # JS's
+                                  f"instance-s paid, {rounded['task_seconds']} task-s)")  # Math.round
     assert page_errors(browser) == []
 
 
