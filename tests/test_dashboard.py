@@ -398,6 +398,9 @@ def test_a_real_remote_scheduler_shows_its_fleet_its_instances_and_a_job_s_cost(
         (w for w in d.execute_script(WORKERS_SCRIPT) if w["State"] == "running"
          and re.fullmatch(r"\d+ s ago", w["Last heartbeat"])), None))
     assert instance["Worker"] == f"{instance['id']} (instance)" and instance["id"] in fleet.hyper.booted
+    assert instance["Running"] == "not known to the scheduler"  # which instance holds which bundle
+    assert text("sum-workers-label") == "Workers up"  # not "busy": not known either
+    assert re.fullmatch(r"[1-9]\d* / [1-9]\d*", text("sum-workers"))
 
     finished = the_job(browser, lambda job: job["state"] == "finished")
     assert finished["done"] == "16 / 16" and finished["failed"] == "0" and not finished["cancellable"]

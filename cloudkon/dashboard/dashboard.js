@@ -204,8 +204,12 @@
     const minute = (state.throughput || []).filter((p) => p[0] > state.now - 60)
       .reduce((sum, p) => sum + p[1], 0);
     $("sum-rate").textContent = rate(minute / 60);
-    const busy = workers.filter((w) => (w.running || []).length > 0 || w.state === "busy").length;
-    $("sum-workers").textContent = number(busy) + " / " + number(workers.length);
+    // A remote scheduler does not know which instance holds which bundle: it counts instances up.
+    const remote = state.mode === "remote";
+    $("sum-workers-label").textContent = remote ? "Workers up" : "Workers busy";
+    const counted = workers.filter((w) => remote ? w.state === "running"
+      : (w.running || []).length > 0 || w.state === "busy").length;
+    $("sum-workers").textContent = number(counted) + " / " + number(workers.length);
     const fleet = state.fleet;
     $("sum-fleet-card").hidden = !fleet;
     $("sum-cost-card").hidden = !fleet;
@@ -395,6 +399,8 @@
         const list = make("ul");
         for (const what of running) list.append(make("li", "", what));
         cell("Running", list);
+      } else if (worker.kind === "instance") {
+        cell("Running", "not known to the scheduler", "muted");
       } else {
         cell("Running", "nothing", "idle");
       }
