@@ -47,6 +47,8 @@ JOBS_FOLLOWED = 4 * DASHBOARD_JOBS
 # default 5 s passes).
 FLEET_SIZE_SECONDS = 3600.0
 FLEET_SIZE_POINTS = 720
+# Workers whose last results are remembered (the least recently heard of are dropped).
+WORKERS_FOLLOWED = 10_000
 # Workers' states (Backend.worker_states) that are a worker taking tasks.
 ALIVE_STATES = ("busy", "idle", "running")
 
@@ -86,6 +88,9 @@ class Telemetry:
         self._throughput: deque[list[int]] = deque(maxlen=THROUGHPUT_SECONDS // THROUGHPUT_BUCKET_SECONDS)
         self._followed: OrderedDict[str, _Followed] = OrderedDict()
         self._fleet_size: deque[tuple[float, int]] = deque(maxlen=FLEET_SIZE_POINTS)
+        # Each worker's last result batch: (job, tasks in it, epoch seconds).  A remote scheduler
+        # does not know which instance holds which bundle: this is what it knows of each one's work.
+        self._last_results: OrderedDict[str, tuple[str, int, float]] = OrderedDict()
 
     # --- events ----------------------------------------------------------------------------
 
@@ -107,6 +112,11 @@ class Telemetry:
             self._throughput[-1][1] += len(ran)
         else:
             self._throughput.append([bucket, len(ran)])
+        if batch.worker is not None:
+            self._last_results[batch.worker] = (job.id, count, now)
+            self._last_results.move_to_end(batch.worker)
+            if len(self._last_results) > WORKERS_FOLLOWED:
+                self._last_results.popitem(last=False)
         followed = self._follow(job.id)
         if not followed.marks or followed.marks[-1][0] < bucket:
             followed.marks.append((now, job.done_count - count))
@@ -196,8 +206,14 @@ class Telemetry:
         return {"mode": "local" if service.backend.name == "local" else "remote", "now": now,
                 "backend": service.backend.describe(),
                 "jobs": [self._job_state(job, now) for job in jobs],
-                "workers": service.backend.worker_states(), "throughput": self._throughput_points(now),
-                "fleet": fleet}
+                "workers": [self._worker_state(worker) for worker in service.backend.worker_states()],
+                "throughput": self._throughput_points(now), "fleet": fleet}
+
+    def _worker_state(self, worker: dict[str, Any]) -> dict[str, Any]:
+        """A worker as the backend sees it, and its last results as this scheduler received them."""
+        last = self._last_results.get(worker["id"])
+        return {**worker, "last_results": None if last is None else
+                {"job": last[0], "tasks": last[1], "at": last[2]}}
 
     def _job_state(self, job: Job, now: float) -> dict[str, Any]:
         counts = job.counts()

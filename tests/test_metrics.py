@@ -131,6 +131,8 @@ def test_metrics_and_dashboard_state_say_what_a_job_did(start_scheduler):
         [(7 + i, tasks[7 + i][:200], 3, f"bad {i}") for i in range(3)]
     assert {task["worker"] for task in report["tasks"]} <= {worker["id"] for worker in state["workers"]}
     assert all((w["kind"], w["state"], w["running"]) == ("process", "idle", []) for w in state["workers"])
+    last = [w["last_results"] for w in state["workers"] if w["last_results"]]
+    assert {r["job"] for r in last} == {job["id"]} and sum(r["tasks"] for r in last) <= 10
     assert {int(w["id"].rpartition(":")[2]) for w in state["workers"]} == set(sched.worker_pids())
     assert sum(n for _, n in state["throughput"]) == 10 and len(state["throughput"]) == 120
     assert state["throughput"][-1][0] <= state["now"] < state["throughput"][-1][0] + 5

@@ -400,7 +400,10 @@
         for (const what of running) list.append(make("li", "", what));
         cell("Running", list);
       } else if (worker.kind === "instance") {
-        cell("Running", "not known to the scheduler", "muted");
+        // Which bundles an instance holds is not known to the scheduler: its last results are.
+        const last = worker.last_results;
+        cell("Running", last ? "last results: job " + last.job + ", " + plural(last.tasks, "task") + ", " +
+          ago(Math.max(0, state.now - last.at + age)) : "not known to the scheduler", "muted");
       } else {
         cell("Running", "nothing", "idle");
       }
