@@ -21,8 +21,8 @@ AWS behaviour relied on:
 
 The rule per job (figures fixed when the job finishes; the job store keeps them with the job,
 so a restarted scheduler still gives them: service.job_cost):
-  - instance-seconds: each instance's first 60 s (its minimum) go to the jobs running when
-    it was launched, the seconds past them to the jobs running while it ran; jobs running at
+  - instance-seconds: each instance's billed minimum (--billed-minimum) goes to the jobs running when
+    it was launched, the seconds past it to the jobs running while it ran; jobs running at
     once split them pro rata of the task-seconds each had over its lifetime (a job's share is
     its task-seconds over every job's task-seconds between its start and its end).  Idle time
     after the last job (the instances' idle timeout) is the fleet's, in no job's figure.
@@ -175,9 +175,10 @@ class WorkerRequests:
         seen before is a new worker process on the instance: counted from 0."""
         with self._lock:
             before = self._latest.get(instance_id, {})
+            if any(n < before.get(operation, 0) for operation, n in counts.items()):
+                before = {}  # a new process: none of the old one's counts stand for it
             for operation, n in counts.items():
-                increase = n - before.get(operation, 0) if n >= before.get(operation, 0) else n
-                self._total[operation] = self._total.get(operation, 0) + increase
+                self._total[operation] = self._total.get(operation, 0) + n - before.get(operation, 0)
             self._latest[instance_id] = {**before, **counts}
 
     def totals(self) -> dict[str, int]:

@@ -31,7 +31,9 @@ from itertools import chain
 from typing import IO, Any
 
 from cloudkon.errors import ResultsFileError
+from cloudkon.protocol import parse_json
 from cloudkon.results import CSV_COLUMNS, record_from_csv
+from cloudkon.tasks import first_output_line
 
 TOP = 10  # rows of each table (--top)
 EXAMPLES = 3  # task ids shown for a failure group
@@ -55,8 +57,7 @@ _REQUIRED_FIELDS = ("id", "command", "status", "exit_code", "output", "elapsed_m
 _CSV_REQUIRED = set(CSV_COLUMNS) - {"source", "outputs"}  # the columns --format csv always writes
 
 # Characters that would move the cursor or recolour the terminal, shown as \xNN instead.
-# Lone surrogates too (JSON may escape them; no terminal can print them).
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 @dataclass(slots=True)
@@ -92,18 +93,18 @@ class JobReport:
         task_id, elapsed, status = record["id"], record["elapsed_ms"], record["status"]
         slowest = self._slowest
         if len(slowest) < self.top or (elapsed, -task_id) > slowest[0][:2]:  # among equals, the first
-            entry = (elapsed, -task_id, -self.total, _kept(record["command"]), record["worker"])
+            entry = (elapsed, -task_id, -self.total, _kept(record["command"]), _kept(record["worker"] or ""))
             (heapq.heappush if len(slowest) < self.top else heapq.heapreplace)(slowest, entry)
         self.counts[status] += 1
         self.task_ms += elapsed
-        worker = _tally(self._workers, record["worker"] or NO_WORKER, OTHER_WORKERS, MAX_WORKERS)
+        worker = _tally(self._workers, _kept(record["worker"] or NO_WORKER), OTHER_WORKERS, MAX_WORKERS)
         worker.tasks += 1
         worker.busy_ms += elapsed
         if status == "failed":
             error = record.get("error")
             reason = error if error is not None else f"exit {record['exit_code']}"
-            group = _tally(self._groups, (_kept(reason), _first_line(record["output"])), OTHER_GROUP,
-                           MAX_GROUPS)
+            key = (_kept(reason), _kept(first_output_line(record["output"])))
+            group = _tally(self._groups, key, OTHER_GROUP, MAX_GROUPS)
             group.tasks += 1
             group.busy_ms += elapsed
             if len(group.examples) < EXAMPLES:
@@ -184,11 +185,6 @@ def _kept(text: str) -> str:
     return _CONTROL.sub(lambda match: f"\\x{ord(match[0]):02x}", _cut(text, KEPT_CHARS))
 
 
-def _first_line(output: str) -> str:
-    """The first line of an output with something in it ("" if none), kept."""
-    return _kept(next((line.strip() for line in output[:4096].splitlines() if line.strip()), ""))
-
-
 def _count(number: int, noun: str) -> str:
     return f"{number} {noun}{'s' * (number != 1)}"
 
@@ -243,7 +239,7 @@ def _jsonl_records(stream: IO[bytes], path: str, number: int, first: bytes) -> I
     for line in lines:
         if line.strip():
             try:
-                record = json.loads(line.decode("utf-8"))
+                record = parse_json(line)  # nesting too deep is a ValueError there, not a RecursionError
             except UnicodeDecodeError:
                 raise _bad(path, number, "not UTF-8") from None
             except ValueError as exc:

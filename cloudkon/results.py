@@ -20,6 +20,7 @@ from itertools import repeat
 from typing import Any, TextIO
 
 from cloudkon.errors import MalformedMessage
+from cloudkon.protocol import parse_json
 from cloudkon.tasks import ResultBatch, task_status
 
 PROGRESS_AFTER_SECONDS = 1.0
@@ -153,7 +154,7 @@ def record_from_csv(row: dict[str, str]) -> dict[str, Any]:
     record.setdefault("command", "")
     record.setdefault("output", "")
     if "outputs" in record:
-        record["outputs"] = json.loads(record["outputs"])
+        record["outputs"] = parse_json(record["outputs"].encode())
     return record
 
 

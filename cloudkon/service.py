@@ -76,6 +76,7 @@ class JobService:
         self._max_held_bytes = max_held_bytes
         self._listeners: list[JobListener] = []
         self._fetchers: dict[str, list[asyncio.Future[None]]] = {}
+        self._cancels: dict[str, asyncio.Future[None]] = {}  # by job: a cancel under way
         self._stopping = False
 
     def add_listener(self, listener: JobListener) -> None:
@@ -165,16 +166,37 @@ class JobService:
         return job
 
     async def cancel_job(self, job: Job) -> int | None:
-        """Cancel a job: how many of its tasks are cancelled (0 if it was cancelled before), or None
-        if it had finished already.
+        """Cancel a job: how many of its tasks are cancelled (0 if it was cancelled before, or by a
+        cancel still under way, whose end this one waits for), or None if it had finished already.
 
         The backend hears of it first (a remote one records it durably), then every task
         without a result gets the result cancelled; the answer waits for the job store.
         """
         if job.finished and not job.cancelled:
             return None
-        if job.cancelled or job.cancelling:
-            return 0  # by an earlier cancel (maybe still telling the backend): it counts the tasks
+        if job.cancelled:
+            return 0  # by an earlier cancel: nothing more to stop
+        under_way = self._cancels.get(job.id)
+        if under_way is not None:  # its outcome is this one's too (its BackendError included)
+            await asyncio.shield(under_way)
+            return None if job.finished and not job.cancelled else 0
+        done = self._cancels[job.id] = asyncio.get_running_loop().create_future()
+        try:
+            count = await self._cancel(job)
+        except asyncio.CancelledError:  # the scheduler is stopping
+            done.cancel()
+            raise
+        except Exception as exc:
+            done.set_exception(exc)
+            done.exception()  # retrieved: no one else may be waiting
+            raise
+        else:
+            done.set_result(None)
+            return count
+        finally:
+            del self._cancels[job.id]
+
+    async def _cancel(self, job: Job) -> int | None:
         job.cancelling = True  # no more of its bundles while the backend is told
         try:
             await asyncio.get_running_loop().run_in_executor(None, self.backend.cancel, job.id)

@@ -152,6 +152,12 @@ def task_status(exit_code: int | None, error: str | None) -> str:
     return "success" if is_success(exit_code, error) else "failed"
 
 
+def first_output_line(output: str) -> str:
+    """The first line of a task's output with something in it, stripped ("" if none): what a failure
+    is shown and grouped by (the dashboard, client.py --summary).  Looks at the first 4 KiB only."""
+    return next((line.strip() for line in output[:4096].splitlines() if line.strip()), "")
+
+
 def failed_batch(job: str, bundle: int | None, ids: list[int], error: str) -> ResultBatch:
     """Results saying that tasks ``ids`` failed without running to completion."""
     n = len(ids)

@@ -26,7 +26,7 @@ from typing import Any
 from cloudkon.jobs import Job
 from cloudkon.metrics import Counter, Family, Gauge, Histogram, ScrapedCounter
 from cloudkon.service import JobService
-from cloudkon.tasks import CANCELLED, ResultBatch
+from cloudkon.tasks import CANCELLED, ResultBatch, first_output_line
 
 # Task durations: from instant tasks to the ten minutes past which a task is "long".
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -261,7 +261,7 @@ def _failures(job: Job, batch: ResultBatch, limit: int) -> list[dict[str, Any]]:
         # Cut as the first line is: a command may be 128 KiB, and the state is fetched every 2 s.
         found.append({"id": task_id, "command": None if command is None else command[:FIRST_LINE_CHARS],
                       "exit_code": code, "error": None if error is None else error[:FIRST_LINE_CHARS],
-                      "first_line": output.split("\n", 1)[0][:FIRST_LINE_CHARS]})
+                      "first_line": first_output_line(output)[:FIRST_LINE_CHARS]})
         if len(found) == limit:
             break
     return found

@@ -145,6 +145,10 @@ def test_workers_requests_count_as_their_heartbeats_report_them():
     assert requests.totals() == {"sqs.ReceiveMessage": 21, "dynamodb.UpdateItem": 3}
     requests.seen("i-1", {"sqs.ReceiveMessage": 14, "dynamodb.UpdateItem": 3})  # nothing new
     assert requests.totals()["sqs.ReceiveMessage"] == 21
+    # A new process on i-1 that has not yet made an UpdateItem: its first ones count whole.
+    requests.seen("i-1", {"sqs.ReceiveMessage": 1})
+    requests.seen("i-1", {"sqs.ReceiveMessage": 2, "dynamodb.UpdateItem": 5})  # not 2 more than 3: 5
+    assert requests.totals() == {"sqs.ReceiveMessage": 23, "dynamodb.UpdateItem": 8}
 
 
 def test_a_job_has_its_share_of_the_workers_requests_seen_while_it_ran():

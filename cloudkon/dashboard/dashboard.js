@@ -562,6 +562,7 @@
       answer = await response.json();
     } catch (e) { /* not JSON: said by the status below */ }
     if (response.status === 401) {
+      if (view) view.cancelling = false;
       return needLogin();
     }
     if (!response.ok) {
