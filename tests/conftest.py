@@ -17,6 +17,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Tests' temporary folders in the checkout (.pytest-tmp, emptied at each run), not in the
+    system's temporary folder, where pytest would leave its last three runs' behind."""
+    if not config.option.basetemp:
+        config.option.basetemp = str(ROOT / ".pytest-tmp")
 sys.path.insert(0, str(ROOT))
 
 from cloudkon import protocol  # noqa: E402
