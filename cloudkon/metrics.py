@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Sequence
+from itertools import accumulate
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -50,6 +51,13 @@ def family_head(name: str, kind: str, help_text: str) -> list[str]:
     return [f"# HELP {name} {escape_help(help_text)}", f"# TYPE {name} {kind}"]
 
 
+def family_lines(family: Counter | Gauge, samples: Samples) -> list[str]:
+    """A counter's or gauge's lines: its head, then a sample a combination of label values."""
+    return family_head(family.name, family.kind, family.help_text) + [
+        sample_line(family.name, list(zip(family.labels, key, strict=True)), value)
+        for key, value in sorted(samples.items())]
+
+
 class Counter:
     """A number that only grows, one per combination of label values."""
 
@@ -67,10 +75,7 @@ class Counter:
         return sum(dict(self._values).values())
 
     def lines(self) -> list[str]:
-        values = dict(self._values)
-        return family_head(self.name, self.kind, self.help_text) + [
-            sample_line(self.name, list(zip(self.labels, key, strict=True)), value)
-            for key, value in sorted(values.items())]
+        return family_lines(self, dict(self._values))
 
 
 class Gauge:
@@ -85,10 +90,7 @@ class Gauge:
 
     def lines(self) -> list[str]:
         values = self._read()
-        samples = values if isinstance(values, dict) else {(): values}
-        return family_head(self.name, self.kind, self.help_text) + [
-            sample_line(self.name, list(zip(self.labels, key, strict=True)), value)
-            for key, value in sorted(samples.items())]
+        return family_lines(self, values if isinstance(values, dict) else {(): values})
 
 
 class ScrapedCounter(Gauge):
@@ -138,11 +140,7 @@ class Histogram:
     def snapshot(self) -> tuple[list[int], float]:
         """Cumulative counts per bucket (the last: +Inf, the count) and the sum, in shown units."""
         counts, total = list(self._counts), self._sum
-        cumulative, running = [], 0
-        for count in counts:
-            running += count
-            cumulative.append(running)
-        return cumulative, total / self.scale
+        return list(accumulate(counts)), total / self.scale
 
     def lines(self) -> list[str]:
         cumulative, total = self.snapshot()

@@ -26,7 +26,7 @@ from typing import Any
 from cloudkon.jobs import Job
 from cloudkon.metrics import Counter, Family, Gauge, Histogram, ScrapedCounter
 from cloudkon.service import JobService
-from cloudkon.tasks import CANCELLED, ResultBatch, first_output_line
+from cloudkon.tasks import CANCELLED, ResultBatch, first_output_line, is_success
 
 # Task durations: from instant tasks to the ten minutes past which a task is "long".
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -255,7 +255,7 @@ def _failures(job: Job, batch: ResultBatch, limit: int) -> list[dict[str, Any]]:
     found = []
     for task_id, code, output, error in zip(batch.ids, batch.exit_codes, batch.outputs, batch.errors,
                                             strict=True):
-        if error == CANCELLED or (code == 0 and error is None):
+        if error == CANCELLED or is_success(code, error):
             continue
         command = job.commands[task_id] if task_id < len(job.commands) else None
         # Cut as the first line is: a command may be 128 KiB, and the state is fetched every 2 s.
