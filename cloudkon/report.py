@@ -77,7 +77,7 @@ class JobReport:
         self.counts = dict.fromkeys(STATUSES, 0)
         self.task_ms = 0.0
         # A heap of the slowest: (elapsed, -id, how many came before: never two alike, command, worker).
-        self._slowest: list[tuple[float, int, int, str, str | None]] = []
+        self._slowest: list[tuple[float, int, int, str, str]] = []
         self._groups: dict[tuple[str, str], _Tally] = {}
         self._workers: dict[str, _Tally] = {}
 
@@ -91,13 +91,14 @@ class JobReport:
     def add(self, record: Mapping[str, Any]) -> None:
         """Count one task's record (``results.task_record``'s keys)."""
         task_id, elapsed, status = record["id"], record["elapsed_ms"], record["status"]
+        worker_name = _kept(record["worker"] or NO_WORKER)
         slowest = self._slowest
         if len(slowest) < self.top or (elapsed, -task_id) > slowest[0][:2]:  # among equals, the first
-            entry = (elapsed, -task_id, -self.total, _kept(record["command"]), _kept(record["worker"] or ""))
+            entry = (elapsed, -task_id, -self.total, _kept(record["command"]), worker_name)
             (heapq.heappush if len(slowest) < self.top else heapq.heapreplace)(slowest, entry)
         self.counts[status] += 1
         self.task_ms += elapsed
-        worker = _tally(self._workers, _kept(record["worker"] or NO_WORKER), OTHER_WORKERS, MAX_WORKERS)
+        worker = _tally(self._workers, worker_name, OTHER_WORKERS, MAX_WORKERS)
         worker.tasks += 1
         worker.busy_ms += elapsed
         if status == "failed":
@@ -130,7 +131,7 @@ class JobReport:
 
     def _slowest_table(self, width: int) -> list[str]:
         slowest = sorted(self._slowest, reverse=True)
-        rows = [[str(-negative_id), _seconds(elapsed), _cut(_kept(worker or NO_WORKER), 24), command]
+        rows = [[str(-negative_id), _seconds(elapsed), _cut(worker, 24), command]
                 for elapsed, negative_id, _, command, worker in slowest]
         title = f"Slowest tasks ({len(rows)} of {self.total})"
         return [title] + _table([("ID", ">"), ("ELAPSED", ">"), ("WORKER", "<"), ("COMMAND", "<")],
@@ -154,7 +155,7 @@ class JobReport:
     def _workers_table(self, width: int) -> list[str]:
         workers = sorted(self._workers.items(), key=lambda item: (-item[1].busy_ms, item[0]))
         task_ms = self.task_ms or 1.0  # a job of instant tasks: every share 0%
-        rows = [[_cut(_kept(name), 40), str(tally.tasks), f"{tally.busy_ms / 1000:.3f}",
+        rows = [[_cut(name, 40), str(tally.tasks), f"{tally.busy_ms / 1000:.3f}",
                  f"{100 * tally.busy_ms / task_ms:.1f}%"] for name, tally in workers[:self.top]]
         title = f"Time per worker ({_count(len(workers), 'worker')}; share of the task time)"
         lines = [title] + _table([("WORKER", "<"), ("TASKS", ">"), ("BUSY S", ">"), ("SHARE", ">")],
