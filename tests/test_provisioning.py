@@ -43,7 +43,9 @@ def test_scales_from_zero_to_max_and_back_to_zero(fleet, workload, tmp_path):
     time.sleep(2)
     assert fleet.hyper.states() == {}, "no instance while there is no work"
     out = tmp_path / "r.jsonl"
-    done = run_client("-s", sched.address, "-w", workload([f"sleep 0.3; echo {i}" for i in range(40)]),
+    # 24 s of work: after the first instance (one, while none is up) it is worth two more by the cost
+    # rule twice over, however soon the tasks' times are learnt (12 s was on the edge: 2 or 3).
+    done = run_client("-s", sched.address, "-w", workload([f"sleep 0.6; echo {i}" for i in range(40)]),
                       "-o", str(out))
     assert done.returncode == 0, done.stderr
     assert [r["output"] for r in read_results(out)] == [f"{i}\n" for i in range(40)]
